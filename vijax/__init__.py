@@ -1,0 +1,54 @@
+"""vijax: variational inference in JAX, exact where the maths allows it.
+
+Every public name is re-exported here from the private module that owns it:
+
+=========================  ==========================================
+module                     owns
+=========================  ==========================================
+``vijax._gaussian``        :class:`Gaussian` and its scales, :func:`gaussian_kl`
+``vijax._families``        :func:`mean_field`, :func:`full_rank`, :func:`low_rank`
+``vijax.models``           models (:func:`vijax.models.bayesian_linear_regression`, ...)
+``vijax._exact``           :func:`exact_kl`, :func:`exact_elbo`
+``vijax._objectives``      :func:`elbo` and its estimators
+=========================  ==========================================
+"""
+
+from vijax import models
+from vijax._exact import exact_elbo
+from vijax._exact import exact_kl
+from vijax._families import FullRankParams
+from vijax._families import LowRankParams
+from vijax._families import MeanFieldParams
+from vijax._families import VariationalFamily
+from vijax._families import full_rank
+from vijax._families import low_rank
+from vijax._families import mean_field
+from vijax._gaussian import CholeskyScale
+from vijax._gaussian import DiagonalScale
+from vijax._gaussian import Gaussian
+from vijax._gaussian import LowRankScale
+from vijax._gaussian import PrecisionScale
+from vijax._gaussian import gaussian_kl
+from vijax._objectives import elbo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CholeskyScale",
+    "DiagonalScale",
+    "FullRankParams",
+    "Gaussian",
+    "LowRankParams",
+    "LowRankScale",
+    "MeanFieldParams",
+    "PrecisionScale",
+    "VariationalFamily",
+    "exact_elbo",
+    "exact_kl",
+    "full_rank",
+    "gaussian_kl",
+    "low_rank",
+    "mean_field",
+    "elbo",
+    "models",
+]

@@ -1,0 +1,161 @@
+"""Argument checks shared by every module.
+
+Static checks (shapes, dtypes, structures) always run; value checks (symmetry,
+positivity, positive definiteness) run only when the value is concrete, so that
+every public function still works under ``jit``, ``vmap`` and ``grad``.
+Each error names the argument and gives the expected and the received value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+    """Whether ``x`` holds a value we can inspect eagerly (not a tracer)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def as_float_array(name: str, x: Any) -> jax.Array:
+    """Converts ``x`` to a floating-point array or raises ``TypeError``.
+
+    Python floats and ints become the default float dtype; integer or boolean
+    *arrays* are rejected because silently casting data is a common bug source.
+    """
+    if isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be a floating-point array; got a bool.")
+    if isinstance(x, (int, float)):
+        return jnp.asarray(float(x))
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic input
+            raise TypeError(
+                    f"`{name}` must be a floating-point array; got {type(x).__name__}."
+            ) from e
+        dtype = x.dtype
+        if dtype == object:
+            raise TypeError(
+                    f"`{name}` must be a floating-point array; got an object array "
+                    f"from {type(x).__name__}."
+            )
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+                f"`{name}` must have a floating-point dtype (float32 or float64); "
+                f"got dtype {dtype}. Convert it explicitly, e.g. "
+                f"`{name}.astype(jnp.float32)`."
+        )
+    return jnp.asarray(x)
+
+
+def check_ndim(name: str, x: jax.Array, ndim: int) -> None:
+    if x.ndim != ndim:
+        raise ValueError(
+                f"`{name}` must have {ndim} dimension(s); got shape {tuple(x.shape)}."
+        )
+
+
+def check_shape(name: str, x: jax.Array, shape: tuple[int, ...]) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(
+                f"`{name}` must have shape {tuple(shape)}; got shape {tuple(x.shape)}."
+        )
+
+
+def check_square(name: str, x: jax.Array) -> None:
+    if x.ndim != 2 or x.shape[0] != x.shape[1]:
+        raise ValueError(
+                f"`{name}` must be a square (d, d) matrix; got shape {tuple(x.shape)}."
+        )
+
+
+def check_symmetric(name: str, x: jax.Array) -> None:
+    if not is_concrete(x):
+        return
+    a = np.asarray(x, dtype=np.float64)
+    scale = max(np.max(np.abs(a)), 1.0)
+    tol = 1e-5 if x.dtype == jnp.float32 else 1e-10
+    err = np.max(np.abs(a - a.T))
+    if err > tol * scale:
+        raise ValueError(
+                f"`{name}` must be symmetric; got max |{name} - {name}.T| = {err:.3g} "
+                f"(tolerance {tol * scale:.3g})."
+        )
+
+
+def check_positive_definite(name: str, x: jax.Array) -> None:
+    if not is_concrete(x):
+        return
+    a = np.asarray(x, dtype=np.float64)
+    try:
+        np.linalg.cholesky(a)
+    except np.linalg.LinAlgError:
+        min_eig = float(np.min(np.linalg.eigvalsh(a)))
+        raise ValueError(
+                f"`{name}` must be positive definite; got a matrix whose smallest "
+                f"eigenvalue is {min_eig:.3g}."
+        ) from None
+
+
+def check_covariance(name: str, x: jax.Array) -> None:
+    """Square, symmetric and (when concrete) positive definite."""
+    check_square(name, x)
+    check_symmetric(name, x)
+    check_positive_definite(name, x)
+
+
+def check_positive(name: str, x: Any) -> None:
+    """Every entry of ``x`` is > 0 (checked only when concrete)."""
+    if not is_concrete(x):
+        return
+    a = np.asarray(x)
+    if a.size and not np.all(a > 0):
+        bad = a[~(a > 0)].ravel()[0] if a.ndim else a
+        raise ValueError(f"`{name}` must be positive; got {bad!r}.")
+
+
+def check_finite(name: str, x: Any) -> None:
+    if not is_concrete(x):
+        return
+    a = np.asarray(x)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"`{name}` must be finite; got non-finite entries.")
+
+
+def check_positive_int(name: str, x: Any, *, minimum: int = 1) -> int:
+    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int >= {minimum}; got {x!r}.")
+    if x < minimum:
+        raise ValueError(f"`{name}` must be an int >= {minimum}; got {x}.")
+    return int(x)
+
+
+def check_latent(name: str, latent: Any) -> Any:
+    """Validates a latent pytree: non-empty, every leaf a float array, one dtype.
+
+    Returns the latent with leaves converted to ``jax.Array``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(latent)
+    if not leaves:
+        raise ValueError(
+                f"`{name}` must be a pytree with at least one array leaf; got "
+                f"{latent!r}."
+        )
+    converted = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(latent)[0]:
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        converted.append(as_float_array(where, leaf))
+    dtypes = {leaf.dtype for leaf in converted}
+    if len(dtypes) > 1:
+        raise TypeError(
+                f"All leaves of `{name}` must share one floating dtype; got "
+                f"{sorted(str(d) for d in dtypes)}. Cast them to one dtype."
+        )
+    if sum(leaf.size for leaf in converted) == 0:
+        raise ValueError(f"`{name}` must have at least one element; got size 0.")
+    return jax.tree_util.tree_unflatten(treedef, converted)

@@ -1,0 +1,88 @@
+"""Exact KL(q || p(z | x)) and exact ELBO for Gaussian-conjugate models.
+
+No sampling: both are closed forms of the family's Gaussian and the model's
+quadratic log joint, so they are deterministic, differentiable with
+``jax.grad`` and satisfy ``exact_elbo + exact_kl == model.log_evidence`` for
+every parameter value (and so ``grad exact_elbo == -grad exact_kl``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.flatten_util import ravel_pytree
+
+from vijax._families import VariationalFamily
+from vijax._gaussian import Gaussian, gaussian_kl
+from vijax.models._model import Model
+
+
+def _family_gaussian(params: Any, family: VariationalFamily, model: Model, what: str) -> Gaussian:
+    if not isinstance(family, VariationalFamily):
+        raise TypeError(
+            f"`family` must be a vijax.VariationalFamily (e.g. vijax.full_rank()); "
+            f"got {type(family).__name__}."
+        )
+    if not isinstance(model, Model):
+        raise TypeError(f"`model` must be a vijax.models.Model; got {type(model).__name__}.")
+    if not model.is_conjugate:
+        raise ValueError(
+            f"`model` ({model.name}) has no closed form for {what}: it needs an "
+            "exact posterior, log evidence and expected log joint (the Gaussian-"
+            "conjugate models in vijax.models have them)."
+        )
+    q = family.to_gaussian(params)
+    loc_def = jax.tree_util.tree_structure(params.loc)
+    latent_def = jax.tree_util.tree_structure(model.latent)
+    d_model = ravel_pytree(model.latent)[0].shape[0]
+    if loc_def != latent_def or q.dim != d_model:
+        raise ValueError(
+            f"`params` do not match `model.latent`: expected structure {latent_def} "
+            f"of dimension {d_model}; got {loc_def} of dimension {q.dim}. Build params "
+            "with family.init(model.latent)."
+        )
+    return q
+
+
+def exact_kl(params: Any, family: VariationalFamily, model: Model) -> jax.Array:
+    """Returns KL(q_params || p(z | x)) in closed form.
+
+    Args:
+      params: the family's parameters (from ``family.init(model.latent)``).
+      family: a :class:`vijax.VariationalFamily`.
+      model: a Gaussian-conjugate :class:`vijax.models.Model`.
+
+    Returns:
+      A scalar >= 0 (up to rounding). Differentiable in ``params`` (and in the
+      model's data, when the model is built inside the differentiated function).
+
+    Raises:
+      ValueError: the model has no exact posterior, or ``params`` do not match
+        its latent.
+    """
+    q = _family_gaussian(params, family, model, "KL(q || p(z | x))")
+    return gaussian_kl(q, model.posterior)
+
+
+def exact_elbo(params: Any, family: VariationalFamily, model: Model) -> jax.Array:
+    """Returns the ELBO ``E_q[log p(x, z)] + H[q]`` in closed form, with no sampling.
+
+    ``E_q[log p(x, z)]`` comes from the model's quadratic log joint
+    (``model.expected_log_joint``), not from its posterior, so
+    ``exact_elbo + exact_kl == log_evidence`` checks two independent
+    computations.
+
+    Args:
+      params: the family's parameters.
+      family: a :class:`vijax.VariationalFamily`.
+      model: a Gaussian-conjugate :class:`vijax.models.Model`.
+
+    Returns:
+      A scalar <= ``model.log_evidence`` (a bound: larger is better).
+
+    Raises:
+      ValueError: the model has no closed form, or ``params`` do not match it.
+    """
+    q = _family_gaussian(params, family, model, "the ELBO")
+    return model.expected_log_joint(q) + q.entropy()

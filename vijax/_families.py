@@ -1,0 +1,288 @@
+"""Gaussian variational families over pytree latents.
+
+A family is a :class:`VariationalFamily`: a NamedTuple of pure functions, in the
+manner of ``optax.GradientTransformation``. Its parameters are a NamedTuple of
+arrays that optax updates directly. The location ``loc`` keeps the shape of the
+user's latent pytree (so the parameters carry the latent structure with them);
+the scale parameters act on the flat vector of size d that
+``jax.flatten_util.ravel_pytree`` gives, flattened once at the edge.
+
+Every real parameter value is valid: scales pass through softplus.
+
+Per-sample cost: mean-field O(d), full-rank O(d^2), low-rank O(d k); the only
+super-linear work (the k x k capacitance Cholesky of the low-rank family) does
+not depend on the sample and is computed once per call even under ``vmap``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from vijax import _checks
+from vijax._gaussian import CholeskyScale, DiagonalScale, Gaussian, LowRankScale
+
+ArrayTree = Any
+
+
+class VariationalFamily(NamedTuple):
+    """A variational family: pure functions of a parameter pytree.
+
+    Attributes:
+      init: ``init(latent) -> params``. ``latent`` is an example latent pytree
+        (an array, a scalar, a dict of arrays); its values become the initial
+        mean.
+      sample: ``sample(key, params, num_samples) -> z``, a latent pytree with a
+        leading axis of size ``num_samples`` (reparameterized: differentiable
+        with respect to ``params``).
+      log_prob: ``log_prob(params, z) -> scalar``, the log density of one
+        latent ``z`` (a pytree shaped like the latent).
+      entropy: ``entropy(params) -> scalar``, in closed form.
+      to_gaussian: ``to_gaussian(params) -> vijax.Gaussian`` over the flat
+        latent, keeping the family's structured scale.
+      name: ``"mean_field"``, ``"full_rank"`` or ``"low_rank"``.
+    """
+
+    init: Callable[[ArrayTree], Any]
+    sample: Callable[..., ArrayTree]
+    log_prob: Callable[[Any, ArrayTree], jax.Array]
+    entropy: Callable[[Any], jax.Array]
+    to_gaussian: Callable[[Any], Gaussian]
+    name: str
+
+
+class MeanFieldParams(NamedTuple):
+    """Parameters of :func:`mean_field`.
+
+    Attributes:
+      loc: the mean, a pytree shaped like the latent.
+      raw_scale: (d,) unconstrained; the standard deviations are
+        ``softplus(raw_scale)``.
+    """
+
+    loc: ArrayTree
+    raw_scale: jax.Array
+
+
+class FullRankParams(NamedTuple):
+    """Parameters of :func:`full_rank`.
+
+    The covariance factor is ``L = diag(softplus(raw_scale)) @ (I + tril(
+    off_diag, -1))``: a unit lower-triangular matrix whose rows are scaled by
+    positive standard deviations. The strict lower triangle is dimensionless
+    (it holds regression-like coefficients), which keeps Adam's per-coordinate
+    steps well scaled; see ``benchmarks/parameterization.py``.
+
+    Attributes:
+      loc: the mean, a pytree shaped like the latent.
+      raw_scale: (d,) unconstrained row scales.
+      off_diag: (d, d); only the strict lower triangle is used.
+    """
+
+    loc: ArrayTree
+    raw_scale: jax.Array
+    off_diag: jax.Array
+
+
+class LowRankParams(NamedTuple):
+    """Parameters of :func:`low_rank`: ``cov = W W^T + diag(softplus(raw)^2)``.
+
+    Attributes:
+      loc: the mean, a pytree shaped like the latent.
+      raw_scale: (d,) unconstrained diagonal standard deviations.
+      cov_factor: W, shape (d, rank).
+    """
+
+    loc: ArrayTree
+    raw_scale: jax.Array
+    cov_factor: jax.Array
+
+
+def _softplus_inverse(y: jax.Array) -> jax.Array:
+    return y + jnp.log(-jnp.expm1(-y))
+
+
+def _check_init_scale(init_scale: float) -> float:
+    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
+        raise TypeError(f"`init_scale` must be a positive float; got {init_scale!r}.")
+    if not init_scale > 0:
+        raise ValueError(f"`init_scale` must be positive; got {init_scale!r}.")
+    return float(init_scale)
+
+
+def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
+    latent = _checks.check_latent("latent", latent)
+    return ravel_pytree(latent)
+
+
+def _make_family(name: str, params_type, init, to_gaussian) -> VariationalFamily:
+    """Builds the shared sample/log_prob/entropy around a family's Gaussian."""
+
+    def check_params(params):
+        if not isinstance(params, params_type):
+            raise TypeError(
+                f"`params` must be {params_type.__name__} (from "
+                f"vijax.{name}().init); got {type(params).__name__}."
+            )
+
+    def to_gaussian_checked(params):
+        check_params(params)
+        return to_gaussian(params)
+
+    def sample(key, params, num_samples):
+        num_samples = _checks.check_positive_int("num_samples", num_samples)
+        q = to_gaussian_checked(params)
+        z = q.sample(key, (num_samples,))
+        _, unravel = ravel_pytree(params.loc)
+        return jax.vmap(unravel)(z)
+
+    def log_prob(params, z):
+        q = to_gaussian_checked(params)
+        loc_def = jax.tree_util.tree_structure(params.loc)
+        z_def = jax.tree_util.tree_structure(z)
+        if z_def != loc_def:
+            raise ValueError(
+                f"`z` must have the latent's structure {loc_def}; got {z_def}."
+            )
+        flat, _ = ravel_pytree(z)
+        if flat.shape != q.mean.shape:
+            raise ValueError(
+                f"`z` must flatten to shape {q.mean.shape} (one latent, no "
+                f"sample axis); got {flat.shape}. vmap over samples."
+            )
+        return q.log_prob(flat)
+
+    def entropy(params):
+        return to_gaussian_checked(params).entropy()
+
+    return VariationalFamily(
+        init=init,
+        sample=sample,
+        log_prob=log_prob,
+        entropy=entropy,
+        to_gaussian=to_gaussian_checked,
+        name=name,
+    )
+
+
+def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
+    """Returns the mean-field (diagonal) Gaussian family.
+
+    ``q(z) = N(loc, diag(softplus(raw_scale)**2))``. Per-sample cost O(d).
+
+    Args:
+      init_scale: the initial standard deviation of every coordinate (> 0).
+
+    Returns:
+      A :class:`VariationalFamily` whose params are :class:`MeanFieldParams`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, vijax
+      >>> family = vijax.mean_field()
+      >>> params = family.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+      >>> z = family.sample(jax.random.key(0), params, 5)
+      >>> z["w"].shape, z["b"].shape
+      ((5, 3), (5,))
+    """
+    init_scale = _check_init_scale(init_scale)
+
+    def init(latent):
+        flat, unravel = _flat_loc(latent)
+        raw = jnp.full(flat.shape, _softplus_inverse(init_scale), flat.dtype)
+        return MeanFieldParams(loc=unravel(flat), raw_scale=raw)
+
+    def to_gaussian(params):
+        loc, _ = ravel_pytree(params.loc)
+        return Gaussian(loc, DiagonalScale(jax.nn.softplus(params.raw_scale)))
+
+    return _make_family("mean_field", MeanFieldParams, init, to_gaussian)
+
+
+def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
+    """Returns the full-rank Gaussian family.
+
+    ``q(z) = N(loc, L L^T)`` with ``L = diag(softplus(raw_scale)) (I + N)``,
+    ``N`` the strict lower triangle of ``off_diag``. Per-sample cost O(d^2).
+
+    The parameterization matters for how plain Adam converges: a Cholesky
+    factor with a softplus diagonal leaves off-diagonal entries in the units
+    of the posterior scale, and Adam's unit-sized steps then overshoot them by
+    orders of magnitude on concentrated posteriors. Scaling a unit triangular
+    factor keeps those entries dimensionless. ``benchmarks/parameterization.py``
+    measures the difference.
+
+    Args:
+      init_scale: the initial standard deviation of every coordinate (> 0);
+        the initial correlation is zero.
+
+    Returns:
+      A :class:`VariationalFamily` whose params are :class:`FullRankParams`.
+    """
+    init_scale = _check_init_scale(init_scale)
+
+    def init(latent):
+        flat, unravel = _flat_loc(latent)
+        d = flat.shape[0]
+        raw = jnp.full((d,), _softplus_inverse(init_scale), flat.dtype)
+        return FullRankParams(
+            loc=unravel(flat), raw_scale=raw, off_diag=jnp.zeros((d, d), flat.dtype)
+        )
+
+    def to_gaussian(params):
+        loc, _ = ravel_pytree(params.loc)
+        d = loc.shape[0]
+        unit = jnp.tril(params.off_diag, -1) + jnp.eye(d, dtype=loc.dtype)
+        tril = jax.nn.softplus(params.raw_scale)[:, None] * unit
+        return Gaussian(loc, CholeskyScale(tril))
+
+    return _make_family("full_rank", FullRankParams, init, to_gaussian)
+
+
+def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
+    """Returns the low-rank-plus-diagonal Gaussian family.
+
+    ``q(z) = N(loc, W W^T + diag(softplus(raw_scale)**2))`` with ``W`` of
+    shape (d, rank). Sampling costs O(d rank); log densities use the Woodbury
+    identity and matrix determinant lemma.
+
+    ``W`` starts at ``0.1 * init_scale`` times the first ``rank`` columns of
+    the identity (not at zero, where its gradient vanishes exactly), and the
+    diagonal is set so that the initial covariance is ``init_scale**2 * I``.
+
+    Args:
+      rank: the number of columns of ``W``; 1 <= rank <= d (checked in
+        ``init``, where d is known).
+      init_scale: the initial standard deviation of every coordinate (> 0).
+
+    Returns:
+      A :class:`VariationalFamily` whose params are :class:`LowRankParams`.
+    """
+    rank = _checks.check_positive_int("rank", rank)
+    init_scale = _check_init_scale(init_scale)
+
+    def init(latent):
+        flat, unravel = _flat_loc(latent)
+        d = flat.shape[0]
+        if rank > d:
+            raise ValueError(
+                f"`rank` must be between 1 and the latent dimension d = {d}; "
+                f"got rank = {rank}."
+            )
+        w = 0.1 * init_scale * jnp.eye(d, rank, dtype=flat.dtype)
+        diag = jnp.sqrt(init_scale**2 - jnp.sum(jnp.square(w), axis=1))
+        return LowRankParams(
+            loc=unravel(flat),
+            raw_scale=_softplus_inverse(diag),
+            cov_factor=w,
+        )
+
+    def to_gaussian(params):
+        loc, _ = ravel_pytree(params.loc)
+        return Gaussian(
+            loc, LowRankScale(params.cov_factor, jax.nn.softplus(params.raw_scale))
+        )
+
+    return _make_family("low_rank", LowRankParams, init, to_gaussian)

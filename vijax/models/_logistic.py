@@ -1,0 +1,63 @@
+"""Non-conjugate models: no closed-form posterior, evidence or expected log joint."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax import _checks
+from vijax.models._model import Model
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
+    """Returns Bayesian logistic regression, a non-conjugate model.
+
+    ``w ~ N(0, prior_scale^2 I)``, ``y_i | w ~ Bernoulli(sigmoid(x_i^T w))``.
+    The latent is a (d,) array; ``log_joint`` costs O(n d). The model has no
+    closed-form posterior (``posterior``, ``log_evidence`` and
+    ``expected_log_joint`` are ``None``); compare estimators against a
+    reference gradient instead.
+
+    Args:
+      X: (n, d) design matrix, floating point.
+      y: (n,) labels in {0, 1}, floating point.
+      prior_scale: the prior standard deviation of each weight (> 0).
+
+    Returns:
+      A :class:`Model`.
+
+    Raises:
+      TypeError: ``X`` or ``y`` is not floating point.
+      ValueError: shapes disagree, a label is not 0 or 1, or ``prior_scale``
+        is not positive.
+    """
+    x = _checks.as_float_array("X", X)
+    y = _checks.as_float_array("y", y)
+    _checks.check_ndim("X", x, 2)
+    _checks.check_shape("y", y, (x.shape[0],))
+    if _checks.is_concrete(y) and not np.all((np.asarray(y) == 0) | (np.asarray(y) == 1)):
+        raise ValueError("`y` must hold labels 0.0 or 1.0; got other values.")
+    tau = _checks.as_float_array("prior_scale", prior_scale)
+    if tau.ndim != 0:
+        raise ValueError(f"`prior_scale` must be a scalar; got shape {tuple(tau.shape)}.")
+    _checks.check_positive("prior_scale", tau)
+    d = x.shape[1]
+    t2 = jnp.square(tau)
+
+    def log_joint(w):
+        w = jnp.asarray(w)
+        logits = x @ w
+        lik = jnp.sum(y * logits - jax.nn.softplus(logits))
+        pri = -0.5 * (d * (_LOG_2PI + jnp.log(t2)) + jnp.sum(jnp.square(w)) / t2)
+        return lik + pri
+
+    return Model(
+        log_joint=log_joint,
+        latent=jnp.zeros((d,), x.dtype),
+        name="logistic_regression",
+    )
