@@ -115,7 +115,8 @@ def check_positive(name: str, x: Any) -> None:
         return
     a = np.asarray(x)
     if a.size and not np.all(a > 0):
-        bad = a[~(a > 0)].ravel()[0] if a.ndim else a
+        flat = a.ravel()
+        bad = flat[~(flat > 0)][0].item()  # a Python number: no array repr
         raise ValueError(f"`{name}` must be positive; got {bad!r}.")
 
 

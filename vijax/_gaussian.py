@@ -24,6 +24,7 @@ from typing import NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.linalg import solve_triangular
 
 from vijax import _checks
@@ -34,6 +35,14 @@ _LOG_2PI = math.log(2.0 * math.pi)
 def _solve_lower(tril: jax.Array, b: jax.Array, *, transpose: bool = False):
     """Solves ``L x = b`` (or ``L^T x = b``) for a (d, m) right-hand side."""
     return solve_triangular(tril, b, lower=True, trans=1 if transpose else 0)
+
+
+def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
+    """Reshapes a (d,) vector to broadcast against ``like`` of shape (..., d).
+
+    Explicit, so the library works under ``jax_numpy_rank_promotion="raise"``.
+    """
+    return jnp.reshape(v, (1,) * (jnp.ndim(like) - 1) + v.shape)
 
 
 def _batched(fn, r: jax.Array) -> jax.Array:
@@ -63,7 +72,7 @@ class DiagonalScale(NamedTuple):
 
     def apply(self, eps: jax.Array) -> jax.Array:
         """Maps base draws ``eps`` (..., base_dim) to ``S eps`` (..., d)."""
-        return eps * self.scale
+        return eps * _rows(self.scale, eps)
 
     def logdet(self) -> jax.Array:
         """log det cov."""
@@ -71,7 +80,7 @@ class DiagonalScale(NamedTuple):
 
     def mahalanobis(self, r: jax.Array) -> jax.Array:
         """``r^T cov^{-1} r`` for r of shape (..., d)."""
-        return jnp.sum(jnp.square(r / self.scale), axis=-1)
+        return jnp.sum(jnp.square(r / _rows(self.scale, r)), axis=-1)
 
     def cov_diag(self) -> jax.Array:
         return jnp.square(self.scale)
@@ -89,7 +98,7 @@ class DiagonalScale(NamedTuple):
 
     def matmul_factor(self, a: jax.Array) -> jax.Array:
         """``a S`` for a of shape (n, d); returns (n, base_dim)."""
-        return a * self.scale
+        return a * _rows(self.scale, a)
 
     def trace_inv_cov(self, other) -> jax.Array:
         """``tr(cov^{-1} other.cov)`` for another scale of the same dim."""
@@ -186,7 +195,9 @@ class LowRankScale(NamedTuple):
 
     def apply(self, eps):
         k = self.rank
-        return eps[..., :k] @ self.cov_factor.T + eps[..., k:] * self.diag_scale
+        return eps[..., :k] @ self.cov_factor.T + eps[..., k:] * _rows(
+            self.diag_scale, eps
+        )
 
     def logdet(self):
         _, lc = self._capacitance_tril()
@@ -197,7 +208,7 @@ class LowRankScale(NamedTuple):
 
     def mahalanobis(self, r):
         a, lc = self._capacitance_tril()
-        quad = jnp.sum(jnp.square(r / self.diag_scale), axis=-1)
+        quad = jnp.sum(jnp.square(r / _rows(self.diag_scale, r)), axis=-1)
         v = r @ a  # (..., k) = W^T D^{-1} r
         corr = _batched(
             lambda b: jnp.sum(jnp.square(_solve_lower(lc, b)), axis=0), v
@@ -217,7 +228,9 @@ class LowRankScale(NamedTuple):
         return jnp.concatenate([self.cov_factor.T @ a, self.diag_scale[:, None] * a], 0)
 
     def matmul_factor(self, a):
-        return jnp.concatenate([a @ self.cov_factor, a * self.diag_scale], axis=1)
+        return jnp.concatenate(
+            [a @ self.cov_factor, a * _rows(self.diag_scale, a)], axis=1
+        )
 
     def trace_inv_cov(self, other):
         # cov^{-1} = D^{-1} - A C^{-1} A^T with A = D^{-1} W (Woodbury).
@@ -333,6 +346,7 @@ class Gaussian(NamedTuple):
         """
         mean, tril = _mean_and("tril", mean, tril)
         _checks.check_shape("tril", tril, mean.shape * 2)
+        _check_nonsingular_tril("tril", tril)
         return cls(mean, CholeskyScale(jnp.tril(tril)))
 
     @classmethod
@@ -372,6 +386,7 @@ class Gaussian(NamedTuple):
         factor of its precision matrix (only the lower triangle is used)."""
         mean, tril = _mean_and("tril", mean, tril)
         _checks.check_shape("tril", tril, mean.shape * 2)
+        _check_nonsingular_tril("tril", tril)
         return cls(mean, PrecisionScale(jnp.tril(tril)))
 
     @classmethod
@@ -400,7 +415,8 @@ class Gaussian(NamedTuple):
 
     def log_prob(self, x: jax.Array) -> jax.Array:
         """Log density at ``x`` of shape (..., d); returns shape (...)."""
-        r = jnp.asarray(x) - self.mean
+        x = jnp.asarray(x)
+        r = x - _rows(self.mean, x)
         return -0.5 * (
             self.dim * _LOG_2PI + self.scale.logdet() + self.scale.mahalanobis(r)
         )
@@ -410,10 +426,29 @@ class Gaussian(NamedTuple):
         return 0.5 * (self.dim * (1.0 + _LOG_2PI) + self.scale.logdet())
 
     def sample(self, key: jax.Array, sample_shape=()) -> jax.Array:
-        """Draws samples of shape ``(*sample_shape, d)`` (reparameterized)."""
+        """Draws samples of shape ``(*sample_shape, d)`` (reparameterized).
+
+        ``sample_shape`` is a tuple of ints or one int.
+        """
+        if isinstance(sample_shape, int):
+            sample_shape = (sample_shape,)
         shape = tuple(sample_shape) + (self.scale.base_dim,)
         eps = jax.random.normal(key, shape, dtype=self.mean.dtype)
-        return self.mean + self.scale.apply(eps)
+        z = self.scale.apply(eps)
+        return _rows(self.mean, z) + z
+
+
+def _check_nonsingular_tril(name, tril) -> None:
+    """A zero on the diagonal makes the factor singular (log det = -inf)."""
+    if not _checks.is_concrete(tril):
+        return
+    diag = np.abs(np.diagonal(np.asarray(tril)))
+    if not np.all(diag > 0):
+        i = int(np.argmin(diag))
+        raise ValueError(
+            f"`{name}` must have a non-zero diagonal (a non-singular factor); got "
+            f"{name}[{i}, {i}] = {np.asarray(tril)[i, i].item()!r}."
+        )
 
 
 def _mean_and(name, mean, other):

@@ -36,12 +36,13 @@ def _lower_solve(tril, b, *, transpose=False):
     return solve_triangular(tril, b, lower=True, trans=1 if transpose else 0)
 
 
-def _scalar(name: str, x) -> jax.Array:
+def _scalar(name: str, x, dtype) -> jax.Array:
+    """A positive scalar in the data's dtype (a float64 scale must not promote float32 data)."""
     x = _checks.as_float_array(name, x)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; got shape {tuple(x.shape)}.")
     _checks.check_positive(name, x)
-    return x
+    return x.astype(dtype)
 
 
 def linear_gaussian(
@@ -240,8 +241,8 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
     y = _checks.as_float_array("y", y)
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    noise_scale = _scalar("noise_scale", noise_scale)
-    prior_scale = _scalar("prior_scale", prior_scale)
+    noise_scale = _scalar("noise_scale", noise_scale, x.dtype)
+    prior_scale = _scalar("prior_scale", prior_scale, x.dtype)
     d = x.shape[1]
     if d < 1 or x.shape[0] < 1:
         raise ValueError(f"`X` must have at least one row and column; got {x.shape}.")
@@ -271,8 +272,8 @@ def normal_mean(x, *, noise_scale, prior_loc, prior_scale) -> Model:
     _checks.check_ndim("x", x, 1)
     if x.shape[0] < 1:
         raise ValueError("`x` must hold at least one observation; got shape (0,).")
-    noise_scale = _scalar("noise_scale", noise_scale)
-    prior_scale = _scalar("prior_scale", prior_scale)
+    noise_scale = _scalar("noise_scale", noise_scale, x.dtype)
+    prior_scale = _scalar("prior_scale", prior_scale, x.dtype)
     loc = _checks.as_float_array("prior_loc", prior_loc)
     if loc.ndim != 0:
         raise ValueError(f"`prior_loc` must be a scalar; got shape {tuple(loc.shape)}.")

@@ -46,6 +46,7 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
     if tau.ndim != 0:
         raise ValueError(f"`prior_scale` must be a scalar; got shape {tuple(tau.shape)}.")
     _checks.check_positive("prior_scale", tau)
+    tau = tau.astype(x.dtype)  # a float64 scale must not promote float32 data
     d = x.shape[1]
     t2 = jnp.square(tau)
 

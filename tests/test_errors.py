@@ -1,0 +1,208 @@
+"""Bad input raises a clear error, naming the argument, before any work starts."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vijax
+from vijax import models
+
+F32 = np.float32
+
+
+def lg_args(n=5, d=3):
+    return dict(
+        prior_mean=np.zeros(d, F32),
+        prior_cov=np.eye(d, dtype=F32),
+        design=np.ones((n, d), F32),
+        observations=np.zeros(n, F32),
+        noise_cov=np.eye(n, dtype=F32),
+    )
+
+
+def raises(exc, *fragments):
+    """pytest.raises matching every fragment literally, in order."""
+    return pytest.raises(exc, match=".*".join(re.escape(f) for f in fragments))
+
+
+# ------------------------------------------------------------ linear_gaussian
+@pytest.mark.parametrize(
+    "change,exc,fragments",
+    [
+        (dict(design=np.ones((5, 4), F32)), ValueError, ("`design`", "(5, 3)", "(5, 4)")),
+        (dict(observations=np.zeros(4, F32)), ValueError, ("`design`", "(4, 3)", "(5, 3)")),
+        (dict(prior_mean=np.zeros(2, F32)), ValueError, ("`prior_cov`", "(2, 2)", "(3, 3)")),
+        (dict(prior_mean=np.zeros((3, 1), F32)), ValueError, ("`prior_mean`", "1 dimension",
+                                                             "(3, 1)")),
+        (dict(observations=np.zeros((5, 1), F32)), ValueError, ("`observations`", "(5, 1)")),
+        (dict(noise_cov=np.eye(4, dtype=F32)), ValueError, ("`noise_cov`", "(5, 5)", "(4, 4)")),
+        (dict(prior_cov=np.ones((3, 2), F32)), ValueError, ("`prior_cov`", "square", "(3, 2)")),
+        (dict(noise_cov=np.ones(5, F32)), ValueError, ("`noise_cov`", "square", "(5,)")),
+        (dict(prior_cov=np.triu(np.ones((3, 3), F32)) + np.eye(3, dtype=F32)), ValueError,
+         ("`prior_cov` must be symmetric",)),
+        (dict(noise_cov=np.diag(np.array([1, 1, -2, 1, 1], F32))), ValueError,
+         ("`noise_cov` must be positive definite", "-2")),
+        (dict(prior_cov=np.ones((3, 3), F32)), ValueError, ("`prior_cov` must be positive definite",)),
+        (dict(observations=np.zeros(5, np.int32)), TypeError, ("`observations`", "int32")),
+        (dict(design=np.ones((5, 3), np.int64)), TypeError, ("`design`", "int64")),
+        (dict(prior_mean=np.zeros(3, bool)), TypeError, ("`prior_mean`", "bool")),
+    ],
+)
+def test_linear_gaussian_errors(change, exc, fragments):
+    with raises(exc, *fragments):
+        models.linear_gaussian(**{**lg_args(), **change})
+
+
+def test_linear_gaussian_shape_errors_raise_under_jit():
+    # Static checks run at trace time, before any computation.
+    args = lg_args()
+
+    @jax.jit
+    def build(design):
+        return models.linear_gaussian(**{**args, "design": design}).log_evidence
+
+    with raises(ValueError, "`design`", "(5, 3)", "(5, 2)"):
+        build(jnp.ones((5, 2)))
+
+
+# ----------------------------------------------------- bayesian_linear_regression
+X = np.ones((6, 2), F32)
+Y = np.zeros(6, F32)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,fragments",
+    [
+        (dict(X=np.ones((6, 2), np.int32)), TypeError, ("`X`", "int32")),
+        (dict(y=np.zeros(6, np.int64)), TypeError, ("`y`", "int64")),
+        (dict(y=[0, 1, 0, 1, 0, 1]), TypeError, ("`y`", "int")),
+        (dict(y=np.zeros(5, F32)), ValueError, ("`y`", "(6,)", "(5,)")),
+        (dict(X=np.ones(6, F32)), ValueError, ("`X`", "2 dimension", "(6,)")),
+        (dict(noise_scale=0.0), ValueError, ("`noise_scale` must be positive", "0.0")),
+        (dict(noise_scale=-1.0), ValueError, ("`noise_scale` must be positive", "-1.0")),
+        (dict(prior_scale=0.0), ValueError, ("`prior_scale` must be positive", "0.0")),
+        (dict(prior_scale=float("nan")), ValueError, ("`prior_scale` must be positive",)),
+        (dict(noise_scale=np.ones(2, F32)), ValueError, ("`noise_scale` must be a scalar", "(2,)")),
+        (dict(noise_scale=True), TypeError, ("`noise_scale`", "bool")),
+    ],
+)
+def test_blr_errors(kwargs, exc, fragments):
+    args = dict(X=X, y=Y, noise_scale=1.0, prior_scale=1.0)
+    args.update(kwargs)
+    x, y = args.pop("X"), args.pop("y")
+    with raises(exc, *fragments):
+        models.bayesian_linear_regression(x, y, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,fragments",
+    [
+        (dict(x=np.arange(4)), TypeError, ("`x`", "int")),
+        (dict(x=np.zeros((4, 1), F32)), ValueError, ("`x`", "1 dimension", "(4, 1)")),
+        (dict(noise_scale=-0.5), ValueError, ("`noise_scale` must be positive", "-0.5")),
+        (dict(prior_scale=0), ValueError, ("`prior_scale` must be positive", "0")),
+        (dict(prior_loc=np.zeros(2, F32)), ValueError, ("`prior_loc` must be a scalar", "(2,)")),
+    ],
+)
+def test_normal_mean_errors(kwargs, exc, fragments):
+    args = dict(x=np.zeros(4, F32), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+    args.update(kwargs)
+    x = args.pop("x")
+    with raises(exc, *fragments):
+        models.normal_mean(x, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,fragments",
+    [
+        (dict(y=np.array([0, 1, 1, 0, 1, 0], np.int32)), TypeError, ("`y`", "int32")),
+        (dict(y=np.array([0, 1, 2, 0, 1, 0], F32)), ValueError, ("`y`", "0.0 or 1.0")),
+        (dict(y=np.zeros(4, F32)), ValueError, ("`y`", "(6,)", "(4,)")),
+        (dict(prior_scale=-1.0), ValueError, ("`prior_scale` must be positive", "-1.0")),
+        (dict(X=np.ones((6, 2), np.int32)), TypeError, ("`X`", "int32")),
+    ],
+)
+def test_logistic_regression_errors(kwargs, exc, fragments):
+    args = dict(X=X, y=Y, prior_scale=1.0)
+    args.update(kwargs)
+    x, y = args.pop("X"), args.pop("y")
+    with raises(exc, *fragments):
+        models.logistic_regression(x, y, **args)
+
+
+# ----------------------------------------------------------------- families
+FAMILY_MAKERS = {
+    "mean_field": vijax.mean_field,
+    "full_rank": vijax.full_rank,
+    "low_rank": lambda **kw: vijax.low_rank(rank=1, **kw),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_MAKERS)
+@pytest.mark.parametrize(
+    "init_scale,exc,fragments",
+    [(0.0, ValueError, ("`init_scale` must be positive", "0.0")),
+     (-0.1, ValueError, ("`init_scale` must be positive", "-0.1")),
+     (float("nan"), ValueError, ("`init_scale` must be positive", "nan")),
+     ("0.1", TypeError, ("`init_scale`", "'0.1'")),
+     (None, TypeError, ("`init_scale`", "None"))],
+)
+def test_init_scale_errors(name, init_scale, exc, fragments):
+    with raises(exc, *fragments):
+        FAMILY_MAKERS[name](init_scale=init_scale)
+
+
+@pytest.mark.parametrize(
+    "rank,exc,fragments",
+    [(0, ValueError, ("`rank`", ">= 1", "got 0")),
+     (-3, ValueError, ("`rank`", ">= 1", "got -3")),
+     (1.5, TypeError, ("`rank`", "1.5")),
+     (None, TypeError, ("`rank`", "None"))],
+)
+def test_rank_errors(rank, exc, fragments):
+    with raises(exc, *fragments):
+        vijax.low_rank(rank=rank)
+
+
+def test_rank_larger_than_d():
+    with raises(ValueError, "`rank`", "d = 4", "got rank = 5"):
+        vijax.low_rank(rank=5).init({"a": jnp.zeros(3), "b": jnp.zeros(())})
+
+
+@pytest.mark.parametrize("name", FAMILY_MAKERS)
+@pytest.mark.parametrize(
+    "latent,exc,fragments",
+    [
+        (np.zeros(3, np.int32), TypeError, ("`latent`", "int32")),
+        (jnp.zeros(3, jnp.int32), TypeError, ("`latent`", "int32")),
+        ("abc", TypeError, ("`latent`", "floating-point")),
+        ({"w": np.zeros(2, F32), "n": np.zeros(2, np.int32)}, TypeError,
+         ("`latent['n']`", "int32")),
+        ({"w": np.zeros(2, F32), "flag": np.zeros(2, bool)}, TypeError, ("`latent['flag']`", "bool")),
+        ({"w": np.zeros(2, F32), "f": np.zeros(2, np.float16)}, TypeError,
+         ("`latent`", "one floating dtype", "float16", "float32")),
+        ({}, ValueError, ("`latent`", "at least one array leaf")),
+        (np.zeros((0,), F32), ValueError, ("`latent`", "size 0")),
+    ],
+)
+def test_bad_latents(name, latent, exc, fragments):
+    family = FAMILY_MAKERS[name]()
+    with raises(exc, *fragments):
+        family.init(latent)
+
+
+def test_mixed_float_widths_rejected(x64):
+    with raises(TypeError, "`latent`", "float32", "float64"):
+        vijax.mean_field().init({"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float64)})
+
+
+def test_num_samples_errors():
+    family = vijax.mean_field()
+    params = family.init(jnp.zeros(2))
+    with raises(ValueError, "`num_samples`", "got 0"):
+        family.sample(jax.random.key(0), params, 0)
+    with raises(TypeError, "`num_samples`", "2.0"):
+        family.sample(jax.random.key(0), params, 2.0)

@@ -1,0 +1,256 @@
+"""Tests for vijax._families: mean_field, full_rank, low_rank over pytree latents."""
+
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from scipy import stats
+
+import vijax
+
+FAMILIES = {
+    "mean_field": lambda s=0.1: vijax.mean_field(init_scale=s),
+    "full_rank": lambda s=0.1: vijax.full_rank(init_scale=s),
+    "low_rank": lambda s=0.1: vijax.low_rank(rank=2, init_scale=s),
+}
+NAMES = tuple(FAMILIES)
+
+
+def dict_latent(dtype=np.float64):
+    return {
+        "a": np.arange(6.0, dtype=dtype).reshape(2, 3) / 10,
+        "b": np.asarray(0.5, dtype),
+        "c": np.linspace(-1, 1, 4).astype(dtype),
+    }
+
+
+def perturb(params, rng, scale=0.5):
+    """Random params: every leaf moved by N(0, scale^2), keeping dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def np_moments(name, params):
+    """Mean and dense covariance of q computed from the raw params in NumPy."""
+    mean = np.asarray(ravel_pytree(params.loc)[0])
+    s = softplus(np.asarray(params.raw_scale))
+    if name == "mean_field":
+        return mean, np.diag(s**2)
+    if name == "full_rank":
+        d = s.shape[0]
+        tril = s[:, None] * (np.eye(d) + np.tril(np.asarray(params.off_diag), -1))
+        return mean, tril @ tril.T
+    w = np.asarray(params.cov_factor)
+    return mean, w @ w.T + np.diag(s**2)
+
+
+# -------------------------------------------------------------------- init
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "latent,d",
+    [(np.linspace(0.0, 1.0, 5), 5), (np.asarray(1.5), 1), (dict_latent(), 11)],
+    ids=["array", "scalar", "dict"],
+)
+def test_init_over_pytrees(x64, name, latent, d):
+    if name == "low_rank" and d < 2:
+        family = vijax.low_rank(rank=1)
+    else:
+        family = FAMILIES[name]()
+    params = family.init(latent)
+    assert jax.tree_util.tree_structure(params.loc) == jax.tree_util.tree_structure(latent)
+    chex.assert_trees_all_close(params.loc, jax.tree_util.tree_map(jnp.asarray, latent))
+    chex.assert_shape(params.raw_scale, (d,))
+    q = family.to_gaussian(params)
+    assert q.dim == d
+    np.testing.assert_allclose(q.mean, ravel_pytree(latent)[0], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda s: vijax.mean_field(init_scale=s), lambda s: vijax.full_rank(init_scale=s),
+             lambda s: vijax.low_rank(rank=2, init_scale=s),
+             lambda s: vijax.low_rank(rank=5, init_scale=s)],
+    ids=["mean_field", "full_rank", "low_rank2", "low_rank_d"],
+)
+def test_initial_covariance_is_init_scale_squared_identity(x64, make):
+    family = make(0.37)
+    params = family.init(np.zeros(5))
+    np.testing.assert_allclose(family.to_gaussian(params).cov, 0.37**2 * np.eye(5),
+                               rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------- sampling and density
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_shapes(name):
+    family = FAMILIES[name]()
+    params = family.init(dict_latent(np.float32))
+    z = family.sample(jax.random.key(0), params, 7)
+    assert jax.tree_util.tree_structure(z) == jax.tree_util.tree_structure(params.loc)
+    chex.assert_shape(z["a"], (7, 2, 3))
+    chex.assert_shape(z["b"], (7,))
+    chex.assert_shape(z["c"], (7, 4))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_prob_and_entropy_match_scipy(x64, rng, name):
+    family = FAMILIES[name]()
+    params = perturb(family.init(dict_latent()), rng)
+    mean, cov = np_moments(name, params)
+    z = family.sample(jax.random.key(1), params, 6)
+    flat = np.stack([np.asarray(ravel_pytree(jax.tree_util.tree_map(lambda a: a[i], z))[0])
+                     for i in range(6)])
+    want = stats.multivariate_normal(mean, cov).logpdf(flat)
+    got = jax.vmap(lambda zi: family.log_prob(params, zi))(z)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    np.testing.assert_allclose(
+        family.entropy(params), stats.multivariate_normal(mean, cov).entropy(), rtol=1e-10
+    )
+    np.testing.assert_allclose(family.to_gaussian(params).cov, cov, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_covariance_matches_to_gaussian(x64, rng, name):
+    family = FAMILIES[name]()
+    params = perturb(family.init(np.zeros(3)), rng)
+    mean, cov = np_moments(name, params)
+    n = 40_000
+    z = np.asarray(family.sample(jax.random.key(2), params, n))
+    assert np.all(np.abs(z.mean(0) - mean) < 5 * np.sqrt(np.diag(cov) / n))
+    r = z - mean
+    prods = r[:, :, None] * r[:, None, :]
+    se = prods.std(0, ddof=1) / np.sqrt(n)
+    assert np.all(np.abs(prods.mean(0) - cov) < 5 * se)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_real_param_value_is_valid(dtype, rng, name):
+    family = FAMILIES[name]()
+    base = family.init(np.zeros(6, dtype))
+    for _ in range(5):
+        params = perturb(base, rng, scale=3.0)
+        z = family.sample(jax.random.key(0), params, 4)
+        lp = jax.vmap(lambda zi: family.log_prob(params, zi))(z)
+        assert np.all(np.isfinite(np.asarray(lp)))
+        assert np.isfinite(float(family.entropy(params)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_is_kept(dtype, name):
+    family = FAMILIES[name]()
+    params = family.init(dict_latent(dtype))
+    for leaf in jax.tree_util.tree_leaves(params):
+        assert leaf.dtype == dtype
+    z = family.sample(jax.random.key(0), params, 3)
+    for leaf in jax.tree_util.tree_leaves(z):
+        assert leaf.dtype == dtype
+    one = jax.tree_util.tree_map(lambda a: a[0], z)
+    assert family.log_prob(params, one).dtype == dtype
+    assert family.entropy(params).dtype == dtype
+    assert family.to_gaussian(params).cov.dtype == dtype
+
+
+# ---------------------------------------------------------- transformations
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_vmap_grad(x64, rng, name):
+    family = FAMILIES[name]()
+    params = perturb(family.init(dict_latent()), rng)
+    z = family.sample(jax.random.key(3), params, 5)
+    one = jax.tree_util.tree_map(lambda a: a[0], z)
+
+    eager = jax.vmap(lambda zi: family.log_prob(params, zi))(z)
+    jitted = jax.jit(jax.vmap(family.log_prob, in_axes=(None, 0)))(params, z)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-12)
+    z_jit = jax.jit(family.sample, static_argnums=2)(jax.random.key(3), params, 5)
+    chex.assert_trees_all_close(z_jit, z, rtol=1e-12)
+
+    # grad of log_prob and entropy against central finite differences in a random direction.
+    flat, unravel = ravel_pytree(params)
+    direction = rng.normal(size=flat.shape)
+    h = 1e-6
+    for fn in (lambda p: family.log_prob(p, one), family.entropy):
+        g = ravel_pytree(jax.grad(fn)(params))[0]
+        fd = (fn(unravel(flat + h * direction)) - fn(unravel(flat - h * direction))) / (2 * h)
+        np.testing.assert_allclose(g @ direction, fd, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_is_reparameterized(x64, rng, name):
+    family = FAMILIES[name]()
+    params = perturb(family.init(dict_latent()), rng)
+    key = jax.random.key(4)
+
+    def total(p):
+        z = family.sample(key, p, 3)
+        return sum(jnp.sum(leaf) for leaf in jax.tree_util.tree_leaves(z))
+
+    g = jax.grad(total)(params)
+    # Each sample is loc + (noise independent of loc): d/d loc of the sum is 3 everywhere.
+    chex.assert_trees_all_close(g.loc, jax.tree_util.tree_map(lambda a: 3.0 * jnp.ones_like(a),
+                                                              params.loc))
+    assert float(jnp.sum(jnp.abs(g.raw_scale))) > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_params_are_optax_updatable(name):
+    family = FAMILIES[name]()
+    params = family.init(dict_latent(np.float32))
+    z0 = jax.tree_util.tree_map(jnp.zeros_like, params.loc)
+    opt = optax.adam(1e-2)
+    state = opt.init(params)
+    grads = jax.grad(lambda p: -family.log_prob(p, z0) - family.entropy(p))(params)
+    updates, state = opt.update(grads, state, params)
+    new = optax.apply_updates(params, updates)
+    assert type(new) is type(params)
+    assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(params)
+    assert not np.allclose(np.asarray(new.raw_scale), np.asarray(params.raw_scale))
+    assert np.isfinite(float(family.log_prob(new, z0)))
+
+
+def test_large_structured_families_stay_linear():
+    # d = 100_000: a dense d x d factor would need 40 GB, so these run only if the
+    # mean-field and low-rank paths never form one.
+    d = 100_000
+    for family in (vijax.mean_field(), vijax.low_rank(rank=2)):
+        params = family.init(jnp.zeros(d))
+        z = family.sample(jax.random.key(0), params, 2)
+        chex.assert_shape(z, (2, d))
+        assert np.isfinite(float(jax.jit(family.log_prob)(params, z[0])))
+        assert np.isfinite(float(family.entropy(params)))
+
+
+# ------------------------------------------------------------------ errors
+def test_low_rank_rank_errors():
+    with pytest.raises(ValueError, match=re.escape("`rank` must be an int >= 1; got 0")):
+        vijax.low_rank(rank=0)
+    with pytest.raises(ValueError, match="`rank`"):
+        vijax.low_rank(rank=-2)
+    with pytest.raises(TypeError, match="`rank` must be an int"):
+        vijax.low_rank(rank=2.0)
+    family = vijax.low_rank(rank=4)
+    with pytest.raises(ValueError, match=re.escape("d = 3; got rank = 4")):
+        family.init(jnp.zeros(3))
+    vijax.low_rank(rank=3).init(jnp.zeros(3))  # rank == d is allowed
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_log_prob_and_sample_argument_errors(name):
+    family = FAMILIES[name]()
+    params = family.init({"a": jnp.zeros(3), "b": jnp.zeros(())})
+    with pytest.raises(ValueError, match="`z` must flatten to shape"):
+        family.log_prob(params, {"a": jnp.zeros((2, 3)), "b": jnp.zeros((2,))})
+    with pytest.raises(ValueError, match="`z` must have the latent's structure"):
+        family.log_prob(params, jnp.zeros(4))
+    with pytest.raises(ValueError, match="`num_samples` must be an int >= 1; got 0"):
+        family.sample(jax.random.key(0), params, 0)
+    other = next(FAMILIES[n] for n in NAMES if n != name)().init(jnp.zeros(4))
+    with pytest.raises(TypeError, match="`params` must be"):
+        family.entropy(other)

@@ -1,0 +1,252 @@
+"""Tests for vijax._gaussian: every scale structure against NumPy/SciPy references."""
+
+import itertools
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import vijax
+from vijax._gaussian import expected_log_prob
+
+KINDS = ("diagonal", "cholesky", "low_rank", "precision")
+D = 4
+
+
+def _spd(rng, d):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + 0.5 * np.eye(d)
+
+
+def make_gaussian(kind, rng, d=D, k=2):
+    """Returns (Gaussian, mean, dense covariance), the covariance built in NumPy."""
+    mean = rng.normal(size=d)
+    if kind == "diagonal":
+        s = rng.uniform(0.5, 2.0, size=d)
+        return vijax.Gaussian.diagonal(mean, s), mean, np.diag(s**2)
+    if kind == "cholesky":
+        tril = np.tril(rng.normal(size=(d, d)), -1) + np.diag(rng.uniform(0.5, 2.0, d))
+        return vijax.Gaussian.from_cholesky(mean, tril), mean, tril @ tril.T
+    if kind == "low_rank":
+        w = rng.normal(size=(d, k))
+        s = rng.uniform(0.5, 2.0, size=d)
+        return vijax.Gaussian.low_rank(mean, w, s), mean, w @ w.T + np.diag(s**2)
+    if kind == "precision":
+        tril = np.tril(rng.normal(size=(d, d)), -1) + np.diag(rng.uniform(0.5, 2.0, d))
+        cov = np.linalg.inv(tril @ tril.T)
+        return vijax.Gaussian.from_precision_cholesky(mean, tril), mean, cov
+    raise AssertionError(kind)
+
+
+def np_kl(mq, cq, mp, cp):
+    d = mq.shape[0]
+    diff = mp - mq
+    return 0.5 * (
+        np.trace(np.linalg.solve(cp, cq))
+        + diff @ np.linalg.solve(cp, diff)
+        - d
+        + np.linalg.slogdet(cp)[1]
+        - np.linalg.slogdet(cq)[1]
+    )
+
+
+# --------------------------------------------------------------- densities
+@pytest.mark.parametrize("kind", KINDS)
+def test_log_prob_matches_scipy_batched(x64, rng, kind):
+    q, mean, cov = make_gaussian(kind, rng)
+    x = rng.normal(size=(3, 5, D)) * 2.0
+    got = q.log_prob(jnp.asarray(x))
+    chex.assert_shape(got, (3, 5))
+    want = stats.multivariate_normal(mean, cov).logpdf(x)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # A single point gives a scalar.
+    np.testing.assert_allclose(q.log_prob(x[0, 0]), want[0, 0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_entropy_cov_variance_match_numpy(x64, rng, kind):
+    q, mean, cov = make_gaussian(kind, rng)
+    np.testing.assert_allclose(q.entropy(), stats.multivariate_normal(mean, cov).entropy(),
+                               rtol=1e-10)
+    np.testing.assert_allclose(q.cov, cov, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(q.variance, np.diag(cov), rtol=1e-10)
+    assert q.dim == D
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_moments(x64, rng, kind):
+    q, mean, cov = make_gaussian(kind, rng, d=3)
+    n = 40_000
+    x = np.asarray(q.sample(jax.random.key(1), (n,)))
+    assert x.shape == (n, 3)
+    se_mean = np.sqrt(np.diag(cov) / n)
+    assert np.all(np.abs(x.mean(0) - mean) < 5 * se_mean)
+    # With the mean known, (x_i - m)(x_j - m) averages to cov_ij; its SE from the sample.
+    r = x - mean
+    prods = r[:, :, None] * r[:, None, :]
+    se_cov = prods.std(0, ddof=1) / np.sqrt(n)
+    assert np.all(np.abs(prods.mean(0) - cov) < 5 * se_cov)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_shape_and_dtype(dtype, rng, kind):
+    q, _, _ = make_gaussian(kind, rng)
+    q = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), q)
+    x = q.sample(jax.random.key(0), (2, 7))
+    chex.assert_shape(x, (2, 7, D))
+    assert x.dtype == dtype
+    assert q.log_prob(x).dtype == dtype
+    assert q.entropy().dtype == dtype
+    assert np.all(np.isfinite(np.asarray(q.log_prob(x))))
+
+
+def test_sample_accepts_legacy_keys_and_int_shape(x64, rng):
+    q, _, _ = make_gaussian("low_rank", rng)
+    a = q.sample(jax.random.PRNGKey(3), (4,))
+    b = q.sample(jax.random.key(3), 4)
+    np.testing.assert_array_equal(a, b)
+    chex.assert_shape(q.sample(jax.random.key(3)), (D,))
+
+
+# ---------------------------------------------------------------------- KL
+@pytest.mark.parametrize("qkind,pkind", list(itertools.product(KINDS, KINDS)))
+def test_gaussian_kl_all_pairs(x64, rng, qkind, pkind):
+    q, mq, cq = make_gaussian(qkind, rng)
+    p, mp, cp = make_gaussian(pkind, rng)
+    np.testing.assert_allclose(vijax.gaussian_kl(q, p), np_kl(mq, cq, mp, cp), rtol=1e-10)
+
+
+@pytest.mark.parametrize("qkind,pkind", list(itertools.product(KINDS, KINDS)))
+def test_expected_log_prob_all_pairs(x64, rng, qkind, pkind):
+    q, mq, cq = make_gaussian(qkind, rng)
+    p, mp, cp = make_gaussian(pkind, rng)
+    diff = mq - mp
+    want = -0.5 * (
+        D * np.log(2 * np.pi)
+        + np.linalg.slogdet(cp)[1]
+        + np.trace(np.linalg.solve(cp, cq))
+        + diff @ np.linalg.solve(cp, diff)
+    )
+    np.testing.assert_allclose(expected_log_prob(p, q), want, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_to_itself_is_zero(x64, rng, kind):
+    q, _, _ = make_gaussian(kind, rng)
+    assert abs(float(vijax.gaussian_kl(q, q))) < 1e-12
+
+
+def test_kl_between_representations_of_one_distribution_is_zero(x64, rng):
+    # The same distribution as a dense covariance and as a precision.
+    _, mean, cov = make_gaussian("low_rank", rng)
+    a = vijax.Gaussian.from_cov(mean, cov)
+    b = vijax.Gaussian.from_precision(mean, np.linalg.inv(cov))
+    c, _, _ = make_gaussian("low_rank", np.random.default_rng(20261125))
+    assert abs(float(vijax.gaussian_kl(a, b))) < 1e-10
+    assert abs(float(vijax.gaussian_kl(b, a))) < 1e-10
+    assert abs(float(vijax.gaussian_kl(c, a))) < 1e-10  # same seed, same numbers
+
+
+def test_kl_grad_under_jit_and_vmap(x64, rng):
+    q, mq, cq = make_gaussian("low_rank", rng)
+    p, mp, cp = make_gaussian("precision", rng)
+
+    def kl_at(m):
+        return vijax.gaussian_kl(q._replace(mean=m), p)
+
+    g = jax.jit(jax.grad(kl_at))(jnp.asarray(mq))
+    np.testing.assert_allclose(g, np.linalg.solve(cp, mq - mp), rtol=1e-10)
+
+    means = rng.normal(size=(3, D))
+    got = jax.vmap(kl_at)(jnp.asarray(means))
+    want = [np_kl(m, cq, mp, cp) for m in means]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_structured_kl_stays_structured():
+    # Dense d x d matrices here would need ~ 80 GB; diagonal and low-rank KLs must not form them.
+    d = 100_000
+    mean = jnp.zeros(d)
+    q = vijax.Gaussian.diagonal(mean, jnp.full(d, 2.0))
+    p = vijax.Gaussian.low_rank(mean + 1.0, jnp.ones((d, 1)) * 0.01, jnp.ones(d))
+    assert np.isfinite(float(jax.jit(vijax.gaussian_kl)(q, p)))
+    assert np.isfinite(float(jax.jit(vijax.gaussian_kl)(p, q)))
+    assert np.isfinite(float(jax.jit(vijax.gaussian_kl)(q, q)))
+    assert np.all(np.isfinite(np.asarray(p.log_prob(p.sample(jax.random.key(0), (2,))))))
+
+
+# ------------------------------------------------------------ constructors
+def test_constructors_match_dense(x64, rng):
+    mean = rng.normal(size=D)
+    cov = _spd(rng, D)
+    np.testing.assert_allclose(vijax.Gaussian.from_cov(mean, cov).cov, cov, rtol=1e-10)
+    prec = _spd(rng, D)
+    np.testing.assert_allclose(
+        vijax.Gaussian.from_precision(mean, prec).cov, np.linalg.inv(prec), rtol=1e-10
+    )
+    # Only the lower triangle of a Cholesky factor is used.
+    full = rng.normal(size=(D, D)) + 3 * np.eye(D)
+    low = np.tril(full)
+    np.testing.assert_allclose(
+        vijax.Gaussian.from_cholesky(mean, full).cov, low @ low.T, rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        vijax.Gaussian.from_precision_cholesky(mean, full).cov,
+        np.linalg.inv(low @ low.T), rtol=1e-10,
+    )
+
+
+def test_gaussian_is_a_pytree_under_vmap(x64, rng):
+    means = rng.normal(size=(3, D))
+    scales = rng.uniform(0.5, 2.0, size=(3, D))
+    qs = jax.vmap(lambda m, s: vijax.Gaussian(m, vijax.DiagonalScale(s)))(means, scales)
+    got = jax.vmap(lambda q: q.entropy())(qs)
+    want = [stats.multivariate_normal(m, np.diag(s**2)).entropy() for m, s in zip(means, scales)]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_constructor_errors(rng):
+    mean = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match=re.escape("`scale` must be positive; got")):
+        vijax.Gaussian.diagonal(mean, np.array([1.0, 0.0, 1.0], np.float32))
+    with pytest.raises(ValueError, match=re.escape("`scale` must have shape (3,); got shape (2,)")):
+        vijax.Gaussian.diagonal(mean, np.ones(2, np.float32))
+    with pytest.raises(ValueError, match=re.escape("`mean` must have 1 dimension(s)")):
+        vijax.Gaussian.diagonal(np.zeros((3, 1), np.float32), np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="`mean` must have a floating-point dtype"):
+        vijax.Gaussian.diagonal(np.zeros(3, np.int32), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=re.escape("`cov` must be a square (d, d) matrix; got shape (3, 2)")):
+        vijax.Gaussian.from_cov(mean, np.ones((3, 2), np.float32))
+    with pytest.raises(ValueError, match="`cov` must be symmetric"):
+        vijax.Gaussian.from_cov(mean, np.array([[2, 1, 0], [0, 2, 0], [0, 0, 2]], np.float32))
+    with pytest.raises(ValueError, match="`cov` must be positive definite; .* -1"):
+        vijax.Gaussian.from_cov(mean, np.diag(np.array([1.0, -1.0, 1.0], np.float32)))
+    with pytest.raises(ValueError, match=re.escape("`cov` must have shape (3, 3); got shape (2, 2)")):
+        vijax.Gaussian.from_cov(mean, np.eye(2, dtype=np.float32))
+    with pytest.raises(ValueError, match="`precision` must be positive definite"):
+        vijax.Gaussian.from_precision(mean, -np.eye(3, dtype=np.float32))
+    singular = np.tril(np.ones((3, 3), np.float32)) - np.diag(np.array([0, 1, 0], np.float32))
+    with pytest.raises(ValueError, match=re.escape("`tril` must have a non-zero diagonal")
+                       + ".*" + re.escape("tril[1, 1] = 0.0")):
+        vijax.Gaussian.from_cholesky(mean, singular)
+    with pytest.raises(ValueError, match="`tril` must have a non-zero diagonal"):
+        vijax.Gaussian.from_precision_cholesky(mean, singular)
+    with pytest.raises(ValueError, match=re.escape("`tril` must have shape (3, 3)")):
+        vijax.Gaussian.from_cholesky(mean, np.eye(4, dtype=np.float32))
+    with pytest.raises(ValueError, match=re.escape("`cov_factor` must have shape (3, k); got shape (2, 1)")):
+        vijax.Gaussian.low_rank(mean, np.ones((2, 1), np.float32), np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="`diag_scale` must be positive"):
+        vijax.Gaussian.low_rank(mean, np.ones((3, 1), np.float32), -np.ones(3, np.float32))
+
+
+def test_kl_argument_errors(rng):
+    q = vijax.Gaussian.diagonal(np.zeros(3, np.float32), np.ones(3, np.float32))
+    p = vijax.Gaussian.diagonal(np.zeros(2, np.float32), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="same dimension; got 3 and 2"):
+        vijax.gaussian_kl(q, p)
+    with pytest.raises(TypeError, match="`q` and `p` must be vijax.Gaussian"):
+        vijax.gaussian_kl(q, (np.zeros(3), np.eye(3)))

@@ -1,0 +1,242 @@
+"""Tests for vijax.models against NumPy/SciPy references (Bishop, PRML 2.3.3, 3.3-3.5)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+import vijax
+from vijax import models
+
+
+def spd(rng, d, ridge=0.5):
+    a = rng.normal(size=(d, d))
+    return a @ a.T / d + ridge * np.eye(d)
+
+
+def linear_gaussian_problem(rng, n=6, d=4):
+    return dict(
+        prior_mean=rng.normal(size=d),
+        prior_cov=spd(rng, d),
+        design=rng.normal(size=(n, d)),
+        observations=rng.normal(size=n),
+        noise_cov=spd(rng, n),
+    )
+
+
+def np_posterior(prior_mean, prior_cov, design, observations, noise_cov):
+    """Bishop (2.116)-(2.117): posterior mean and covariance; marginal (2.115)."""
+    prec = np.linalg.inv(prior_cov) + design.T @ np.linalg.solve(noise_cov, design)
+    cov = np.linalg.inv(prec)
+    mean = cov @ (np.linalg.solve(prior_cov, prior_mean)
+                  + design.T @ np.linalg.solve(noise_cov, observations))
+    marginal_cov = noise_cov + design @ prior_cov @ design.T
+    log_z = stats.multivariate_normal(design @ prior_mean, marginal_cov).logpdf(observations)
+    return mean, cov, log_z
+
+
+def np_log_joint(z, prior_mean, prior_cov, design, observations, noise_cov):
+    return (stats.multivariate_normal(prior_mean, prior_cov).logpdf(z)
+            + stats.multivariate_normal(design @ z, noise_cov).logpdf(observations))
+
+
+def blr_problem(rng, n, d):
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.3 * rng.normal(size=n)
+    return x, y, 0.7, 1.3
+
+
+def blr_as_linear_gaussian(x, y, s, t):
+    n, d = x.shape
+    return dict(prior_mean=np.zeros(d), prior_cov=t**2 * np.eye(d), design=x,
+                observations=y, noise_cov=s**2 * np.eye(n))
+
+
+# ----------------------------------------------------------- linear_gaussian
+def test_linear_gaussian_posterior_and_evidence(x64, rng):
+    prob = linear_gaussian_problem(rng)
+    model = models.linear_gaussian(**prob)
+    mean, cov, log_z = np_posterior(**prob)
+    np.testing.assert_allclose(model.posterior.mean, mean, rtol=1e-10)
+    np.testing.assert_allclose(model.posterior.cov, cov, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(model.log_evidence, log_z, rtol=1e-10)
+    assert model.is_conjugate
+    np.testing.assert_allclose(model.latent, prob["prior_mean"])
+
+
+def test_linear_gaussian_log_joint_vmap_grad(x64, rng):
+    prob = linear_gaussian_problem(rng)
+    model = models.linear_gaussian(**prob)
+    zs = rng.normal(size=(5, 4))
+    got = jax.vmap(model.log_joint)(jnp.asarray(zs))
+    want = [np_log_joint(z, **prob) for z in zs]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    g = jax.jit(jax.grad(model.log_joint))(jnp.asarray(zs[0]))
+    h, r = prob["design"], prob["noise_cov"]
+    want_g = (-np.linalg.solve(prob["prior_cov"], zs[0] - prob["prior_mean"])
+              + h.T @ np.linalg.solve(r, prob["observations"] - h @ zs[0]))
+    np.testing.assert_allclose(g, want_g, rtol=1e-10)
+
+
+def test_log_joint_at_posterior_mode_has_zero_gradient(x64, rng):
+    # Ties log_joint and posterior together: a Gaussian posterior's mean is the mode.
+    prob = linear_gaussian_problem(rng)
+    model = models.linear_gaussian(**prob)
+    g = jax.grad(model.log_joint)(model.posterior.mean)
+    np.testing.assert_allclose(g, np.zeros(4), atol=1e-10)
+    # log p(x, z) - log p(z | x) = log p(x) at any z.
+    z = jnp.asarray(rng.normal(size=4))
+    np.testing.assert_allclose(model.log_joint(z) - model.posterior.log_prob(z),
+                               model.log_evidence, rtol=1e-10)
+
+
+# ----------------------------------------------------- bayesian_linear_regression
+@pytest.mark.parametrize("n,d", [(20, 4), (3, 6)], ids=["n>=d", "n<d"])
+def test_blr_matches_numpy_and_linear_gaussian(x64, rng, n, d):
+    x, y, s, t = blr_problem(rng, n, d)
+    model = models.bayesian_linear_regression(x, y, noise_scale=s, prior_scale=t)
+    prob = blr_as_linear_gaussian(x, y, s, t)
+    mean, cov, log_z = np_posterior(**prob)
+    np.testing.assert_allclose(model.posterior.mean, mean, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(model.posterior.cov, cov, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(model.log_evidence, log_z, rtol=1e-10)
+
+    general = models.linear_gaussian(**prob)
+    np.testing.assert_allclose(model.log_evidence, general.log_evidence, rtol=1e-10)
+    np.testing.assert_allclose(model.posterior.mean, general.posterior.mean,
+                               rtol=1e-10, atol=1e-13)
+    zs = jnp.asarray(rng.normal(size=(4, d)))
+    np.testing.assert_allclose(jax.vmap(model.log_joint)(zs),
+                               [np_log_joint(np.asarray(z), **prob) for z in zs], rtol=1e-10)
+    np.testing.assert_allclose(jax.vmap(model.log_joint)(zs),
+                               jax.vmap(general.log_joint)(zs), rtol=1e-10)
+    chex.assert_shape(model.latent, (d,))
+
+
+def test_blr_log_joint_grad(x64, rng):
+    x, y, s, t = blr_problem(rng, 10, 3)
+    model = models.bayesian_linear_regression(x, y, noise_scale=s, prior_scale=t)
+    w = rng.normal(size=3)
+    g = jax.grad(model.log_joint)(jnp.asarray(w))
+    np.testing.assert_allclose(g, x.T @ (y - x @ w) / s**2 - w / t**2, rtol=1e-10)
+
+
+@pytest.mark.parametrize("n,d", [(20, 4), (3, 6)], ids=["n>=d", "n<d"])
+def test_evidence_grad_through_constructor(x64, rng, n, d):
+    # Constructors are traceable: differentiate log Z in the noise scale and the prior scale.
+    x, y, s, t = blr_problem(rng, n, d)
+
+    def log_z(noise_scale, prior_scale):
+        return models.bayesian_linear_regression(
+            x, y, noise_scale=noise_scale, prior_scale=prior_scale).log_evidence
+
+    def np_log_z(noise_scale, prior_scale):
+        return np_posterior(**blr_as_linear_gaussian(x, y, noise_scale, prior_scale))[2]
+
+    gs, gt = jax.jit(jax.grad(log_z, argnums=(0, 1)))(s, t)
+    h = 1e-5
+    np.testing.assert_allclose(gs, (np_log_z(s + h, t) - np_log_z(s - h, t)) / (2 * h), rtol=1e-7)
+    np.testing.assert_allclose(gt, (np_log_z(s, t + h) - np_log_z(s, t - h)) / (2 * h), rtol=1e-7)
+
+
+def test_linear_gaussian_traceable_under_jit_and_vmap(x64, rng):
+    prob = linear_gaussian_problem(rng)
+
+    def log_z(noise_var):
+        p = dict(prob, noise_cov=noise_var * np.eye(6))
+        return models.linear_gaussian(**p).log_evidence
+
+    noise_vars = np.array([0.5, 1.0, 2.0])
+    got = jax.jit(jax.vmap(log_z))(jnp.asarray(noise_vars))
+    want = [np_posterior(**dict(prob, noise_cov=v * np.eye(6)))[2] for v in noise_vars]
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    g = jax.grad(log_z)(1.0)
+    h = 1e-5
+    fd = (np_posterior(**dict(prob, noise_cov=(1 + h) * np.eye(6)))[2]
+          - np_posterior(**dict(prob, noise_cov=(1 - h) * np.eye(6)))[2]) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-7)
+
+
+# ------------------------------------------------------------- normal_mean
+def test_normal_mean_closed_form(x64, rng):
+    x = rng.normal(loc=2.0, size=8)
+    s, m0, t = 0.8, -0.5, 1.7
+    model = models.normal_mean(x, noise_scale=s, prior_loc=m0, prior_scale=t)
+    n = x.shape[0]
+    post_prec = 1 / t**2 + n / s**2
+    post_mean = (m0 / t**2 + x.sum() / s**2) / post_prec
+    np.testing.assert_allclose(model.posterior.mean, [post_mean], rtol=1e-12)
+    np.testing.assert_allclose(model.posterior.cov, [[1 / post_prec]], rtol=1e-12)
+    log_z = stats.multivariate_normal(np.full(n, m0), s**2 * np.eye(n) + t**2).logpdf(x)
+    np.testing.assert_allclose(model.log_evidence, log_z, rtol=1e-10)
+
+    chex.assert_shape(model.latent, ())
+    mus = np.array([-1.0, 0.3, 2.5])
+    want = [stats.norm(m0, t).logpdf(mu) + stats.norm(mu, s).logpdf(x).sum() for mu in mus]
+    np.testing.assert_allclose(jax.vmap(model.log_joint)(jnp.asarray(mus)), want, rtol=1e-12)
+    g = jax.grad(model.log_joint)(0.3)
+    np.testing.assert_allclose(g, -(0.3 - m0) / t**2 + (x - 0.3).sum() / s**2, rtol=1e-10)
+
+
+# ----------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("which", ["linear_gaussian", "blr", "normal_mean", "logistic"])
+def test_models_keep_the_data_dtype(dtype, rng, which):
+    if which == "linear_gaussian":
+        prob = {k: v.astype(dtype) for k, v in linear_gaussian_problem(rng).items()}
+        model = models.linear_gaussian(**prob)
+    elif which == "blr":
+        x, y, _, _ = blr_problem(rng, 10, 3)
+        model = models.bayesian_linear_regression(
+            x.astype(dtype), y.astype(dtype), noise_scale=0.5, prior_scale=1.0)
+    elif which == "normal_mean":
+        model = models.normal_mean(rng.normal(size=5).astype(dtype), noise_scale=1.0,
+                                   prior_loc=0.0, prior_scale=2.0)
+    else:
+        x = rng.normal(size=(10, 3)).astype(dtype)
+        model = models.logistic_regression(x, (rng.random(10) < 0.5).astype(dtype))
+    assert model.latent.dtype == dtype
+    assert model.log_joint(model.latent).dtype == dtype
+    if which != "logistic":
+        assert model.log_evidence.dtype == dtype
+        assert model.posterior.mean.dtype == dtype
+        assert model.posterior.cov.dtype == dtype
+        assert np.isfinite(float(model.log_evidence))
+
+
+# ----------------------------------------------------------------- logistic
+def test_logistic_regression_log_joint(x64, rng):
+    x = rng.normal(size=(15, 3))
+    y = (rng.random(15) < 0.5).astype(np.float64)
+    tau = 1.5
+    model = models.logistic_regression(x, y, prior_scale=tau)
+    assert not model.is_conjugate
+    assert model.posterior is None and model.log_evidence is None
+    ws = rng.normal(size=(4, 3)) * 2
+
+    def ref(w):
+        logits = x @ w
+        lik = np.sum(y * logits - np.logaddexp(0.0, logits))
+        return lik + stats.norm(0.0, tau).logpdf(w).sum()
+
+    np.testing.assert_allclose(jax.vmap(model.log_joint)(jnp.asarray(ws)),
+                               [ref(w) for w in ws], rtol=1e-12)
+    g = jax.grad(model.log_joint)(jnp.asarray(ws[0]))
+    p = 1 / (1 + np.exp(-(x @ ws[0])))
+    np.testing.assert_allclose(g, x.T @ (y - p) - ws[0] / tau**2, rtol=1e-10)
+
+
+def test_float64_scales_do_not_promote_float32_data(x64, rng):
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    y = rng.normal(size=8).astype(np.float32)
+    s, t = jnp.asarray(0.5, jnp.float64), jnp.asarray(2.0, jnp.float64)
+    for model in (
+        models.bayesian_linear_regression(x, y, noise_scale=s, prior_scale=t),
+        models.normal_mean(y, noise_scale=s, prior_loc=t, prior_scale=t),
+        models.logistic_regression(x, (y > 0).astype(np.float32), prior_scale=t),
+    ):
+        assert model.log_joint(model.latent).dtype == np.float32, model.name
+        if model.is_conjugate:
+            assert model.log_evidence.dtype == np.float32, model.name
+            assert model.posterior.mean.dtype == np.float32, model.name
