@@ -1,0 +1,1 @@
+"""Benchmarks for vijax: run one with ``python -m benchmarks.<name>``."""

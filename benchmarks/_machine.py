@@ -1,0 +1,36 @@
+"""The machine description every benchmark result records."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def describe() -> dict:
+    """CPU model, core count, platform, JAX version and default device."""
+    import jax
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+    }
+
+
+def one_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['backend']} ({m['device']}), "
+            f"jax {m['jax']}, Python {m['python']}")
