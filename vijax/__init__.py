@@ -9,11 +9,14 @@ module                     owns
 ``vijax._families``        :func:`mean_field`, :func:`full_rank`, :func:`low_rank`
 ``vijax.models``           models (:func:`vijax.models.bayesian_linear_regression`, ...)
 ``vijax._exact``           :func:`exact_kl`, :func:`exact_elbo`
-``vijax._objectives``      :func:`elbo` and its estimators
+``vijax._objectives``      :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
+``vijax._compare``         :func:`compare_gradients`, :class:`GradientComparison`
 =========================  ==========================================
 """
 
 from vijax import models
+from vijax._compare import GradientComparison
+from vijax._compare import compare_gradients
 from vijax._exact import exact_elbo
 from vijax._exact import exact_kl
 from vijax._families import FullRankParams
@@ -30,6 +33,9 @@ from vijax._gaussian import LowRankScale
 from vijax._gaussian import PrecisionScale
 from vijax._gaussian import gaussian_kl
 from vijax._objectives import elbo
+from vijax._objectives import estimator_gradients
+from vijax._objectives import iwae_bound
+from vijax._objectives import renyi_bound
 
 __version__ = "0.1.0"
 
@@ -38,17 +44,22 @@ __all__ = [
     "DiagonalScale",
     "FullRankParams",
     "Gaussian",
+    "GradientComparison",
     "LowRankParams",
     "LowRankScale",
     "MeanFieldParams",
     "PrecisionScale",
     "VariationalFamily",
+    "compare_gradients",
+    "estimator_gradients",
     "exact_elbo",
     "exact_kl",
     "full_rank",
     "gaussian_kl",
+    "iwae_bound",
     "low_rank",
     "mean_field",
     "elbo",
     "models",
+    "renyi_bound",
 ]

@@ -1,21 +1,25 @@
 """Monte Carlo objectives whose ``jax.grad`` is a chosen gradient estimator.
 
-Each objective returns an unbiased (or, for multi-sample bounds, the usual)
-Monte Carlo estimate of a bound, built as a *surrogate*: ``stop_gradient``
-places the derivative where the estimator wants it while the returned value
-stays the estimate itself. So ``value, grad = jax.value_and_grad(elbo, 1)(...)``
-gives the ELBO estimate and the estimator's gradient in one pass.
+Each objective returns a Monte Carlo estimate of a bound, built as a
+*surrogate*: ``stop_gradient`` places the derivative where the estimator wants
+it while the returned value stays the estimate itself. So
+``value, grad = jax.value_and_grad(elbo, 1)(...)`` gives the ELBO estimate and
+the estimator's gradient in one pass.
 
 All samples are drawn at once (``family.sample``) and ``log_joint`` is
-evaluated once, batched with ``vmap``. Two calls with the same key draw the
-same base noise, whatever the estimator, so differences between estimators
-computed with one key are not sampling noise.
+evaluated once, batched with ``vmap``. ``family.sample(key, params, S)`` is a
+deterministic reparameterized transform of ``jax.random.normal(key, ...)``, so
+two calls with the same key draw the same base noise whatever the estimator:
+differences between estimators computed with one key are not sampling noise.
+:func:`estimator_gradients` returns several estimators' gradients from one
+shared set of draws and one batched ``log_joint`` call.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +30,17 @@ from vijax._families import VariationalFamily
 ArrayTree = Any
 
 ELBO_ESTIMATORS = ("reparam", "closed_entropy", "stl", "score")
+"""The gradient estimators of :func:`elbo`."""
+
+IWAE_ESTIMATORS = ("reparam", "dreg")
+"""The gradient estimators of :func:`iwae_bound`."""
+
+GRADIENT_ESTIMATORS = ELBO_ESTIMATORS + ("iwae", "dreg")
+"""Names :func:`estimator_gradients` and :func:`vijax.compare_gradients` accept:
+the ELBO estimators plus ``"iwae"`` and ``"dreg"``, the reparameterized and the
+doubly reparameterized gradients of :func:`iwae_bound`."""
+
+_sg = jax.lax.stop_gradient
 
 
 def _check_common(family, log_joint, num_samples) -> int:
@@ -39,18 +54,40 @@ def _check_common(family, log_joint, num_samples) -> int:
     return _checks.check_positive_int("num_samples", num_samples)
 
 
-def _check_estimator(estimator: str, valid: tuple[str, ...]) -> str:
-    if estimator not in valid:
+def _check_estimator(estimator: str, valid: tuple[str, ...], name: str = "estimator") -> str:
+    if not isinstance(estimator, str) or estimator not in valid:
         raise ValueError(
-            f"`estimator` must be one of {', '.join(repr(v) for v in valid)}; "
+            f"`{name}` must be one of {', '.join(repr(v) for v in valid)}; "
             f"got {estimator!r}."
         )
     return estimator
 
 
+def check_estimator_names(
+    estimators: str | Sequence[str], valid: tuple[str, ...] = GRADIENT_ESTIMATORS
+) -> tuple[str, ...]:
+    """Validates a non-empty sequence of distinct estimator names (a str is one name)."""
+    if isinstance(estimators, str):
+        estimators = (estimators,)
+    try:
+        names = tuple(estimators)
+    except TypeError:
+        raise TypeError(
+            f"`estimators` must be a sequence of names from {valid}; got "
+            f"{type(estimators).__name__}."
+        ) from None
+    if not names:
+        raise ValueError(f"`estimators` must name at least one of {valid}; got ().")
+    for name in names:
+        _check_estimator(name, valid, "estimators")
+    if len(set(names)) != len(names):
+        raise ValueError(f"`estimators` must not repeat a name; got {names}.")
+    return names
+
+
 def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> jax.Array:
     """``vmap(log_joint)(z)`` with a check that each call returns a scalar."""
-    out = jax.vmap(log_joint)(z)
+    out = jnp.asarray(jax.vmap(log_joint)(z))
     if out.shape != (num_samples,):
         raise ValueError(
             "`log_joint` must return a scalar for one latent; got output shape "
@@ -60,7 +97,89 @@ def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> ja
 
 
 def batched_log_prob(family: VariationalFamily, params, z: ArrayTree) -> jax.Array:
+    """``log q(z_s)`` for every sample ``z_s`` along the leading axis of ``z``."""
     return jax.vmap(functools.partial(family.log_prob, params))(z)
+
+
+def draw(
+    key: jax.Array,
+    params: Any,
+    family: VariationalFamily,
+    log_joint: Callable,
+    num_samples: int,
+    *,
+    pathwise: bool,
+) -> tuple[ArrayTree, jax.Array]:
+    """Returns the draws ``z`` and ``log p(x, z_s)`` from one batched call.
+
+    With ``pathwise=False`` the draws do not depend on ``params`` (the score
+    estimator never differentiates through them or through ``log_joint``).
+    """
+    z = family.sample(key, params if pathwise else _sg(params), num_samples)
+    return z, batched_log_joint(log_joint, z, num_samples)
+
+
+def surrogates(
+    params: Any,
+    family: VariationalFamily,
+    z: ArrayTree,
+    log_p: jax.Array,
+    names: tuple[str, ...],
+) -> dict[str, jax.Array]:
+    """Returns ``{name: surrogate}`` for names in :data:`GRADIENT_ESTIMATORS`.
+
+    ``z`` and ``log_p`` come from :func:`draw`; only the ``log q`` variants
+    the requested estimators need are computed. The value of each surrogate
+    is the objective's estimate; its gradient with respect to ``params`` is
+    the estimator. Arguments are assumed checked.
+    """
+    s = log_p.shape[0]
+
+    @functools.cache
+    def log_q():  # differentiable in params, directly and through z
+        return batched_log_prob(family, params, z)
+
+    @functools.cache
+    def log_q_stopped_params():  # only the path through z (STL, DReG)
+        return batched_log_prob(family, _sg(params), z)
+
+    def log_w():
+        return log_p - log_q()
+
+    out = {}
+    for name in names:
+        if name == "reparam":
+            out[name] = jnp.mean(log_w())
+        elif name == "closed_entropy":
+            out[name] = jnp.mean(log_p) + family.entropy(params)
+        elif name == "stl":
+            out[name] = jnp.mean(log_p - log_q_stopped_params())
+        elif name == "score":
+            f = _sg(log_w())
+            lq = batched_log_prob(family, params, _sg(z))
+            if s >= 2:
+                # Leave-one-out baseline: independent of z_s, so unbiased.
+                baseline = (jnp.sum(f) - f) / (s - 1)
+            else:
+                baseline = jnp.zeros_like(f)
+            out[name] = jnp.mean(f) + jnp.mean((f - baseline) * (lq - _sg(lq)))
+        elif name == "iwae":
+            out[name] = jax.nn.logsumexp(log_w()) - math.log(s)
+        elif name == "dreg":
+            lw = _sg(log_w())
+            weights_sq = jnp.square(jax.nn.softmax(lw))
+            lw_path = log_p - log_q_stopped_params()
+            out[name] = jax.nn.logsumexp(lw) - math.log(s) + jnp.sum(
+                weights_sq * (lw_path - _sg(lw_path))
+            )
+        else:  # pragma: no cover - names are checked by the callers
+            raise ValueError(f"unknown estimator {name!r}")
+    return out
+
+
+def _objective(key, params, family, log_joint, num_samples, name) -> jax.Array:
+    z, log_p = draw(key, params, family, log_joint, num_samples, pathwise=name != "score")
+    return surrogates(params, family, z, log_p, (name,))[name]
 
 
 def elbo(
@@ -87,18 +206,28 @@ def elbo(
     * ``"score"``: the score-function (REINFORCE) gradient
       ``mean((f_s - b_s) grad log q(z_s))`` with ``f = log p - log q`` and a
       leave-one-out baseline ``b_s`` (mean of the other samples' ``f``) when
-      ``num_samples >= 2``. It never differentiates ``log_joint``, so it works
-      for non-differentiable log joints.
+      ``num_samples >= 2`` (no baseline when ``num_samples == 1``). It never
+      differentiates ``log_joint``, so it works for non-differentiable log
+      joints.
 
     Every estimator is unbiased for the exact ELBO gradient, ``-grad KL(q ||
-    p(z | x))``, and the returned value is unbiased for the ELBO.
+    p(z | x))``, and the returned value is unbiased for the ELBO (the same
+    value for ``"reparam"``, ``"stl"`` and ``"score"`` with one key;
+    ``"closed_entropy"`` uses the exact entropy). The same key gives the same
+    draws for every estimator. For :func:`vijax.mean_field` and
+    :func:`vijax.full_rank`, ``"reparam"`` and ``"closed_entropy"`` give the
+    same *gradient* (only their values differ): with the invertible map
+    ``z = m + L eps``, ``log q(z) = log N(eps; 0, I) - log |det L|``, whose
+    pathwise gradient is minus the entropy's. :func:`vijax.low_rank` maps
+    ``d + rank`` base draws onto ``d`` coordinates, so there the scale
+    gradients differ.
 
     Args:
       key: a PRNG key (typed ``jax.random.key`` or legacy uint32).
       params: the family's parameters.
       family: a :class:`vijax.VariationalFamily`.
       log_joint: ``log_joint(z) -> scalar``, the unnormalised log p(x, z) of
-        one latent pytree.
+        one latent pytree. It is called once, under ``vmap`` over the draws.
       num_samples: the number of draws S (>= 1).
       estimator: one of ``"reparam"``, ``"closed_entropy"``, ``"stl"``,
         ``"score"``.
@@ -109,6 +238,14 @@ def elbo(
     Raises:
       ValueError: unknown ``estimator`` or ``num_samples < 1``, or
         ``log_joint`` does not return a scalar.
+      TypeError: ``family`` is not a family or ``log_joint`` not callable.
+
+    References:
+      A. Kucukelbir et al., Automatic differentiation variational inference,
+      JMLR 2017. G. Roeder, Y. Wu and D. Duvenaud, Sticking the landing:
+      simple, lower-variance gradient estimators for variational inference,
+      NeurIPS 2017. R. Ranganath, S. Gerrish and D. Blei, Black box
+      variational inference, AISTATS 2014.
 
     Example:
       >>> import jax, vijax
@@ -120,24 +257,225 @@ def elbo(
       ...     jax.random.key(0), params, family, model.log_joint,
       ...     num_samples=8, estimator="stl")
     """
-    num_samples = _check_common(family, log_joint, num_samples)
     _check_estimator(estimator, ELBO_ESTIMATORS)
+    num_samples = _check_common(family, log_joint, num_samples)
+    return _objective(key, params, family, log_joint, num_samples, estimator)
 
-    if estimator == "score":
-        z = jax.lax.stop_gradient(family.sample(key, params, num_samples))
-        log_p = jax.lax.stop_gradient(batched_log_joint(log_joint, z, num_samples))
-        log_q = batched_log_prob(family, params, z)
-        f = log_p - jax.lax.stop_gradient(log_q)
-        if num_samples >= 2:
-            baseline = (jnp.sum(f) - f) / (num_samples - 1)
-        else:
-            baseline = jnp.zeros_like(f)
-        score_term = jnp.mean((f - baseline) * (log_q - jax.lax.stop_gradient(log_q)))
-        return jnp.mean(f) + score_term
 
+def iwae_bound(
+    key: jax.Array,
+    params: Any,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    *,
+    num_samples: int,
+    estimator: str = "reparam",
+) -> jax.Array:
+    """Returns the importance-weighted bound estimate whose gradient is ``estimator``.
+
+    ``IWAE_K = log (1/K) sum_k w_k`` with ``w_k = p(x, z_k) / q(z_k)`` and
+    ``K = num_samples`` draws of ``q``, computed stably with ``logsumexp``.
+    Its expectation is a lower bound on ``log p(x)`` that equals the ELBO at
+    ``K = 1`` and grows with ``K`` (Burda et al. 2016). For one set of draws
+    ``IWAE_K >= mean_k log w_k`` (Jensen), the reparameterized ELBO estimate
+    with the same key.
+
+    ``jax.grad`` with respect to ``params`` gives:
+
+    * ``"reparam"``: the pathwise gradient ``sum_k w~_k grad log w_k`` with
+      normalized weights ``w~_k = w_k / sum_j w_j``.
+    * ``"dreg"``: the doubly reparameterized gradient (Tucker et al. 2019),
+      ``sum_k w~_k^2 (d log w_k / d z_k) (d z_k / d params)`` with the
+      parameters stopped inside ``log q``. It is unbiased for the same
+      gradient as ``"reparam"`` and its signal-to-noise ratio does not decay
+      as ``K`` grows. At ``K = 1`` it is the STL gradient.
+
+    The returned value is the same ``IWAE_K`` estimate for both estimators.
+
+    Note: DReG gives the gradient with respect to the *variational*
+    parameters only. If ``log_joint`` closes over model parameters that you
+    also differentiate, their gradient from the ``"dreg"`` surrogate is wrong
+    (it carries ``w~_k^2`` where it needs ``w~_k``); use ``"reparam"`` for
+    those.
+
+    Args:
+      key: a PRNG key (typed ``jax.random.key`` or legacy uint32).
+      params: the family's parameters.
+      family: a :class:`vijax.VariationalFamily`.
+      log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
+      num_samples: the number of importance samples K (>= 1).
+      estimator: ``"reparam"`` or ``"dreg"``.
+
+    Returns:
+      A scalar estimate of the IWAE bound (larger is better).
+
+    Raises:
+      ValueError: unknown ``estimator``, ``num_samples < 1``, or ``log_joint``
+        does not return a scalar.
+      TypeError: ``family`` is not a family or ``log_joint`` not callable.
+
+    References:
+      Y. Burda, R. Grosse and R. Salakhutdinov, Importance weighted
+      autoencoders, ICLR 2016. G. Tucker, D. Lawson, S. Gu and C. J.
+      Maddison, Doubly reparameterized gradient estimators for Monte Carlo
+      objectives, ICLR 2019. T. Rainforth et al., Tighter variational bounds
+      are not necessarily better, ICML 2018.
+
+    Example:
+      >>> import jax, vijax
+      >>> model = vijax.models.normal_mean(
+      ...     jax.numpy.ones(5), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+      >>> family = vijax.mean_field()
+      >>> params = family.init(model.latent)
+      >>> bound, grads = jax.value_and_grad(vijax.iwae_bound, argnums=1)(
+      ...     jax.random.key(0), params, family, model.log_joint,
+      ...     num_samples=16, estimator="dreg")
+    """
+    _check_estimator(estimator, IWAE_ESTIMATORS)
+    num_samples = _check_common(family, log_joint, num_samples)
+    name = "iwae" if estimator == "reparam" else "dreg"
+    return _objective(key, params, family, log_joint, num_samples, name)
+
+
+def _check_alpha(alpha) -> float:
+    if isinstance(alpha, (bool, jnp.bool_)):
+        raise TypeError(f"`alpha` must be a real number; got {alpha!r}.")
+    try:
+        value = float(alpha)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            "`alpha` must be a concrete real number (a Python float, not a traced "
+            f"value); got {type(alpha).__name__}."
+        ) from None
+    if not math.isfinite(value):
+        raise ValueError(f"`alpha` must be finite; got {value!r}.")
+    return value
+
+
+def renyi_bound(
+    key: jax.Array,
+    params: Any,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    *,
+    num_samples: int,
+    alpha: float,
+) -> jax.Array:
+    """Returns the Monte Carlo variational Rényi bound estimate (reparameterized gradient).
+
+    ``L_alpha = 1 / (1 - alpha) * log (1/K) sum_k w_k^(1 - alpha)`` with
+    ``w_k = p(x, z_k) / q(z_k)`` and ``K = num_samples`` draws, computed
+    stably with ``logsumexp`` (Li and Turner 2016, eq. 12). ``alpha = 0`` is
+    the IWAE bound, ``alpha -> 1`` the ELBO (handled exactly: ``alpha = 1``
+    returns ``mean_k log w_k``). For one set of draws the estimate does not
+    increase with ``alpha``. The exact ``L_alpha`` is a lower bound on
+    ``log p(x)`` for ``alpha > 0``, equals it at ``alpha = 0`` and is an upper
+    bound for ``alpha < 0``; the K-sample estimate is biased downwards for
+    ``alpha != 1``, less so as K grows. ``jax.grad`` gives the pathwise
+    (reparameterized) gradient.
+
+    Args:
+      key: a PRNG key (typed ``jax.random.key`` or legacy uint32).
+      params: the family's parameters.
+      family: a :class:`vijax.VariationalFamily`.
+      log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
+      num_samples: the number of draws K (>= 1).
+      alpha: the Rényi order, a finite Python float (static).
+
+    Returns:
+      A scalar estimate of the Rényi bound.
+
+    Raises:
+      ValueError: ``num_samples < 1``, non-finite ``alpha``, or ``log_joint``
+        does not return a scalar.
+      TypeError: ``alpha`` is not a concrete real number, ``family`` is not a
+        family or ``log_joint`` not callable.
+
+    References:
+      Y. Li and R. E. Turner, Rényi divergence variational inference,
+      NeurIPS 2016.
+    """
+    alpha = _check_alpha(alpha)
+    num_samples = _check_common(family, log_joint, num_samples)
     z = family.sample(key, params, num_samples)
-    log_p = batched_log_joint(log_joint, z, num_samples)
-    if estimator == "closed_entropy":
-        return jnp.mean(log_p) + family.entropy(params)
-    q_params = jax.lax.stop_gradient(params) if estimator == "stl" else params
-    return jnp.mean(log_p - batched_log_prob(family, q_params, z))
+    log_w = batched_log_joint(log_joint, z, num_samples) - batched_log_prob(family, params, z)
+    if alpha == 1.0:
+        return jnp.mean(log_w)
+    one_minus = 1.0 - alpha
+    return (jax.nn.logsumexp(one_minus * log_w) - math.log(num_samples)) / one_minus
+
+
+def estimator_gradients(
+    key: jax.Array,
+    params: Any,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    *,
+    num_samples: int,
+    estimators: Sequence[str] = ELBO_ESTIMATORS,
+) -> dict[str, Any]:
+    """Returns ``{estimator: gradient}`` for several estimators from one set of draws.
+
+    Every gradient is computed from the same base draws and the same batched
+    ``log_joint`` evaluation (one forward pass; the backward passes of the
+    pathwise estimators are batched with ``jax.jacrev``), so differences
+    between estimators are not sampling noise. Each entry equals ``jax.grad`` of the corresponding
+    objective called with the same ``key``:
+
+    * ``"reparam"``, ``"closed_entropy"``, ``"stl"``, ``"score"``: the
+      gradient of :func:`elbo` with that ``estimator``; all are unbiased for
+      ``-grad KL(q || p(z | x))``.
+    * ``"iwae"``, ``"dreg"``: the gradient of :func:`iwae_bound` with
+      ``estimator="reparam"`` and ``"dreg"``, with ``K = num_samples``; both
+      are unbiased for the gradient of the expected IWAE bound (which is not
+      the ELBO gradient unless ``K = 1``).
+
+    Args:
+      key: a PRNG key (typed ``jax.random.key`` or legacy uint32).
+      params: the family's parameters.
+      family: a :class:`vijax.VariationalFamily`.
+      log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
+      num_samples: the number of draws S (>= 1), shared by all estimators.
+      estimators: distinct names from :data:`GRADIENT_ESTIMATORS` (a single
+        str is one name).
+
+    Returns:
+      A dict from estimator name to a gradient pytree shaped like ``params``
+      (in the order of ``estimators``; ``jit`` returns dicts with sorted keys).
+
+    Raises:
+      ValueError: an unknown or repeated name, no names, ``num_samples < 1``.
+      TypeError: ``family`` is not a family or ``log_joint`` not callable.
+
+    Example:
+      >>> import jax, vijax
+      >>> model = vijax.models.normal_mean(
+      ...     jax.numpy.ones(5), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+      >>> family = vijax.full_rank()
+      >>> params = family.init(model.latent)
+      >>> grads = vijax.estimator_gradients(
+      ...     jax.random.key(0), params, family, model.log_joint,
+      ...     num_samples=4, estimators=("reparam", "stl"))
+      >>> sorted(grads)
+      ['reparam', 'stl']
+    """
+    names = check_estimator_names(estimators, GRADIENT_ESTIMATORS)
+    num_samples = _check_common(family, log_joint, num_samples)
+    pathwise = tuple(name for name in names if name != "score")
+    grads = {}
+    if pathwise:
+        def objectives(p):
+            z, log_p = draw(key, p, family, log_joint, num_samples, pathwise=True)
+            return surrogates(p, family, z, log_p, pathwise), (_sg(z), _sg(log_p))
+
+        grads, (z, log_p) = jax.jacrev(objectives, has_aux=True)(params)
+    else:
+        z, log_p = draw(key, params, family, log_joint, num_samples, pathwise=False)
+    if "score" in names:
+        # Differentiated apart from the pathwise estimators, which share the
+        # backward pass through log_joint: a zero cotangent times a non-finite
+        # log_joint derivative would be NaN, and score must not depend on it.
+        grads["score"] = jax.grad(
+            lambda p: surrogates(p, family, z, log_p, ("score",))["score"]
+        )(params)
+    return {name: grads[name] for name in names}
