@@ -11,6 +11,7 @@ module                     owns
 ``vijax._exact``           :func:`exact_kl`, :func:`exact_elbo`
 ``vijax._objectives``      :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
 ``vijax._compare``         :func:`compare_gradients`, :class:`GradientComparison`
+``vijax._fit``             :func:`fit`, :func:`fit_batched`, :class:`FitState`, checkpoints
 =========================  ==========================================
 """
 
@@ -26,6 +27,16 @@ from vijax._families import VariationalFamily
 from vijax._families import full_rank
 from vijax._families import low_rank
 from vijax._families import mean_field
+from vijax._fit import FitError
+from vijax._fit import FitInfo
+from vijax._fit import FitResult
+from vijax._fit import FitState
+from vijax._fit import fit
+from vijax._fit import fit_batched
+from vijax._fit import init_fit_state
+from vijax._fit import load_checkpoint
+from vijax._fit import make_step
+from vijax._fit import save_checkpoint
 from vijax._gaussian import CholeskyScale
 from vijax._gaussian import DiagonalScale
 from vijax._gaussian import Gaussian
@@ -42,6 +53,10 @@ __version__ = "0.1.0"
 __all__ = [
     "CholeskyScale",
     "DiagonalScale",
+    "FitError",
+    "FitInfo",
+    "FitResult",
+    "FitState",
     "FullRankParams",
     "Gaussian",
     "GradientComparison",
@@ -54,12 +69,18 @@ __all__ = [
     "estimator_gradients",
     "exact_elbo",
     "exact_kl",
+    "fit",
+    "fit_batched",
     "full_rank",
     "gaussian_kl",
+    "init_fit_state",
     "iwae_bound",
+    "load_checkpoint",
     "low_rank",
+    "make_step",
     "mean_field",
     "elbo",
     "models",
     "renyi_bound",
+    "save_checkpoint",
 ]

@@ -34,7 +34,7 @@ def default_problem(n: int = 500, d: int = 20, seed: int = 0) -> vijax.models.Mo
 def default_families(d: int) -> dict[str, vijax.VariationalFamily]:
     return {
         "mean_field": vijax.mean_field(),
-        "low_rank(rank=5)": vijax.low_rank(rank=min(5, d)),
+        f"low_rank(rank={min(5, d)})": vijax.low_rank(rank=min(5, d)),
         "full_rank": vijax.full_rank(),
     }
 
