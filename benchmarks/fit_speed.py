@@ -2,7 +2,7 @@
 
 The problem is Bayesian linear regression with n = 1000, d = 100 and S = 8
 Monte Carlo draws per step, fitted with ``optax.adam(1e-2)`` and the
-reparameterization ("reparam") ELBO gradient, fit's default.
+sticking-the-landing ("stl") ELBO gradient, fit's default.
 
 The *floor* is the loop one would write by hand for exactly the same work: a
 jitted ``lax.scan`` whose step draws the noise, evaluates ``-ELBO`` (sampled
@@ -77,13 +77,18 @@ def hand_log_joint(x: jax.Array, y: jax.Array, noise_scale=1.0, prior_scale=1.0)
     return log_joint
 
 
-def floor_neg_elbo(family_name: str, log_joint, num_samples: int = S):
+def floor_neg_elbo(family_name: str, log_joint, num_samples: int = S,
+                   estimator: str = vijax.elbo.__kwdefaults__["estimator"]):
     """Returns ``neg_elbo(params, key)`` written by hand for a vijax family.
 
     Mean-field: ``z = loc + softplus(raw) * eps``. Full-rank: ``z = loc + L
     eps`` with ``L = diag(softplus(raw)) (I + tril(off_diag, -1))``. ``log q``
-    is evaluated at the samples with the parameters (the "reparam" estimator).
+    is evaluated at the samples with the parameters (``"reparam"``) or with
+    the parameters stopped (``"stl"``, fit's default).
     """
+    if estimator not in ("reparam", "stl"):
+        raise ValueError(f"the floor implements 'reparam' and 'stl'; got {estimator!r}")
+    stop = jax.lax.stop_gradient if estimator == "stl" else (lambda x: x)
 
     def neg_elbo(params, key):
         loc = params.loc
@@ -92,14 +97,16 @@ def floor_neg_elbo(family_name: str, log_joint, num_samples: int = S):
         sd = jax.nn.softplus(params.raw_scale)
         if family_name == "mean_field":
             z = loc[None, :] + eps * sd[None, :]
-            maha = jnp.sum(jnp.square((z - loc[None, :]) / sd[None, :]), axis=1)
-            logdet = 2.0 * jnp.sum(jnp.log(sd))
+            q_loc, q_sd = stop(loc), stop(sd)
+            maha = jnp.sum(jnp.square((z - q_loc[None, :]) / q_sd[None, :]), axis=1)
+            logdet = 2.0 * jnp.sum(jnp.log(q_sd))
         else:
             tril = sd[:, None] * (jnp.tril(params.off_diag, -1) + jnp.eye(d, dtype=loc.dtype))
             z = loc[None, :] + eps @ tril.T
-            r = jax.scipy.linalg.solve_triangular(tril, (z - loc[None, :]).T, lower=True)
+            q_loc, q_tril = stop(loc), stop(tril)
+            r = jax.scipy.linalg.solve_triangular(q_tril, (z - q_loc[None, :]).T, lower=True)
             maha = jnp.sum(jnp.square(r), axis=0)
-            logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(tril)))
+            logdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(q_tril)))
         log_q = -0.5 * (d * _LOG_2PI + logdet + maha)
         log_p = jax.vmap(log_joint)(z)
         return -jnp.mean(log_p - log_q)

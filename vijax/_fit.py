@@ -32,7 +32,7 @@ import optax
 
 from vijax import _checks
 from vijax._families import VariationalFamily
-from vijax._objectives import ELBO_ESTIMATORS, _check_estimator, elbo
+from vijax._objectives import DEFAULT_ESTIMATOR, ELBO_ESTIMATORS, _check_estimator, elbo
 
 ArrayTree = Any
 
@@ -259,7 +259,7 @@ def make_step(
     optimizer: optax.GradientTransformation,
     *,
     num_samples: int = 8,
-    estimator: str = "reparam",
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns ``step(state) -> (state, info)``: one guarded optax step on -ELBO.
 
@@ -279,7 +279,8 @@ def make_step(
       log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
       optimizer: an ``optax.GradientTransformation``; it minimizes -ELBO.
       num_samples: Monte Carlo draws per step (>= 1).
-      estimator: the gradient estimator of :func:`vijax.elbo`.
+      estimator: the gradient estimator of :func:`vijax.elbo` (default
+        ``"stl"``, sticking the landing; see :func:`vijax.elbo`).
 
     Returns:
       ``step(state: FitState) -> (FitState, FitInfo)``.
@@ -780,7 +781,7 @@ def fit(
     optimizer: optax.GradientTransformation,
     num_steps: int,
     num_samples: int = 8,
-    estimator: str = "reparam",
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: bool | None = None,
     chunk_size: int = 500,
     max_nonfinite: int = 20,
@@ -838,7 +839,9 @@ def fit(
       num_steps: the number of steps to run in this call (>= 1); when
         continuing, the number of further steps.
       num_samples: Monte Carlo draws per step (>= 1).
-      estimator: the gradient estimator, as in :func:`vijax.elbo`.
+      estimator: the gradient estimator, as in :func:`vijax.elbo` (default
+        ``"stl"``: unbiased, and its noise vanishes near a Gaussian posterior,
+        so Adam settles far closer to it than with ``"reparam"``).
       progress: show a progress bar (tqdm if installed, else a stderr line)
         with the step and running ELBO; ``None`` (default) shows it when
         stderr is a terminal or in a Jupyter kernel.
@@ -919,7 +922,7 @@ def fit_batched(
     num_steps: int,
     params_batched: bool = False,
     num_samples: int = 8,
-    estimator: str = "reparam",
+    estimator: str = DEFAULT_ESTIMATOR,
     progress: bool | None = None,
     chunk_size: int = 500,
     max_nonfinite: int = 20,

@@ -30,6 +30,9 @@ from vijax._families import VariationalFamily
 ArrayTree = Any
 
 ELBO_ESTIMATORS = ("reparam", "closed_entropy", "stl", "score")
+# Sticking the landing: unbiased, and its variance vanishes at a Gaussian
+# posterior (measured in benchmarks/parameterization.py).
+DEFAULT_ESTIMATOR = "stl"
 """The gradient estimators of :func:`elbo`."""
 
 IWAE_ESTIMATORS = ("reparam", "dreg")
@@ -189,7 +192,7 @@ def elbo(
     log_joint: Callable[[ArrayTree], jax.Array],
     *,
     num_samples: int,
-    estimator: str = "reparam",
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> jax.Array:
     """Returns an unbiased Monte Carlo ELBO estimate whose gradient is ``estimator``.
 
@@ -230,7 +233,12 @@ def elbo(
         one latent pytree. It is called once, under ``vmap`` over the draws.
       num_samples: the number of draws S (>= 1).
       estimator: one of ``"reparam"``, ``"closed_entropy"``, ``"stl"``,
-        ``"score"``.
+        ``"score"``. The default, ``"stl"``, is unbiased like the others and
+        its noise vanishes as ``q`` approaches a Gaussian posterior, which is
+        what lets Adam settle on it: on Bayesian linear regression (d = 100,
+        S = 8, Adam 1e-2, 3000 steps) a full-rank fit ends 0.001 nats from the
+        posterior with ``"stl"`` and 3.1 with ``"reparam"``
+        (``benchmarks/parameterization.py``).
 
     Returns:
       A scalar ELBO estimate (a bound: larger is better).
