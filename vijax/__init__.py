@@ -12,10 +12,14 @@ module                     owns
 ``vijax._objectives``      :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
 ``vijax._compare``         :func:`compare_gradients`, :class:`GradientComparison`
 ``vijax._fit``             :func:`fit`, :func:`fit_batched`, :class:`FitState`, checkpoints
+``vijax._natural``         :func:`natural_gradient` (an optax transformation), :class:`NaturalGradientState`
+``vijax._bam``             :func:`batch_and_match`, :func:`make_bam_step`
 =========================  ==========================================
 """
 
 from vijax import models
+from vijax._bam import batch_and_match
+from vijax._bam import make_bam_step
 from vijax._compare import GradientComparison
 from vijax._compare import compare_gradients
 from vijax._exact import exact_elbo
@@ -43,6 +47,8 @@ from vijax._gaussian import Gaussian
 from vijax._gaussian import LowRankScale
 from vijax._gaussian import PrecisionScale
 from vijax._gaussian import gaussian_kl
+from vijax._natural import NaturalGradientState
+from vijax._natural import natural_gradient
 from vijax._objectives import elbo
 from vijax._objectives import estimator_gradients
 from vijax._objectives import iwae_bound
@@ -63,9 +69,12 @@ __all__ = [
     "LowRankParams",
     "LowRankScale",
     "MeanFieldParams",
+    "NaturalGradientState",
     "PrecisionScale",
     "VariationalFamily",
+    "batch_and_match",
     "compare_gradients",
+    "elbo",
     "estimator_gradients",
     "exact_elbo",
     "exact_kl",
@@ -77,10 +86,11 @@ __all__ = [
     "iwae_bound",
     "load_checkpoint",
     "low_rank",
+    "make_bam_step",
     "make_step",
     "mean_field",
-    "elbo",
     "models",
+    "natural_gradient",
     "renyi_bound",
     "save_checkpoint",
 ]

@@ -1,0 +1,201 @@
+"""Tests for vijax.batch_and_match (Cai et al. 2024)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vijax
+from vijax._bam import bam_update
+
+
+def _gaussian_target(rng, d):
+    a = rng.normal(size=(d, d))
+    prec = a @ a.T / d + 0.5 * np.eye(d)
+    m = rng.normal(size=d)
+    return m, prec
+
+
+def _blr(rng, d=5, n=40, dtype=np.float64):
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+    return vijax.models.bayesian_linear_regression(
+        jnp.asarray(x, dtype), jnp.asarray(y, dtype), noise_scale=0.5, prior_scale=1.0
+    )
+
+
+def test_update_solves_the_proximal_problem(x64, rng):
+    # NumPy reference: Sigma' U Sigma' + Sigma' = V and the mean formula.
+    d, b, lam = 4, 3, 2.5
+    m, prec = _gaussian_target(rng, d)
+    mu = rng.normal(size=d)
+    tril = np.tril(rng.normal(size=(d, d)), -1) + np.diag(rng.uniform(0.5, 1.5, d))
+    z = mu + rng.normal(size=(b, d)) @ tril.T
+    g = -(z - m) @ prec
+    new_mu, new_tril = bam_update(
+        jnp.asarray(mu), jnp.asarray(tril), jnp.asarray(z), jnp.asarray(g), lam
+    )
+    zb, gb = z.mean(0), g.mean(0)
+    c = (z - zb).T @ (z - zb) / b
+    gam = (g - gb).T @ (g - gb) / b
+    u = lam * gam + lam / (1 + lam) * np.outer(gb, gb)
+    v = tril @ tril.T + lam * c + lam / (1 + lam) * np.outer(mu - zb, mu - zb)
+    sigma = np.asarray(new_tril) @ np.asarray(new_tril).T
+    np.testing.assert_allclose(sigma @ u @ sigma + sigma, v, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.tril(new_tril), new_tril)
+    assert np.all(np.diag(new_tril) > 0)
+    want_mu = mu / (1 + lam) + lam / (1 + lam) * (sigma @ gb + zb)
+    np.testing.assert_allclose(new_mu, want_mu, rtol=1e-10)
+
+
+def test_gaussian_target_is_a_fixed_point_for_any_batch(x64, rng):
+    d = 5
+    m, prec = _gaussian_target(rng, d)
+    tril = np.linalg.cholesky(np.linalg.inv(prec))
+    for b, lam in [(2, 0.5), (3, 10.0), (20, 1e3)]:
+        z = m + rng.normal(size=(b, d)) @ tril.T
+        g = -(z - m) @ prec
+        new_mu, new_tril = bam_update(
+            jnp.asarray(m), jnp.asarray(tril), jnp.asarray(z), jnp.asarray(g), lam
+        )
+        np.testing.assert_allclose(new_mu, m, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(new_tril, tril, rtol=1e-9, atol=1e-10)
+
+
+def test_reaches_the_exact_posterior(x64, rng):
+    model = _blr(rng, d=5)
+    family = vijax.full_rank()
+    init = family.init(model.latent)
+    assert float(vijax.exact_kl(init, family, model)) > 100
+    result = vijax.batch_and_match(
+        jax.random.key(0), model.log_joint, init, num_steps=30, batch_size=10,
+        progress=False,
+    )
+    assert isinstance(result, vijax.FitResult)
+    assert isinstance(result.params, vijax.FullRankParams)
+    assert result.num_skipped == 0
+    assert result.trace.elbo.shape == (30,)
+    assert float(vijax.exact_kl(result.params, family, model)) < 1e-8
+    # The ELBO estimates end at the log evidence (q is the posterior).
+    np.testing.assert_allclose(result.trace.elbo[-1], model.log_evidence, rtol=1e-8)
+
+
+def test_stable_on_a_badly_scaled_target(dtype, rng):
+    # Prior covariance with eigenvalues from 1e-2 to 1e2 (condition number 1e4)
+    # in a random rotation, weak data: the posterior is as badly scaled.
+    d = 6
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    prior_cov = (q * np.logspace(-2, 2, d)) @ q.T
+    prior_cov = 0.5 * (prior_cov + prior_cov.T)
+    h = 0.1 * rng.normal(size=(2, d))
+    model = vijax.models.linear_gaussian(
+        prior_mean=jnp.asarray(rng.normal(size=d), dtype),
+        prior_cov=jnp.asarray(prior_cov, dtype), design=jnp.asarray(h, dtype),
+        observations=jnp.asarray(rng.normal(size=2), dtype),
+        noise_cov=jnp.eye(2, dtype=dtype),
+    )
+    post_cov = np.asarray(model.posterior.cov, np.float64)
+    cond = np.linalg.cond(post_cov)
+    assert 1e3 < cond < 1e5
+    family = vijax.full_rank(init_scale=1.0)
+    result = vijax.batch_and_match(
+        jax.random.key(1), model.log_joint, family.init(model.latent),
+        num_steps=40, batch_size=2 * d, progress=False,
+    )
+    assert result.num_skipped == 0
+    for leaf in jax.tree_util.tree_leaves(result.params):
+        assert leaf.dtype == dtype
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert np.all(np.isfinite(result.trace.elbo))
+    tol = 1e-2 if dtype == np.float32 else 1e-8
+    assert float(vijax.exact_kl(result.params, family, model)) < tol
+
+
+def test_skips_steps_with_non_finite_scores_and_recovers(x64, rng):
+    model = _blr(rng, d=3)
+    post_mean = np.asarray(model.posterior.mean)
+
+    def log_joint(z):  # nan in a region the first broad batches reach
+        return jnp.where(z[0] > post_mean[0] + 1.0, jnp.nan, model.log_joint(z))
+
+    family = vijax.full_rank(init_scale=1.0)
+    init = family.init(jnp.asarray(post_mean))
+    result = vijax.batch_and_match(
+        jax.random.key(0), log_joint, init, num_steps=40, batch_size=8,
+        progress=False,
+    )
+    assert result.num_skipped >= 1
+    assert not np.all(result.trace.skipped)
+    for leaf in jax.tree_util.tree_leaves(result.params):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+    assert float(vijax.exact_kl(result.params, family, model)) < 1e-6
+
+
+def test_continuing_from_the_state_matches_one_run(x64, rng):
+    model = _blr(rng, d=3)
+    init = vijax.full_rank().init(model.latent)
+    kw = dict(batch_size=4, learning_rate=5.0, progress=False)
+    whole = vijax.batch_and_match(jax.random.key(3), model.log_joint, init, num_steps=12, **kw)
+    half = vijax.batch_and_match(jax.random.key(3), model.log_joint, init, num_steps=5, **kw)
+    rest = vijax.batch_and_match(None, model.log_joint, half.state, num_steps=7, **kw)
+    chex.assert_trees_all_close(rest.params, whole.params, rtol=1e-12)
+    assert int(rest.state.step) == 12
+
+
+def test_step_vmaps_over_keys(x64, rng):
+    model = _blr(rng, d=3)
+    step = vijax.make_bam_step(model.log_joint, batch_size=4, learning_rate=10.0)
+    params = vijax.full_rank().init(model.latent)
+    keys = jax.random.split(jax.random.key(0), 3)
+    states = jax.vmap(
+        lambda k: vijax.FitState(params, (), jnp.zeros((), jnp.int32), k)
+    )(keys)
+    new, info = jax.jit(jax.vmap(step))(states)
+    assert info.elbo.shape == (3,)
+    one, _ = step(jax.tree_util.tree_map(lambda a: a[1], states))
+    chex.assert_trees_all_close(
+        jax.tree_util.tree_map(lambda a: a[1], new.params), one.params, rtol=1e-10
+    )
+
+
+def test_errors(rng):
+    model = _blr(rng, d=3, dtype=np.float32)
+    init = vijax.full_rank().init(model.latent)
+    with pytest.raises(ValueError, match="full-rank"):
+        vijax.batch_and_match(
+            jax.random.key(0), model.log_joint, vijax.mean_field().init(model.latent),
+            num_steps=2, batch_size=4, progress=False,
+        )
+    with pytest.raises(ValueError, match="full-rank"):
+        vijax.batch_and_match(
+            jax.random.key(0), model.log_joint,
+            vijax.low_rank(rank=1).init(model.latent), num_steps=2, batch_size=4,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="batch_size"):
+        vijax.batch_and_match(
+            jax.random.key(0), model.log_joint, init, num_steps=2, batch_size=0,
+            progress=False,
+        )
+    with pytest.raises(TypeError, match="batch_size"):
+        vijax.batch_and_match(
+            jax.random.key(0), model.log_joint, init, num_steps=2, batch_size=2.5,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="learning_rate"):
+        vijax.batch_and_match(
+            jax.random.key(0), model.log_joint, init, num_steps=2, batch_size=2,
+            learning_rate=-1.0, progress=False,
+        )
+    with pytest.raises(TypeError, match="log_joint"):
+        vijax.batch_and_match(
+            jax.random.key(0), None, init, num_steps=2, batch_size=2, progress=False
+        )
+    with pytest.raises(vijax.FitError, match="non-finite log densities or scores") as err:
+        vijax.batch_and_match(
+            jax.random.key(0), lambda z: jnp.sum(z) * jnp.nan, init, num_steps=50,
+            batch_size=4, max_nonfinite=5, progress=False,
+        )
+    assert err.value.step == 4
+    chex.assert_trees_all_close(err.value.state.params, init)

@@ -1,0 +1,311 @@
+"""Tests for vijax.natural_gradient: closed-form natural-gradient steps for Gaussians."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+import vijax
+from vijax._natural import factor_of, params_from_factor
+
+
+def _perturbed(params, rng, scale=0.5):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [x + scale * jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _linear_gaussian(rng, d=4, n=6):
+    a = rng.normal(size=(d, d))
+    prior_cov = a @ a.T / d + 0.5 * np.eye(d)
+    b = rng.normal(size=(n, n))
+    noise_cov = b @ b.T / n + 0.3 * np.eye(n)
+    h = rng.normal(size=(n, d))
+    m0 = rng.normal(size=d)
+    y = rng.normal(size=n)
+    model = vijax.models.linear_gaussian(
+        prior_mean=jnp.asarray(m0), prior_cov=jnp.asarray(prior_cov),
+        design=jnp.asarray(h), observations=jnp.asarray(y),
+        noise_cov=jnp.asarray(noise_cov),
+    )
+    # Independent NumPy reference: precision S0^-1 + H^T R^-1 H.
+    prec = np.linalg.inv(prior_cov) + h.T @ np.linalg.solve(noise_cov, h)
+    mean = np.linalg.solve(prec, np.linalg.solve(prior_cov, m0) + h.T @ np.linalg.solve(noise_cov, y))
+    return model, mean, np.linalg.inv(prec)
+
+
+def _blr(rng, d=5, n=30):
+    x = rng.normal(size=(n, d))
+    y = x @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
+    model = vijax.models.bayesian_linear_regression(
+        jnp.asarray(x), jnp.asarray(y), noise_scale=0.5, prior_scale=1.0
+    )
+    prec = x.T @ x / 0.25 + np.eye(d)
+    mean = np.linalg.solve(prec, x.T @ y / 0.25)
+    return model, mean, np.linalg.inv(prec)
+
+
+def _stepper(opt, family, model):
+    """A jitted exact-gradient step ``(params, state) -> (params, state)``."""
+
+    @jax.jit
+    def step(params, state):
+        grads = jax.grad(lambda p: -vijax.exact_elbo(p, family, model))(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _exact_step(opt, family, model, params, state=None):
+    if state is None:
+        state = opt.init(params)
+    return _stepper(opt, family, model)(params, state)
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_params_from_factor_inverts_to_gaussian(x64, rng, name):
+    family = getattr(vijax, name)()
+    params = _perturbed(family.init({"a": jnp.zeros(3), "b": jnp.zeros(())}), rng)
+    q = family.to_gaussian(params)
+    unravel = jax.flatten_util.ravel_pytree(params.loc)[1]
+    back = params_from_factor(name, q.mean, factor_of(name, q), unravel)
+    if name == "full_rank":
+        # Only the strict lower triangle of off_diag is a parameter.
+        params = params._replace(off_diag=jnp.tril(params.off_diag, -1))
+    chex.assert_trees_all_close(back, params, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("problem", ["linear_gaussian", "blr"])
+def test_one_full_rank_step_of_size_one_lands_on_the_posterior(x64, rng, problem):
+    model, mean, cov = (_linear_gaussian if problem == "linear_gaussian" else _blr)(rng)
+    family = vijax.full_rank()
+    opt = vijax.natural_gradient(family, 1.0)
+    step = _stepper(opt, family, model)
+    for _ in range(3):  # random starting points
+        start = _perturbed(family.init(model.latent), rng, scale=0.7)
+        assert vijax.exact_kl(start, family, model) > 0.1
+        params, state = step(start, opt.init(start))
+        q = family.to_gaussian(params)
+        np.testing.assert_allclose(q.mean, mean, rtol=1e-8, atol=1e-8)
+        np.testing.assert_allclose(q.cov, cov, rtol=1e-8, atol=1e-10)
+        assert float(vijax.exact_kl(params, family, model)) < 1e-10
+        assert int(state.num_backtracks) == 0
+        assert float(state.step_size) == 1.0
+
+
+def test_one_mean_field_step_lands_on_a_diagonal_posterior(x64, rng):
+    d = 4
+    prior_var = rng.uniform(0.5, 2.0, size=d)
+    h = np.diag(rng.uniform(0.5, 2.0, size=d))
+    noise_var = rng.uniform(0.2, 1.0, size=d)
+    y = rng.normal(size=d)
+    model = vijax.models.linear_gaussian(
+        prior_mean=jnp.zeros(d), prior_cov=jnp.diag(jnp.asarray(prior_var)),
+        design=jnp.asarray(h), observations=jnp.asarray(y),
+        noise_cov=jnp.diag(jnp.asarray(noise_var)),
+    )
+    post_var = 1.0 / (1.0 / prior_var + np.diag(h) ** 2 / noise_var)
+    post_mean = post_var * np.diag(h) * y / noise_var
+    family = vijax.mean_field()
+    opt = vijax.natural_gradient(family, 1.0)
+    step = _stepper(opt, family, model)
+    for _ in range(3):
+        start = _perturbed(family.init(model.latent), rng, scale=0.7)
+        params, _ = step(start, opt.init(start))
+        q = family.to_gaussian(params)
+        np.testing.assert_allclose(q.mean, post_mean, rtol=1e-9)
+        np.testing.assert_allclose(q.variance, post_var, rtol=1e-9)
+        assert float(vijax.exact_kl(params, family, model)) < 1e-10
+
+
+def test_one_mean_field_step_sets_the_optimal_variances(x64, rng):
+    # On a correlated posterior the mean-field optimum has variances 1 / P_ii
+    # (P the posterior precision), whatever the mean: one step gets them.
+    model, _, cov = _blr(rng)
+    opt_var = 1.0 / np.diag(np.linalg.inv(cov))
+    family = vijax.mean_field()
+    start = _perturbed(family.init(model.latent), rng, scale=0.7)
+    params, _ = _exact_step(vijax.natural_gradient(family, 1.0), family, model, start)
+    np.testing.assert_allclose(family.to_gaussian(params).variance, opt_var, rtol=1e-9)
+
+
+def test_update_matches_the_natural_parameter_formula(x64, rng):
+    # P_new = P - 2 rho dELBO/dSigma and mu_new = mu + rho Sigma_new dELBO/dmu,
+    # with the gradients taken directly in (mu, Sigma) by autodiff.
+    model, _, _ = _blr(rng, d=4)
+    family = vijax.full_rank()
+    params = _perturbed(family.init(model.latent), rng, scale=0.3)
+    rho = 0.3
+    new, _ = _exact_step(vijax.natural_gradient(family, rho), family, model, params)
+    q = family.to_gaussian(params)
+
+    def elbo_of(mu, sigma):
+        sigma = 0.5 * (sigma + sigma.T)
+        g = vijax.Gaussian.from_cov(mu, sigma)
+        return model.expected_log_joint(g) + g.entropy()
+
+    g_mu, g_sigma = jax.grad(elbo_of, argnums=(0, 1))(q.mean, q.cov)
+    g_sigma = 0.5 * (g_sigma + g_sigma.T)
+    sigma = np.asarray(q.cov)
+    p_new = np.linalg.inv(sigma) - 2 * rho * np.asarray(g_sigma)
+    sigma_new = np.linalg.inv(p_new)
+    mu_new = np.asarray(q.mean) + rho * sigma_new @ np.asarray(g_mu)
+    q_new = family.to_gaussian(new)
+    np.testing.assert_allclose(q_new.cov, sigma_new, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(q_new.mean, mu_new, rtol=1e-8, atol=1e-12)
+    # The new factor is a proper Cholesky factor of the new covariance.
+    np.testing.assert_allclose(
+        family.to_gaussian(new).scale.tril, scipy.linalg.cholesky(sigma_new, lower=True),
+        rtol=1e-7, atol=1e-10,
+    )
+
+
+def test_update_follows_the_dtype(dtype, rng):
+    model, mean, _ = _blr(rng, d=3)
+    x = jnp.asarray(rng.normal(size=(20, 3)), dtype)
+    model = vijax.models.bayesian_linear_regression(
+        x, x @ jnp.ones(3, dtype), noise_scale=1.0, prior_scale=1.0
+    )
+    family = vijax.full_rank()
+    opt = vijax.natural_gradient(family, 1.0)
+    params, state = _exact_step(opt, family, model, family.init(model.latent))
+    for leaf in jax.tree_util.tree_leaves(params) + [state.step_size]:
+        assert leaf.dtype == dtype
+    tol = 1e-3 if dtype == np.float32 else 1e-10
+    assert float(vijax.exact_kl(params, family, model)) < tol
+
+
+def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
+    # From a very narrow start, P + rho (P_post - P) with rho = 10 is not
+    # positive definite: the step halves until it is, and says so.
+    model, _, _ = _blr(rng)
+    family = vijax.full_rank(init_scale=1e-3)
+    params = family.init(model.latent)
+    opt = vijax.natural_gradient(family, 10.0)
+    new, state = _exact_step(opt, family, model, params)
+    assert int(state.num_backtracks) >= 1
+    assert 0 < float(state.step_size) < 10.0
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(new))
+    assert float(vijax.exact_kl(new, family, model)) < float(
+        vijax.exact_kl(params, family, model)
+    )
+    # A step size that the backtracking settled on is then PD as scheduled.
+    _, state1 = _exact_step(
+        vijax.natural_gradient(family, float(state.step_size)), family, model, params
+    )
+    assert int(state1.num_backtracks) == 0
+
+
+def test_non_finite_gradient_gives_non_finite_updates(x64, rng):
+    family = vijax.full_rank()
+    params = family.init(jnp.zeros(3))
+    grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads = grads._replace(raw_scale=grads.raw_scale.at[1].set(jnp.nan))
+    opt = vijax.natural_gradient(family, 0.5)
+    updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
+    assert not bool(jnp.all(jnp.isfinite(updates.loc)))
+    # optax.apply_if_finite then keeps the parameters.
+    safe = optax.apply_if_finite(opt, max_consecutive_errors=3)
+    updates, _ = jax.jit(safe.update)(grads, safe.init(params), params)
+    chex.assert_trees_all_close(optax.apply_updates(params, updates), params)
+
+
+def test_schedule_and_vmap(x64, rng):
+    model, _, _ = _blr(rng, d=3)
+    family = vijax.full_rank()
+    opt = vijax.natural_gradient(family, optax.linear_schedule(0.25, 1.0, 3))
+    starts = [_perturbed(family.init(model.latent), rng, 0.3) for _ in range(3)]
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *starts)
+    step = _stepper(opt, family, model)
+    batched, bstate = jax.vmap(step)(stacked, jax.vmap(opt.init)(stacked))
+    for i, start in enumerate(starts):
+        single, state = step(start, opt.init(start))
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda a: a[i], batched), single, atol=1e-12
+        )
+    np.testing.assert_allclose(bstate.step_size, 0.25)
+    # Three more steps along the schedule (0.5, 0.75, 1.0): the last is exact.
+    params, state = starts[0], opt.init(starts[0])
+    for _ in range(4):
+        params, state = step(params, state)
+    assert float(state.step_size) == 1.0
+    assert float(vijax.exact_kl(params, family, model)) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_monte_carlo_natural_gradient_converges(x64, rng, name):
+    # A plain optax loop with Monte Carlo gradients (S = 8, sticking the
+    # landing) on a conjugate model: the KL to the family optimum ends small.
+    model, mean, cov = _blr(rng, d=4)
+    family = getattr(vijax, name)()
+    opt = vijax.natural_gradient(family, 0.1)
+    params = family.init(model.latent)
+
+    def step(carry, key):
+        params, state = carry
+        grads = jax.grad(
+            lambda p: -vijax.elbo(
+                key, p, family, model.log_joint, num_samples=8, estimator="stl"
+            )
+        )(params)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    keys = jax.random.split(jax.random.key(0), 300)
+    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, keys))(
+        (params, opt.init(params))
+    )
+    if name == "full_rank":
+        optimum = 0.0
+    else:  # mean-field optimum: the posterior mean, variances 1 / P_ii
+        prec = np.linalg.inv(cov)
+        best = vijax.Gaussian.diagonal(jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec))))
+        optimum = float(vijax.gaussian_kl(best, model.posterior))
+    kl = float(vijax.exact_kl(params, family, model))
+    start_kl = float(vijax.exact_kl(family.init(model.latent), family, model))
+    assert start_kl > 100
+    assert kl - optimum < 0.02
+
+
+def test_works_as_the_optimizer_of_fit(rng):
+    model, _, _ = _blr(rng, d=4)
+    x = jnp.asarray(rng.normal(size=(30, 4)), jnp.float32)
+    model = vijax.models.bayesian_linear_regression(
+        x, x @ jnp.ones(4), noise_scale=0.5, prior_scale=1.0
+    )
+    family = vijax.full_rank()
+    result = vijax.fit(
+        jax.random.key(0), family, model.log_joint, family.init(model.latent),
+        optimizer=vijax.natural_gradient(family, 0.5), num_steps=100,
+        num_samples=4, estimator="stl", progress=False,
+    )
+    assert result.num_skipped == 0
+    assert isinstance(result.state.opt_state, vijax.NaturalGradientState)
+    assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
+
+
+def test_errors():
+    family = vijax.full_rank()
+    with pytest.raises(ValueError, match="low_rank"):
+        vijax.natural_gradient(vijax.low_rank(rank=1), 1.0)
+    with pytest.raises(TypeError, match="family"):
+        vijax.natural_gradient(optax.adam(1e-2), 1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        vijax.natural_gradient(family, 0.0)
+    with pytest.raises(TypeError, match="learning_rate"):
+        vijax.natural_gradient(family, "1.0")
+    with pytest.raises(ValueError, match="max_backtracks"):
+        vijax.natural_gradient(family, 1.0, max_backtracks=-1)
+    opt = vijax.natural_gradient(family, 1.0)
+    params = family.init(jnp.zeros(2))
+    state = opt.init(params)
+    with pytest.raises(ValueError, match="params"):
+        opt.update(params, state)
+    with pytest.raises(TypeError, match="FullRankParams"):
+        opt.init(vijax.mean_field().init(jnp.zeros(2)))
+    with pytest.raises(ValueError, match="structure"):
+        opt.update({"a": jnp.zeros(2)}, state, params)
