@@ -132,7 +132,7 @@ def main(argv=None) -> None:
         )
         print("Exact quantities (closed form, no sampling):\n")
         print(markdown_table(
-            ["family", "ELBO", "KL(q||p)", "log Z", "ELBO + KL - log Z",
+            ["family", "ELBO", "KL", "log Z", "ELBO + KL - log Z",
              "cos(grad ELBO, -grad KL)", "rel. diff"],
             exact_rows(model, families, key),
         ))

@@ -90,7 +90,7 @@ class GradientComparison(NamedTuple):
         """Returns the column headers :meth:`to_markdown` uses for ``metrics``."""
         ref = self.reference_name
         names = {
-            "bias_norm": f"||E g - ({ref})||",
+            "bias_norm": "bias norm",
             "bias_stderr": "noise floor",
             "variance": "variance (tr Cov)",
             "snr": "SNR",

@@ -21,8 +21,16 @@ def format_number(x, digits: int = 4) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    """Returns a GitHub-flavoured markdown table with padded columns."""
-    cells = [[format_number(c) for c in row] for row in rows]
+    """Returns a GitHub-flavoured markdown table with padded columns.
+
+    A ``|`` inside a header or cell (as in ``||E g - g*||``) is escaped so it
+    does not split the column.
+    """
+    def escape(text) -> str:
+        return str(text).replace("|", "\\|")
+
+    headers = [escape(h) for h in headers]
+    cells = [[escape(format_number(c)) for c in row] for row in rows]
     widths = [
         max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
         for i, h in enumerate(headers)
