@@ -254,3 +254,46 @@ def test_log_prob_and_sample_argument_errors(name):
     other = next(FAMILIES[n] for n in NAMES if n != name)().init(jnp.zeros(4))
     with pytest.raises(TypeError, match="`params` must be"):
         family.entropy(other)
+
+
+# --------------------------------------------------------------- from_gaussian
+def _random_params(family, latent, seed):
+    params = family.init(latent)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    leaves = [x + 0.3 * rng.standard_normal(x.shape) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@pytest.mark.parametrize("make", [vijax.mean_field, vijax.full_rank, lambda: vijax.low_rank(rank=2)])
+def test_from_gaussian_inverts_to_gaussian(x64, make):
+    family = make()
+    latent = {"a": jnp.zeros(3), "b": jnp.zeros(())}
+    params = _random_params(family, latent, 0)
+    back = family.from_gaussian(family.to_gaussian(params), latent)
+    q1, q2 = family.to_gaussian(params), family.to_gaussian(back)
+    np.testing.assert_allclose(q2.mean, q1.mean, rtol=1e-12)
+    np.testing.assert_allclose(q2.cov, q1.cov, rtol=1e-10, atol=1e-12)
+    assert jax.tree_util.tree_structure(back.loc) == jax.tree_util.tree_structure(latent)
+
+
+def test_full_rank_from_gaussian_lands_on_the_posterior(x64, rng):
+    x = rng.standard_normal((30, 4))
+    model = vijax.models.bayesian_linear_regression(
+        x, x @ np.arange(1.0, 5.0), noise_scale=0.5, prior_scale=1.0)
+    family = vijax.full_rank()
+    params = family.from_gaussian(model.posterior, model.latent)  # a precision-form Gaussian
+    assert float(vijax.exact_kl(params, family, model)) < 1e-10
+    np.testing.assert_allclose(family.to_gaussian(params).cov, model.posterior.cov, rtol=1e-10)
+
+
+def test_from_gaussian_rejects_other_structures():
+    g = vijax.Gaussian.from_cov(jnp.zeros(3), jnp.eye(3))
+    with pytest.raises(ValueError, match="DiagonalScale"):
+        vijax.mean_field().from_gaussian(g, jnp.zeros(3))
+    with pytest.raises(ValueError, match="rank 2"):
+        vijax.low_rank(rank=2).from_gaussian(g, jnp.zeros(3))
+    with pytest.raises(ValueError, match="dimension 4"):
+        vijax.full_rank().from_gaussian(g, jnp.zeros(4))
+    with pytest.raises(TypeError, match="gaussian"):
+        vijax.full_rank().from_gaussian(jnp.eye(3), jnp.zeros(3))

@@ -44,6 +44,12 @@ class VariationalFamily(NamedTuple):
       to_gaussian: ``to_gaussian(params) -> vijax.Gaussian`` over the flat
         latent, keeping the family's structured scale.
       name: ``"mean_field"``, ``"full_rank"`` or ``"low_rank"``.
+      from_gaussian: ``from_gaussian(gaussian, latent) -> params``, the inverse
+        of ``to_gaussian``: the parameters whose Gaussian is ``gaussian`` (a
+        flat :class:`vijax.Gaussian`), with ``loc`` shaped like ``latent``.
+        Exact for the family's own structure; ``full_rank`` accepts every
+        Gaussian. Example: ``family.from_gaussian(model.posterior,
+        model.latent)`` puts ``q`` on a conjugate posterior.
     """
 
     init: Callable[[ArrayTree], Any]
@@ -52,6 +58,7 @@ class VariationalFamily(NamedTuple):
     entropy: Callable[[Any], jax.Array]
     to_gaussian: Callable[[Any], Gaussian]
     name: str
+    from_gaussian: Callable[[Gaussian, ArrayTree], Any]
 
 
 class MeanFieldParams(NamedTuple):
@@ -118,7 +125,46 @@ def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
     return ravel_pytree(latent)
 
 
-def _make_family(name: str, params_type, init, to_gaussian) -> VariationalFamily:
+# Inverses of the parameterizations, shared with the natural-gradient and
+# batch-and-match updates (which move (mean, factor) and map back).
+def mean_field_params_from_scale(loc: ArrayTree, scale: jax.Array) -> MeanFieldParams:
+    """Mean-field params for a ``loc`` pytree and (d,) positive standard deviations."""
+    return MeanFieldParams(loc=loc, raw_scale=_softplus_inverse(scale))
+
+
+def full_rank_params_from_tril(loc: ArrayTree, tril: jax.Array) -> FullRankParams:
+    """Full-rank params for a ``loc`` pytree and a lower-triangular factor.
+
+    ``tril`` must have a positive diagonal; only its lower triangle is read.
+    """
+    scale = jnp.diagonal(tril)
+    return FullRankParams(
+        loc=loc,
+        raw_scale=_softplus_inverse(scale),
+        off_diag=jnp.tril(tril, -1) / scale[:, None],
+    )
+
+
+def _gaussian_and_unravel(gaussian, latent, name):
+    if not isinstance(gaussian, Gaussian):
+        raise TypeError(f"`gaussian` must be a vijax.Gaussian; got {type(gaussian).__name__}.")
+    flat, unravel = _flat_loc(latent)
+    if gaussian.dim != flat.shape[0]:
+        raise ValueError(
+            f"`gaussian` must have the latent's dimension {flat.shape[0]}; got {gaussian.dim}."
+        )
+    return unravel(gaussian.mean.astype(flat.dtype)), flat.dtype
+
+
+def _wrong_structure(name, gaussian, accepted):
+    return ValueError(
+        f"vijax.{name}().from_gaussian needs a Gaussian with a {accepted} scale; got "
+        f"{type(gaussian.scale).__name__}. Build one with the structure you want "
+        "(e.g. vijax.Gaussian.diagonal(mean, jnp.sqrt(g.variance)))."
+    )
+
+
+def _make_family(name: str, params_type, init, to_gaussian, from_gaussian) -> VariationalFamily:
     """Builds the shared sample/log_prob/entropy around a family's Gaussian."""
 
     def check_params(params):
@@ -165,6 +211,7 @@ def _make_family(name: str, params_type, init, to_gaussian) -> VariationalFamily
         entropy=entropy,
         to_gaussian=to_gaussian_checked,
         name=name,
+        from_gaussian=from_gaussian,
     )
 
 
@@ -198,7 +245,13 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
         loc, _ = ravel_pytree(params.loc)
         return Gaussian(loc, DiagonalScale(jax.nn.softplus(params.raw_scale)))
 
-    return _make_family("mean_field", MeanFieldParams, init, to_gaussian)
+    def from_gaussian(gaussian, latent):
+        loc, dtype = _gaussian_and_unravel(gaussian, latent, "mean_field")
+        if not isinstance(gaussian.scale, DiagonalScale):
+            raise _wrong_structure("mean_field", gaussian, "DiagonalScale")
+        return mean_field_params_from_scale(loc, jnp.abs(gaussian.scale.scale).astype(dtype))
+
+    return _make_family("mean_field", MeanFieldParams, init, to_gaussian, from_gaussian)
 
 
 def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
@@ -238,7 +291,17 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
         tril = jax.nn.softplus(params.raw_scale)[:, None] * unit
         return Gaussian(loc, CholeskyScale(tril))
 
-    return _make_family("full_rank", FullRankParams, init, to_gaussian)
+    def from_gaussian(gaussian, latent):
+        loc, dtype = _gaussian_and_unravel(gaussian, latent, "full_rank")
+        if isinstance(gaussian.scale, CholeskyScale):
+            # A Cholesky factor is unique up to column signs: make the diagonal positive.
+            tril = jnp.tril(gaussian.scale.tril)
+            tril = tril * jnp.sign(jnp.diagonal(tril))[None, :]
+        else:
+            tril = jnp.linalg.cholesky(gaussian.cov)  # O(d^3), once
+        return full_rank_params_from_tril(loc, tril.astype(dtype))
+
+    return _make_family("full_rank", FullRankParams, init, to_gaussian, from_gaussian)
 
 
 def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
@@ -285,4 +348,14 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
             loc, LowRankScale(params.cov_factor, jax.nn.softplus(params.raw_scale))
         )
 
-    return _make_family("low_rank", LowRankParams, init, to_gaussian)
+    def from_gaussian(gaussian, latent):
+        loc, dtype = _gaussian_and_unravel(gaussian, latent, "low_rank")
+        if not isinstance(gaussian.scale, LowRankScale) or gaussian.scale.rank != rank:
+            raise _wrong_structure("low_rank", gaussian, f"LowRankScale of rank {rank}")
+        return LowRankParams(
+            loc=loc,
+            raw_scale=_softplus_inverse(jnp.abs(gaussian.scale.diag_scale)).astype(dtype),
+            cov_factor=gaussian.scale.cov_factor.astype(dtype),
+        )
+
+    return _make_family("low_rank", LowRankParams, init, to_gaussian, from_gaussian)

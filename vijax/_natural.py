@@ -56,7 +56,8 @@ from vijax._families import (
     FullRankParams,
     MeanFieldParams,
     VariationalFamily,
-    _softplus_inverse,
+    full_rank_params_from_tril,
+    mean_field_params_from_scale,
 )
 
 ArrayTree = Any
@@ -77,13 +78,9 @@ def params_from_factor(family_name: str, loc: jax.Array, factor: jax.Array, unra
     parameter gradient into a factor gradient.
     """
     if family_name == "mean_field":
-        return MeanFieldParams(loc=unravel(loc), raw_scale=_softplus_inverse(factor))
+        return mean_field_params_from_scale(unravel(loc), factor)
     if family_name == "full_rank":
-        scale = jnp.diagonal(factor)
-        unit = jnp.tril(factor, -1) / scale[:, None]
-        return FullRankParams(
-            loc=unravel(loc), raw_scale=_softplus_inverse(scale), off_diag=unit
-        )
+        return full_rank_params_from_tril(unravel(loc), factor)
     raise _unsupported(family_name)
 
 
