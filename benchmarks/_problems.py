@@ -1,0 +1,263 @@
+"""The benchmark suite's problems and their exact family optima.
+
+Two models, both with a (d,) weight vector ``w ~ N(0, I)``:
+
+* ``blr``: Bayesian linear regression, ``y | w ~ N(X w, I)``, ``X`` with
+  standard normal entries, true weights standard normal. Gaussian-conjugate:
+  the posterior ``N(P^{-1} X^T y, P^{-1})`` with ``P = X^T X + I`` is exact,
+  so ``KL(q || p(w | y))`` has a closed form, and so has the best mean-field
+  KL (mean = posterior mean, variances ``1 / P_ii``).
+* ``logistic``: Bayesian logistic regression, ``y_i ~ Bernoulli(sigmoid(x_i^T
+  w))``, true weights ``N(0, I / d)`` (logits of order one). Non-conjugate:
+  the "exact" gap ``KL(q || p) - min_family KL = ELBO* - ELBO(q)`` is computed
+  with a 64-point Gauss-Hermite rule (the expected log likelihood depends on
+  ``q`` only through the 1-d marginals of ``x_i^T w``), and ``ELBO*`` by
+  maximizing that deterministic ELBO over the family with L-BFGS in float64.
+
+Everything measured (the gap) is computed in float64 NumPy on the host from
+the implementation's current mean and scale, so every implementation is
+judged by the same yardstick whatever its parameterization.
+
+The training itself runs in float32. Each problem holds its data, the
+library's model (for ``vijax.fit``) and a log joint written by hand with
+``jax.numpy`` (for the floor and Blackjax; NumPyro gets its own model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import vijax
+
+_LOG_2PI = math.log(2.0 * math.pi)
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
+_GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2.0 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A data set, its log joints, and the exact yardstick for any Gaussian.
+
+    Attributes:
+      model: ``"blr"`` or ``"logistic"``.
+      n, d: data size and latent dimension.
+      x, y: float32 device arrays.
+      x64, y64: the same data in float64 NumPy.
+      library_model: ``vijax.models.<model>(x, y, ...)``, for ``vijax.fit``.
+      hand_log_joint: ``log_joint(w) -> scalar`` written with ``jax.numpy``.
+      optimum_kl: ``{family: min_q KL(q || p)}`` where known in closed form
+        (BLR), else ``nan`` (the gap is still exact: it is an ELBO difference).
+      reference: per-family float64 optimum used by the logistic gap,
+        filled on first use (:meth:`family_reference`).
+      posterior64: BLR's ``(P, posterior mean, log det P)`` in float64.
+    """
+
+    model: str
+    n: int
+    d: int
+    x: jax.Array
+    y: jax.Array
+    x64: np.ndarray
+    y64: np.ndarray
+    library_model: vijax.models.Model
+    hand_log_joint: Callable
+    optimum_kl: dict
+    reference: dict
+    posterior64: tuple | None = None
+
+    def gap(self, family: str, mean: np.ndarray, scale: np.ndarray) -> float:
+        """Returns ``KL(q || p) - min_{q' in family} KL(q' || p)`` in float64.
+
+        Args:
+          family: ``"mean_field"`` or ``"full_rank"``.
+          mean: (d,) mean of q.
+          scale: (d,) standard deviations (mean-field) or (d, d) lower
+            Cholesky factor of q's covariance (full-rank).
+        """
+        mean = np.asarray(mean, np.float64)
+        scale = np.asarray(scale, np.float64)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(scale))):
+            return float("nan")
+        if self.model == "blr":
+            return _blr_kl(self.posterior64, mean, scale) - self.optimum_kl[family]
+        ref = self.family_reference(family)
+        return ref["elbo"] - _logistic_elbo(self.x64, self.y64, mean, scale)
+
+    def family_reference(self, family: str) -> dict | None:
+        """The logistic family optimum (ELBO, gradient norm, iterations); None for BLR."""
+        if self.model == "blr":
+            return None
+        if family not in self.reference:
+            self.reference[family] = _logistic_reference(self.x64, self.y64, family)
+        return self.reference[family]
+
+
+def _data(model: str, n: int, d: int, seed: int):
+    rng = np.random.default_rng([seed, n, d, 0 if model == "blr" else 1])
+    x = rng.standard_normal((n, d))
+    if model == "blr":
+        w = rng.standard_normal(d)
+        y = x @ w + rng.standard_normal(n)
+    else:
+        w = rng.standard_normal(d) / math.sqrt(d)
+        y = (rng.uniform(size=n) < 1.0 / (1.0 + np.exp(-(x @ w)))).astype(np.float64)
+    return x, y
+
+
+def hand_log_joint(model: str, x: jax.Array, y: jax.Array) -> Callable:
+    """Returns ``log p(y, w)`` for one (d,) weight vector, written out with jnp."""
+    n, d = x.shape
+    prior_const = -0.5 * d * _LOG_2PI
+
+    if model == "blr":
+        lik_const = -0.5 * n * _LOG_2PI
+
+        def log_joint(w):
+            return (lik_const - 0.5 * jnp.sum(jnp.square(y - x @ w))
+                    + prior_const - 0.5 * jnp.sum(jnp.square(w)))
+    else:
+
+        def log_joint(w):
+            logits = x @ w
+            return (jnp.sum(y * logits - jax.nn.softplus(logits))
+                    + prior_const - 0.5 * jnp.sum(jnp.square(w)))
+
+    return log_joint
+
+
+# ------------------------------------------------------------ float64 yardsticks
+def _blr_posterior(x64, y64):
+    prec = x64.T @ x64 + np.eye(x64.shape[1])
+    return prec, np.linalg.solve(prec, x64.T @ y64), np.linalg.slogdet(prec)[1]
+
+
+def _blr_kl(posterior64, mean, scale) -> float:
+    """KL(N(mean, S S^T) || posterior), S diagonal (given as a vector) or lower."""
+    prec, post_mean, logdet_prec = posterior64
+    d = mean.shape[0]
+    delta = mean - post_mean
+    if scale.ndim == 1:
+        tr = float(np.sum(np.diagonal(prec) * np.square(scale)))
+        logdet_q = 2.0 * float(np.sum(np.log(np.abs(scale))))
+    else:
+        tr = float(np.sum((prec @ scale) * scale))
+        logdet_q = 2.0 * float(np.sum(np.log(np.abs(np.diagonal(scale)))))
+    return 0.5 * (tr + float(delta @ prec @ delta) - d - logdet_q - logdet_prec)
+
+
+def _blr_optimum_kl(posterior64) -> dict:
+    prec, _, logdet_prec = posterior64
+    # Best mean-field q: posterior mean, variances 1 / P_ii; its KL is
+    # 0.5 (sum log P_ii - log det P) (e.g. Bishop 2006, section 10.1.2).
+    return {
+        "mean_field": 0.5 * (float(np.sum(np.log(np.diagonal(prec)))) - logdet_prec),
+        "full_rank": 0.0,
+    }
+
+
+def _logistic_elbo(x64, y64, mean, scale) -> float:
+    """The exact (quadrature) ELBO of N(mean, S S^T) for logistic regression."""
+    d = mean.shape[0]
+    m = x64 @ mean
+    if scale.ndim == 1:
+        s = np.sqrt(np.square(x64) @ np.square(scale))
+        logdet_q = 2.0 * np.sum(np.log(np.abs(scale)))
+        tr = np.sum(np.square(scale))
+    else:
+        s = np.sqrt(np.sum(np.square(x64 @ scale), axis=1))
+        logdet_q = 2.0 * np.sum(np.log(np.abs(np.diagonal(scale))))
+        tr = np.sum(np.square(scale))
+    t = m[:, None] + s[:, None] * _GH_NODES[None, :]
+    lik = np.sum((y64[:, None] * t - np.logaddexp(0.0, t)) @ _GH_WEIGHTS)
+    prior = -0.5 * (d * _LOG_2PI + mean @ mean + tr)
+    entropy = 0.5 * d * (1.0 + _LOG_2PI) + 0.5 * logdet_q
+    return float(lik + prior + entropy)
+
+
+def _logistic_reference(x64, y64, family: str) -> dict:
+    """Maximizes the quadrature ELBO over the family with L-BFGS, in float64."""
+    import scipy.optimize
+
+    n, d = x64.shape
+    nodes, weights = np.asarray(_GH_NODES), np.asarray(_GH_WEIGHTS)
+    rows, cols = np.tril_indices(d, -1)
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(x64)
+        y = jnp.asarray(y64)
+
+        def unpack(theta):
+            mean, log_sd = theta[:d], theta[d:2 * d]
+            if family == "mean_field":
+                return mean, jnp.exp(log_sd)
+            tril = jnp.zeros((d, d)).at[rows, cols].set(theta[2 * d:])
+            return mean, tril + jnp.diag(jnp.exp(log_sd))
+
+        def neg_elbo(theta):
+            mean, scale = unpack(theta)
+            m = x @ mean
+            if family == "mean_field":
+                s = jnp.sqrt(jnp.square(x) @ jnp.square(scale))
+                logdet_q = 2.0 * jnp.sum(jnp.log(scale))
+            else:
+                s = jnp.sqrt(jnp.sum(jnp.square(x @ scale), axis=1))
+                logdet_q = 2.0 * jnp.sum(jnp.log(jnp.diagonal(scale)))
+            t = m[:, None] + s[:, None] * jnp.asarray(nodes)[None, :]
+            lik = jnp.sum((y[:, None] * t - jax.nn.softplus(t)) @ jnp.asarray(weights))
+            prior = -0.5 * (d * _LOG_2PI + mean @ mean + jnp.sum(jnp.square(scale)))
+            entropy = 0.5 * d * (1.0 + _LOG_2PI) + 0.5 * logdet_q
+            return -(lik + prior + entropy)
+
+        fun = jax.jit(jax.value_and_grad(neg_elbo))
+        size = 2 * d + (0 if family == "mean_field" else rows.shape[0])
+        theta0 = np.concatenate([np.zeros(d), np.full(d, math.log(0.1)),
+                                 np.zeros(size - 2 * d)])
+
+        def f(theta):
+            v, g = fun(jnp.asarray(theta))
+            return float(v), np.asarray(g, np.float64)
+
+        res = scipy.optimize.minimize(
+            f, theta0, jac=True, method="L-BFGS-B",
+            options={"maxiter": 20000, "maxcor": 50, "gtol": 1e-10, "ftol": 1e-15},
+        )
+        mean, scale = (np.asarray(a, np.float64) for a in unpack(jnp.asarray(res.x)))
+        grad_norm = float(np.linalg.norm(f(res.x)[1]))
+    elbo = _logistic_elbo(x64, y64, mean, scale)
+    return {"elbo": elbo, "grad_norm": grad_norm, "iterations": int(res.nit)}
+
+
+@functools.lru_cache(maxsize=None)
+def make_problem(model: str, n: int, d: int, seed: int = 0) -> Problem:
+    """Returns the seeded problem ``model`` with n observations and d weights.
+
+    For logistic regression the float64 family optima are computed on first
+    use (a few seconds each).
+    """
+    if model not in ("blr", "logistic"):
+        raise ValueError(f"`model` must be 'blr' or 'logistic'; got {model!r}.")
+    x64, y64 = _data(model, n, d, seed)
+    x = jnp.asarray(x64, jnp.float32)
+    y = jnp.asarray(y64, jnp.float32)
+    if model == "blr":
+        library = vijax.models.bayesian_linear_regression(x, y, noise_scale=1.0, prior_scale=1.0)
+        posterior64 = _blr_posterior(x64, y64)
+        optimum = _blr_optimum_kl(posterior64)
+        reference = {}
+    else:
+        library = vijax.models.logistic_regression(x, y, prior_scale=1.0)
+        posterior64 = None
+        optimum = {"mean_field": float("nan"), "full_rank": float("nan")}
+        reference = {}
+    return Problem(
+        model=model, n=n, d=d, x=x, y=y, x64=x64, y64=y64, library_model=library,
+        hand_log_joint=hand_log_joint(model, x, y), optimum_kl=optimum, reference=reference,
+        posterior64=posterior64,
+    )
