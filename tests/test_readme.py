@@ -26,17 +26,20 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in ci, "CI must run the README's test command verbatim"
 
 
-def test_readme_example_runs_and_shows_the_identity(capsys):
-    (code,) = [b for b in _blocks("python") if "import vijax" in b]
-    with jax.enable_x64(True):
-        # The example enables x64 globally; restore the previous value after.
-        previous = jax.config.jax_enable_x64
-        try:
-            exec(compile(code, "README.md", "exec"), {})
-        finally:
-            jax.config.update("jax_enable_x64", previous)
+def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
+    blocks = _blocks("python")
+    assert len(blocks) >= 2
+    namespace = {}
+    previous = jax.config.jax_enable_x64  # the example turns x64 on globally
+    try:
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"README.md block {i}", "exec"), namespace)
+    finally:
+        jax.config.update("jax_enable_x64", previous)
     out = capsys.readouterr().out
     residual = float(re.search(r"ELBO \+ KL - log Z = (\S+)", out).group(1))
     assert abs(residual) < 1e-8
     max_diff = float(re.search(r"max \|grad ELBO \+ grad KL\| = (\S+)", out).group(1))
     assert max_diff < 1e-8
+    kl_after_fit = float(re.search(r"KL after the fit: (\S+)", out).group(1))
+    assert 0 <= kl_after_fit < 1e-2
