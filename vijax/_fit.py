@@ -253,6 +253,16 @@ def init_fit_state(key: jax.Array, params: Any, optimizer: optax.GradientTransfo
     )
 
 
+def _check_step_config(family, log_joint, optimizer, num_samples, estimator):
+    """Validates what ``make_step``, ``fit`` and ``fit_batched`` share."""
+    family = _check_family(family)
+    log_joint = _check_log_joint(log_joint)
+    optimizer = _check_optimizer(optimizer)
+    num_samples = _checks.check_positive_int("num_samples", num_samples)
+    _check_estimator(estimator, ELBO_ESTIMATORS)
+    return family, log_joint, optimizer, num_samples
+
+
 def make_step(
     family: VariationalFamily,
     log_joint: Callable[[ArrayTree], jax.Array],
@@ -299,11 +309,9 @@ def make_step(
       ...     jax.random.key(0), family.init(model.latent), opt)
       >>> state, info = jax.jit(step)(state)
     """
-    family = _check_family(family)
-    log_joint = _check_log_joint(log_joint)
-    optimizer = _check_optimizer(optimizer)
-    num_samples = _checks.check_positive_int("num_samples", num_samples)
-    _check_estimator(estimator, ELBO_ESTIMATORS)
+    family, log_joint, optimizer, num_samples = _check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
 
     def neg_elbo(params, key):
         return -elbo(
@@ -885,11 +893,9 @@ def fit(
       >>> more = vijax.fit(None, family, model.log_joint, result.state,
       ...     optimizer=optax.adam(1e-2), num_steps=500, progress=False)
     """
-    family = _check_family(family)
-    log_joint = _check_log_joint(log_joint)
-    optimizer = _check_optimizer(optimizer)
-    num_samples = _checks.check_positive_int("num_samples", num_samples)
-    _check_estimator(estimator, ELBO_ESTIMATORS)
+    family, log_joint, optimizer, num_samples = _check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
     run_args = _check_run_args(
         num_steps, chunk_size, max_nonfinite, progress, tol, window, patience,
         checkpoint_dir, checkpoint_every,
@@ -978,11 +984,9 @@ def fit_batched(
       >>> res.trace.elbo.shape
       (4, 500)
     """
-    family = _check_family(family)
-    log_joint = _check_log_joint(log_joint)
-    optimizer = _check_optimizer(optimizer)
-    num_samples = _checks.check_positive_int("num_samples", num_samples)
-    _check_estimator(estimator, ELBO_ESTIMATORS)
+    family, log_joint, optimizer, num_samples = _check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
     if not isinstance(params_batched, bool):
         raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
     run_args = _check_run_args(
