@@ -115,14 +115,10 @@ def bam_update(mu, tril, z, scores, lam):
 def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
     if learning_rate is None or callable(learning_rate):
         return learning_rate
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
-        raise TypeError(
-            "`learning_rate` must be None, a positive float or a schedule (a "
-            f"callable of the step); got {learning_rate!r}."
-        )
-    if not learning_rate > 0:
-        raise ValueError(f"`learning_rate` must be positive; got {learning_rate!r}.")
-    return float(learning_rate)
+    return _checks.check_positive_float(
+        "learning_rate", learning_rate,
+        also=", None or a schedule (a callable of the step)",
+    )
 
 
 def _check_init_params(init_params) -> FullRankParams:

@@ -120,6 +120,19 @@ def check_positive(name: str, x: Any) -> None:
         raise ValueError(f"`{name}` must be positive; got {bad!r}.")
 
 
+def check_positive_float(name: str, x: Any, *, also: str = "") -> float:
+    """A positive Python number, returned as float; ``also`` names other accepted forms.
+
+    Callers accept their extra forms (``None``, a schedule) before calling.
+    """
+    expected = f"a positive float{also}"
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"`{name}` must be {expected}; got {x!r}.")
+    if not x > 0:
+        raise ValueError(f"`{name}` must be positive; got {x!r}.")
+    return float(x)
+
+
 def check_finite(name: str, x: Any) -> None:
     if not is_concrete(x):
         return

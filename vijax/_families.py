@@ -112,14 +112,6 @@ def _softplus_inverse(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
-def _check_init_scale(init_scale: float) -> float:
-    if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float)):
-        raise TypeError(f"`init_scale` must be a positive float; got {init_scale!r}.")
-    if not init_scale > 0:
-        raise ValueError(f"`init_scale` must be positive; got {init_scale!r}.")
-    return float(init_scale)
-
-
 def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
     latent = _checks.check_latent("latent", latent)
     return ravel_pytree(latent)
@@ -234,7 +226,7 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
       >>> z["w"].shape, z["b"].shape
       ((5, 3), (5,))
     """
-    init_scale = _check_init_scale(init_scale)
+    init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
         flat, unravel = _flat_loc(latent)
@@ -274,7 +266,7 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
     Returns:
       A :class:`VariationalFamily` whose params are :class:`FullRankParams`.
     """
-    init_scale = _check_init_scale(init_scale)
+    init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
         flat, unravel = _flat_loc(latent)
@@ -324,7 +316,7 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
       A :class:`VariationalFamily` whose params are :class:`LowRankParams`.
     """
     rank = _checks.check_positive_int("rank", rank)
-    init_scale = _check_init_scale(init_scale)
+    init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
         flat, unravel = _flat_loc(latent)

@@ -118,14 +118,9 @@ def check_family(family: Any, supported: tuple[str, ...] = SUPPORTED_FAMILIES) -
 def _check_learning_rate(learning_rate) -> Union[float, Schedule]:
     if callable(learning_rate):
         return learning_rate
-    if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float)):
-        raise TypeError(
-            "`learning_rate` must be a positive float or a schedule (a callable "
-            f"of the step count); got {learning_rate!r}."
-        )
-    if not learning_rate > 0:
-        raise ValueError(f"`learning_rate` must be positive; got {learning_rate!r}.")
-    return float(learning_rate)
+    return _checks.check_positive_float(
+        "learning_rate", learning_rate, also=" or a schedule (a callable of the step count)"
+    )
 
 
 # ------------------------------------------------------------------- steps
