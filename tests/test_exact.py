@@ -8,6 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import vijax
+from references import np_moments, perturb
 from vijax import models
 
 FAMILY_NAMES = ("mean_field", "full_rank", "low_rank")
@@ -47,30 +48,6 @@ def make_problem(name, rng, dtype=np.float64):
     model = models.normal_mean(x.astype(dtype), noise_scale=s, prior_loc=m0, prior_scale=t)
     return model, dict(prior_mean=np.array([m0]), prior_cov=np.array([[t**2]]),
                        design=np.ones((7, 1)), observations=x, noise_cov=s**2 * np.eye(7))
-
-
-def random_params(family, model, rng, scale=0.5):
-    params = family.init(model.latent)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    leaves = [x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for x in leaves]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-def np_q(name, params):
-    """Mean and dense covariance of q, computed from the raw params in NumPy."""
-    mean = np.asarray(ravel_pytree(params.loc)[0], np.float64)
-    s = softplus(np.asarray(params.raw_scale, np.float64))
-    if name == "mean_field":
-        return mean, np.diag(s**2)
-    if name == "full_rank":
-        tril = s[:, None] * (np.eye(s.shape[0]) + np.tril(np.asarray(params.off_diag), -1))
-        return mean, tril @ tril.T
-    w = np.asarray(params.cov_factor, np.float64)
-    return mean, w @ w.T + np.diag(s**2)
 
 
 def np_gauss_expect(m, c, mean, cov):
@@ -115,11 +92,11 @@ def test_identity_and_numpy_references(x64, rng, model_name, family_name):
     log_z = float(model.log_evidence)
     mp, cp = np_posterior(**dense)
     for _ in range(2):
-        params = random_params(family, model, rng)
+        params = perturb(family.init(model.latent), rng)
         elbo = float(vijax.exact_elbo(params, family, model))
         kl = float(vijax.exact_kl(params, family, model))
         assert abs(elbo + kl - log_z) <= 1e-10 * max(1.0, abs(log_z))
-        mq, cq = np_q(family_name, params)
+        mq, cq = np_moments(family_name, params)
         np.testing.assert_allclose(elbo, np_elbo(mq, cq, **dense), rtol=1e-10)
         np.testing.assert_allclose(kl, np_kl(mq, cq, mp, cp), rtol=1e-9, atol=1e-11)
         assert kl > 0 and elbo < log_z
@@ -129,7 +106,7 @@ def test_identity_and_numpy_references(x64, rng, model_name, family_name):
 def test_gradient_identity(x64, rng, model_name, family_name):
     model, dense = make_problem(model_name, rng)
     family = make_family(family_name, dense["prior_mean"].shape[0])
-    params = random_params(family, model, rng)
+    params = perturb(family.init(model.latent), rng)
     g_elbo = ravel_pytree(jax.grad(vijax.exact_elbo)(params, family, model))[0]
     g_kl = ravel_pytree(jax.grad(vijax.exact_kl)(params, family, model))[0]
     assert float(jnp.linalg.norm(g_kl)) > 1e-3  # not at the optimum: the check has teeth
@@ -141,13 +118,13 @@ def test_elbo_gradient_matches_finite_difference(x64, rng):
     # The grad identity would also hold if both gradients were wrong the same way.
     model, dense = make_problem("linear_gaussian", rng)
     family = make_family("full_rank", 4)
-    params = random_params(family, model, rng)
+    params = perturb(family.init(model.latent), rng)
     flat, unravel = ravel_pytree(params)
     direction = rng.normal(size=flat.shape)
     g = ravel_pytree(jax.grad(vijax.exact_elbo)(params, family, model))[0]
 
     def ref(p):
-        return np_elbo(*np_q("full_rank", unravel(p)), **dense)
+        return np_elbo(*np_moments("full_rank", unravel(p)), **dense)
 
     h = 1e-6
     fd = (ref(flat + h * direction) - ref(flat - h * direction)) / (2 * h)
@@ -180,13 +157,13 @@ def test_full_rank_at_the_posterior(x64, rng, model_name):
 def test_float32(rng, model_name, family_name):
     model, dense = make_problem(model_name, rng, dtype=np.float32)
     family = make_family(family_name, dense["prior_mean"].shape[0])
-    params = random_params(family, model, rng)
+    params = perturb(family.init(model.latent), rng)
     elbo = vijax.exact_elbo(params, family, model)
     kl = vijax.exact_kl(params, family, model)
     assert elbo.dtype == np.float32 and kl.dtype == np.float32
     log_z = float(model.log_evidence)
     assert abs(float(elbo) + float(kl) - log_z) <= 1e-4 * max(1.0, abs(log_z))
-    mq, cq = np_q(family_name, params)
+    mq, cq = np_moments(family_name, params)
     np.testing.assert_allclose(float(kl), np_kl(mq, cq, *np_posterior(**dense)),
                                rtol=1e-3, atol=1e-4)
 
@@ -194,13 +171,13 @@ def test_float32(rng, model_name, family_name):
 def test_jit_and_vmap_over_stacked_params(x64, rng):
     model, dense = make_problem("blr", rng)
     family = make_family("low_rank", 4)
-    stack = [random_params(family, model, rng) for _ in range(3)]
+    stack = [perturb(family.init(model.latent), rng) for _ in range(3)]
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *stack)
     kls = jax.jit(jax.vmap(lambda p: vijax.exact_kl(p, family, model)))(stacked)
     elbos = jax.vmap(lambda p: vijax.exact_elbo(p, family, model))(stacked)
     chex.assert_shape(kls, (3,))
     for i, p in enumerate(stack):
-        mq, cq = np_q("low_rank", p)
+        mq, cq = np_moments("low_rank", p)
         np.testing.assert_allclose(kls[i], np_kl(mq, cq, *np_posterior(**dense)), rtol=1e-9)
         np.testing.assert_allclose(elbos[i], vijax.exact_elbo(p, family, model), rtol=1e-12)
     np.testing.assert_allclose(elbos + kls, np.full(3, float(model.log_evidence)), rtol=1e-10)

@@ -12,6 +12,7 @@ from jax.flatten_util import ravel_pytree
 from scipy import stats
 
 import vijax
+from references import np_moments, perturb
 
 FAMILIES = {
     "mean_field": lambda s=0.1: vijax.mean_field(init_scale=s),
@@ -27,31 +28,6 @@ def dict_latent(dtype=np.float64):
         "b": np.asarray(0.5, dtype),
         "c": np.linspace(-1, 1, 4).astype(dtype),
     }
-
-
-def perturb(params, rng, scale=0.5):
-    """Random params: every leaf moved by N(0, scale^2), keeping dtypes."""
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    leaves = [x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for x in leaves]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def softplus(x):
-    return np.logaddexp(0.0, x)
-
-
-def np_moments(name, params):
-    """Mean and dense covariance of q computed from the raw params in NumPy."""
-    mean = np.asarray(ravel_pytree(params.loc)[0])
-    s = softplus(np.asarray(params.raw_scale))
-    if name == "mean_field":
-        return mean, np.diag(s**2)
-    if name == "full_rank":
-        d = s.shape[0]
-        tril = s[:, None] * (np.eye(d) + np.tril(np.asarray(params.off_diag), -1))
-        return mean, tril @ tril.T
-    w = np.asarray(params.cov_factor)
-    return mean, w @ w.T + np.diag(s**2)
 
 
 # -------------------------------------------------------------------- init
@@ -257,19 +233,11 @@ def test_log_prob_and_sample_argument_errors(name):
 
 
 # --------------------------------------------------------------- from_gaussian
-def _random_params(family, latent, seed):
-    params = family.init(latent)
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    rng = np.random.default_rng(seed)
-    leaves = [x + 0.3 * rng.standard_normal(x.shape) for x in leaves]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
 @pytest.mark.parametrize("make", [vijax.mean_field, vijax.full_rank, lambda: vijax.low_rank(rank=2)])
 def test_from_gaussian_inverts_to_gaussian(x64, make):
     family = make()
     latent = {"a": jnp.zeros(3), "b": jnp.zeros(())}
-    params = _random_params(family, latent, 0)
+    params = perturb(family.init(latent), np.random.default_rng(0), scale=0.3)
     back = family.from_gaussian(family.to_gaussian(params), latent)
     q1, q2 = family.to_gaussian(params), family.to_gaussian(back)
     np.testing.assert_allclose(q2.mean, q1.mean, rtol=1e-12)

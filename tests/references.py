@@ -1,0 +1,30 @@
+"""NumPy references and random parameters shared by the test modules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+def perturb(params, rng, scale=0.5):
+    """Random params: every leaf moved by N(0, scale^2), keeping dtypes."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    leaves = [x + jnp.asarray(scale * rng.normal(size=x.shape), x.dtype) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def np_moments(name, params):
+    """Mean and dense covariance of q, computed from the raw params in NumPy (float64)."""
+    mean = np.asarray(ravel_pytree(params.loc)[0], np.float64)
+    s = softplus(np.asarray(params.raw_scale, np.float64))
+    if name == "mean_field":
+        return mean, np.diag(s**2)
+    if name == "full_rank":
+        tril = s[:, None] * (np.eye(s.shape[0]) + np.tril(np.asarray(params.off_diag), -1))
+        return mean, tril @ tril.T
+    w = np.asarray(params.cov_factor, np.float64)
+    return mean, w @ w.T + np.diag(s**2)
