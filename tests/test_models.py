@@ -1,5 +1,7 @@
 """Tests for vijax.models against NumPy/SciPy references (Bishop, PRML 2.3.3, 3.3-3.5)."""
 
+import copy
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,6 +11,7 @@ from scipy import stats
 
 import vijax
 from vijax import models
+from vijax.models import _conjugate
 
 
 def spd(rng, d, ridge=0.5):
@@ -240,3 +243,152 @@ def test_float64_scales_do_not_promote_float32_data(x64, rng):
         if model.is_conjugate:
             assert model.log_evidence.dtype == np.float32, model.name
             assert model.posterior.mean.dtype == np.float32, model.name
+
+
+# ------------------------------------------------- lazy exact quantities
+CLOSED_FORMS = {"blr": "_isotropic_closed_form", "normal_mean": "_isotropic_closed_form",
+                "linear_gaussian": "_linear_gaussian_closed_form"}
+
+
+def count_calls(monkeypatch, name):
+    """Replaces `_conjugate.<name>` by a wrapper that counts its calls (each a trace or run)."""
+    calls = []
+    original = getattr(_conjugate, name)
+
+    def counted(*args):
+        calls.append(name)
+        return original(*args)
+
+    monkeypatch.setattr(_conjugate, name, counted)
+    return calls
+
+
+def build(which, rng, **scales):
+    """The model `which` on a small problem, with its NumPy posterior mean and log evidence."""
+    if which == "linear_gaussian":
+        prob = linear_gaussian_problem(rng)
+    elif which == "blr":
+        x, y, s, t = blr_problem(rng, 12, 3)
+        s, t = scales.get("noise_scale", s), scales.get("prior_scale", t)
+        prob = blr_as_linear_gaussian(x, y, s, t)
+    else:
+        x, s, m0, t = rng.normal(size=7), 0.8, -0.5, 1.7
+        prob = dict(prior_mean=np.full(1, m0), prior_cov=t**2 * np.eye(1),
+                    design=np.ones((7, 1)), observations=x, noise_cov=s**2 * np.eye(7))
+    mean, _, log_z = np_posterior(**prob)
+
+    def make():
+        if which == "linear_gaussian":
+            return models.linear_gaussian(**prob)
+        if which == "blr":
+            return models.bayesian_linear_regression(x, y, noise_scale=s, prior_scale=t)
+        return models.normal_mean(x, noise_scale=s, prior_loc=m0, prior_scale=t)
+
+    return make, mean, log_z
+
+
+@pytest.mark.parametrize("which", list(CLOSED_FORMS))
+def test_exact_quantities_are_computed_on_first_access_then_cached(x64, rng, monkeypatch, which):
+    calls = count_calls(monkeypatch, CLOSED_FORMS[which])
+    grams = count_calls(monkeypatch, "_gram")
+    make, mean, log_z = build(which, rng)
+    model = make()
+    assert model.is_conjugate
+    model.log_joint(model.latent)
+    jax.jit(jax.grad(model.log_joint))(model.latent)
+    assert calls == [] and grams == []
+    assert "posterior=<computed on first access>" in repr(model)
+
+    np.testing.assert_allclose(model.posterior.mean, mean, rtol=1e-10)  # computes both
+    assert len(calls) == 1
+    np.testing.assert_allclose(model.log_evidence, log_z, rtol=1e-10)
+    np.testing.assert_allclose(model._replace(name="copy").posterior.mean, mean, rtol=1e-10)
+    assert len(calls) == 1  # the second access and a copy's access reuse the cache
+    assert "<computed on first access>" not in repr(model)
+
+
+@pytest.mark.parametrize("which", list(CLOSED_FORMS))
+def test_posterior_first_accessed_inside_jit_is_cached_concrete(x64, rng, monkeypatch, which):
+    calls = count_calls(monkeypatch, CLOSED_FORMS[which])
+    make, mean, log_z = build(which, rng)
+    model = make()
+    assert calls == []
+
+    @jax.jit
+    def evidence_gap(z):
+        return model.log_joint(z) - model.posterior.log_prob(jnp.reshape(z, (-1,)))
+
+    z = model.latent + 0.3
+    np.testing.assert_allclose(evidence_gap(z), log_z, rtol=1e-10)
+    assert calls  # a traced call, then one at trace time: nothing is called again below
+    first = len(calls)
+    # Afterwards, outside the trace: concrete cached values, not leaked tracers.
+    assert not isinstance(model.posterior.mean, jax.core.Tracer)
+    assert not isinstance(model.log_evidence, jax.core.Tracer)
+    np.testing.assert_allclose(model.posterior.mean, mean, rtol=1e-10)
+    np.testing.assert_allclose(model.log_evidence, log_z, rtol=1e-10)
+    np.testing.assert_allclose(evidence_gap(z + 1.0), log_z, rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(lambda: model.log_evidence)(), log_z, rtol=1e-10)
+    assert len(calls) == first
+
+
+@pytest.mark.parametrize("which", list(CLOSED_FORMS))
+def test_exact_elbo_first_called_inside_jit_then_eagerly(x64, rng, which):
+    # expected_log_joint's lazy precomputation (X^T X, Lr^{-1} H) must not leak tracers either.
+    make, _, log_z = build(which, rng)
+    model = make()
+    family = vijax.full_rank()
+    params = family.init(model.latent)
+    jitted = jax.jit(lambda p: (vijax.exact_elbo(p, family, model),
+                                vijax.exact_kl(p, family, model)))(params)
+    eager = (vijax.exact_elbo(params, family, model), vijax.exact_kl(params, family, model))
+    chex.assert_trees_all_close(jitted, eager, rtol=1e-10)
+    np.testing.assert_allclose(eager[0] + eager[1], log_z, rtol=1e-10)
+
+
+def test_models_built_from_tracers_are_traceable_and_cache_nothing(x64, rng, monkeypatch):
+    calls = count_calls(monkeypatch, "_isotropic_closed_form")
+    x, y, _, t = blr_problem(rng, 12, 3)
+    built = []
+
+    def log_z(noise_scale):
+        model = models.bayesian_linear_regression(x, y, noise_scale=noise_scale, prior_scale=t)
+        built.append(model)
+        return model.log_evidence + 0.0 * jnp.sum(model.posterior.mean)
+
+    def np_log_z(s):
+        return np_posterior(**blr_as_linear_gaussian(x, y, s, t))[2]
+
+    h = 1e-5
+    fd = (np_log_z(0.7 + h) - np_log_z(0.7 - h)) / (2 * h)
+    np.testing.assert_allclose(jax.grad(log_z)(0.7), fd, rtol=1e-7)
+    np.testing.assert_allclose(jax.jit(jax.grad(log_z))(0.7), fd, rtol=1e-7)
+    scales = np.array([0.5, 0.7, 2.0])
+    np.testing.assert_allclose(jax.vmap(log_z)(jnp.asarray(scales)),
+                               [np_log_z(s) for s in scales], rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(jax.vmap(log_z))(jnp.asarray(scales)),
+                               [np_log_z(s) for s in scales], rtol=1e-10)
+    # Each traced model computed per access (posterior and log evidence: twice)
+    # and cached nothing, so no tracer outlives its trace.
+    assert len(built) == 4 and len(calls) == 8
+    assert all("posterior=<computed on first access>" in repr(m) for m in built)
+
+
+def test_model_record_keywords_replace_and_repr():
+    def log_joint(z):
+        return -0.5 * jnp.sum(jnp.square(z))
+
+    model = models.Model(log_joint=log_joint, latent=jnp.zeros(2), name="toy")
+    assert not model.is_conjugate and model.posterior is None and model.log_evidence is None
+    assert repr(model) == (
+        "Model(log_joint=<function test_model_record_keywords_replace_and_repr.<locals>."
+        "log_joint>, latent=float32[2], posterior=None, log_evidence=None, "
+        "expected_log_joint=None, name='toy')")
+    other = model._replace(latent={"w": jnp.zeros(3)}, name="renamed")
+    assert (other.name, model.name) == ("renamed", "toy")
+    assert other.log_joint is log_joint and repr(other.latent) != repr(model.latent)
+    with pytest.raises(AttributeError, match="immutable"):
+        model.name = "changed"
+    assert copy.copy(model) is model and copy.deepcopy(model) is model
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        model._replace(nmae="typo")

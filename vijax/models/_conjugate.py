@@ -3,7 +3,9 @@
 All closed forms use Cholesky factors and triangular solves; no matrix is
 inverted. Constructors are traceable (their arguments may be tracers, e.g. to
 differentiate the evidence with respect to a noise scale); value checks such as
-positive definiteness run only when the arguments are concrete.
+positive definiteness run only when the arguments are concrete. Construction
+validates and prepares only what ``log_joint`` needs; the posterior and log
+evidence are computed on first access and cached (see :class:`Model`).
 
 References:
   C. M. Bishop, Pattern Recognition and Machine Learning (2006), sections
@@ -27,7 +29,7 @@ from vijax._gaussian import (
     PrecisionScale,
     expected_log_prob,
 )
-from vijax.models._model import Model
+from vijax.models._model import Model, _Lazy
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -45,17 +47,16 @@ def _scalar(name: str, x, dtype) -> jax.Array:
     return x.astype(dtype)
 
 
-# The closed forms below are jitted private helpers: a model is often built
-# eagerly, where op-by-op dispatch would compile each of a few dozen small
-# operations separately (seconds); one compiled program per shape costs a
-# fraction of that. Nested in a user's jit, vmap or grad they simply inline.
+# The closed forms below are jitted private helpers: evaluated eagerly,
+# op-by-op dispatch would compile each of a few dozen small operations
+# separately (seconds); one compiled program per shape costs a fraction of
+# that. Nested in a user's jit, vmap or grad they simply inline. Models call
+# them through `_Lazy`, on first access of `posterior` or `log_evidence`, so a
+# model used only through `log_joint` never compiles them.
 @jax.jit
-def _linear_gaussian_closed_form(m0, s0, h, y, r):
-    """Cholesky factors, whitened design, exact posterior and log evidence."""
+def _linear_gaussian_closed_form(m0, l0, lr, hw, h, y):
+    """Exact posterior and log evidence from the Cholesky factors and Lr^{-1} H."""
     n, d = h.shape
-    l0 = jnp.linalg.cholesky(s0)
-    lr = jnp.linalg.cholesky(r)
-    hw = _lower_solve(lr, h)  # Lr^{-1} H, (n, d)
     b = hw @ l0  # (n, d)
     resid = _lower_solve(lr, y - h @ m0)  # whitened residual, (n,)
     pu = jnp.eye(d, dtype=m0.dtype) + b.T @ b
@@ -75,15 +76,19 @@ def _linear_gaussian_closed_form(m0, s0, h, y, r):
         + jnp.sum(jnp.square(resid))
         - jnp.sum(jnp.square(_lower_solve(lu, bt_r)))
     )
-    return l0, lr, hw, posterior, log_evidence
+    return posterior, log_evidence
 
 
 @jax.jit
-def _isotropic_closed_form(x, y, s2, t2, prior_loc):
-    """X^T X, exact posterior and log evidence of isotropic linear regression."""
+def _gram(x):
+    return x.T @ x
+
+
+@jax.jit
+def _isotropic_closed_form(x, y, s2, t2, prior_loc, xtx):
+    """Exact posterior and log evidence of isotropic linear regression."""
     n, d = x.shape
     dtype = x.dtype
-    xtx = x.T @ x
     resid0 = y - x @ prior_loc
     prec = xtx / s2 + jnp.eye(d, dtype=dtype) / t2
     lp = jnp.linalg.cholesky(prec)
@@ -108,7 +113,7 @@ def _isotropic_closed_form(x, y, s2, t2, prior_loc):
             + 2.0 * jnp.sum(jnp.log(jnp.diagonal(lk)))
             + jnp.sum(jnp.square(_lower_solve(lk, resid0)))
         )
-    return xtx, posterior, log_evidence
+    return posterior, log_evidence
 
 
 def linear_gaussian(
@@ -157,7 +162,9 @@ def linear_gaussian(
     _checks.check_covariance("prior_cov", s0)
     _checks.check_covariance("noise_cov", r)
 
-    l0, lr, hw, posterior, log_evidence = _linear_gaussian_closed_form(m0, s0, h, y, r)
+    l0 = jnp.linalg.cholesky(s0)
+    lr = jnp.linalg.cholesky(r)
+    hw = _Lazy(_lower_solve, lr, h)  # Lr^{-1} H, (n, d): only the exact functions use it
     prior = Gaussian(m0, CholeskyScale(l0))
     noise = Gaussian(y, CholeskyScale(lr))  # log N(y; Hz, R) = noise.log_prob(Hz)
 
@@ -169,15 +176,14 @@ def linear_gaussian(
         # E_q log N(y; Hz, R) = log N(y; H m_q, R) - 0.5 tr(R^{-1} H Q H^T),
         # and tr(R^{-1} H Q H^T) = ||Lr^{-1} H S_q||_F^2.
         lik = noise.log_prob(h @ q.mean) - 0.5 * jnp.sum(
-            jnp.square(q.scale.matmul_factor(hw))
+            jnp.square(q.scale.matmul_factor(hw()))
         )
         return expected_log_prob(prior, q) + lik
 
-    return Model(
+    return Model._deferred(
+        _Lazy(_linear_gaussian_closed_form, m0, l0, lr, hw, h, y),
         log_joint=log_joint,
         latent=m0,
-        posterior=posterior,
-        log_evidence=log_evidence,
         expected_log_joint=expected_log_joint,
         name="linear_gaussian",
     )
@@ -195,7 +201,7 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     _, unravel = ravel_pytree(latent)
     s2 = jnp.square(noise_scale)
     t2 = jnp.square(prior_scale)
-    xtx, posterior, log_evidence = _isotropic_closed_form(x, y, s2, t2, prior_loc)
+    xtx = _Lazy(_gram, x)  # only the exact functions use X^T X
 
     def log_joint(z):
         w, _ = ravel_pytree(z)
@@ -208,7 +214,7 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     def expected_log_joint(q: Gaussian):
         lik = -0.5 * (
             n * (_LOG_2PI + jnp.log(s2))
-            + (jnp.sum(jnp.square(y - x @ q.mean)) + q.scale.trace_cov(xtx)) / s2
+            + (jnp.sum(jnp.square(y - x @ q.mean)) + q.scale.trace_cov(xtx())) / s2
         )
         pri = -0.5 * (
             d * (_LOG_2PI + jnp.log(t2))
@@ -216,11 +222,10 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
         )
         return lik + pri
 
-    return Model(
+    return Model._deferred(
+        _Lazy(_isotropic_closed_form, x, y, s2, t2, prior_loc, xtx),
         log_joint=log_joint,
         latent=latent,
-        posterior=posterior,
-        log_evidence=log_evidence,
         expected_log_joint=expected_log_joint,
         name=name,
     )
