@@ -133,6 +133,23 @@ def test_logistic_regression_errors(kwargs, exc, fragments):
         models.logistic_regression(x, y, **args)
 
 
+def test_models_reject_data_of_mixed_dtypes(x64):
+    # float32 X with float64 y would silently promote everything to float64.
+    x32, y64 = np.ones((6, 2), F32), np.zeros(6, np.float64)
+    with raises(TypeError, "one floating dtype", "`X` is float32", "`y` is float64"):
+        models.bayesian_linear_regression(x32, y64, noise_scale=1.0, prior_scale=1.0)
+    with raises(TypeError, "one floating dtype", "`X` is float32", "`y` is float64"):
+        models.logistic_regression(x32, y64)
+    with raises(TypeError, "one floating dtype", "`observations` is float64"):
+        models.linear_gaussian(**{**lg_args(n=6, d=2), "observations": y64})
+    # One dtype throughout is accepted, in either precision.
+    for dtype in (F32, np.float64):
+        model = models.bayesian_linear_regression(
+            x32.astype(dtype), y64.astype(dtype), noise_scale=1.0, prior_scale=1.0
+        )
+        assert model.log_joint(np.zeros(2, dtype)).dtype == dtype
+
+
 # ----------------------------------------------------------------- families
 FAMILY_MAKERS = {
     "mean_field": vijax.mean_field,

@@ -67,6 +67,22 @@ def check_shape(name: str, x: jax.Array, shape: tuple[int, ...]) -> None:
         )
 
 
+def check_same_dtype(arrays: dict[str, jax.Array]) -> None:
+    """Raises ``TypeError`` unless the named data arrays share one dtype.
+
+    Mixed float32 and float64 data would silently promote the model's
+    computations (and its gradients) to float64; the user picks one.
+    """
+    dtypes = {name: jnp.dtype(x.dtype) for name, x in arrays.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"`{name}` is {dtype}" for name, dtype in dtypes.items())
+        first = next(iter(dtypes))
+        raise TypeError(
+            f"the data arrays must share one floating dtype; got {listed}. Cast "
+            f"them to one, e.g. `.astype({first}.dtype)`."
+        )
+
+
 def check_square(name: str, x: jax.Array) -> None:
     if x.ndim != 2 or x.shape[0] != x.shape[1]:
         raise ValueError(

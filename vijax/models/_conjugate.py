@@ -141,7 +141,8 @@ def linear_gaussian(
       factor of its precision.
 
     Raises:
-      TypeError: an argument is not a floating-point array.
+      TypeError: an argument is not a floating-point array, or the arrays do
+        not share one dtype.
       ValueError: shapes disagree, or a covariance is not square, symmetric or
         (when known eagerly) positive definite.
     """
@@ -150,6 +151,9 @@ def linear_gaussian(
     h = _checks.as_float_array("design", design)
     y = _checks.as_float_array("observations", observations)
     r = _checks.as_float_array("noise_cov", noise_cov)
+    _checks.check_same_dtype(
+        {"prior_mean": m0, "prior_cov": s0, "design": h, "observations": y, "noise_cov": r}
+    )
     _checks.check_ndim("prior_mean", m0, 1)
     _checks.check_ndim("design", h, 2)
     _checks.check_ndim("observations", y, 1)
@@ -249,7 +253,7 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
       A conjugate :class:`Model`.
 
     Raises:
-      TypeError: ``X`` or ``y`` is not floating point.
+      TypeError: ``X`` or ``y`` is not floating point, or their dtypes differ.
       ValueError: shapes disagree or a scale is not a positive scalar.
 
     Example:
@@ -262,6 +266,7 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
     """
     x = _checks.as_float_array("X", X)
     y = _checks.as_float_array("y", y)
+    _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
     noise_scale = _scalar("noise_scale", noise_scale, x.dtype)

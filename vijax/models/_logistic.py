@@ -32,12 +32,13 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
       A :class:`Model`.
 
     Raises:
-      TypeError: ``X`` or ``y`` is not floating point.
+      TypeError: ``X`` or ``y`` is not floating point, or their dtypes differ.
       ValueError: shapes disagree, a label is not 0 or 1, or ``prior_scale``
         is not positive.
     """
     x = _checks.as_float_array("X", X)
     y = _checks.as_float_array("y", y)
+    _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
     if _checks.is_concrete(y) and not np.all((np.asarray(y) == 0) | (np.asarray(y) == 1)):
