@@ -67,19 +67,20 @@ def check_shape(name: str, x: jax.Array, shape: tuple[int, ...]) -> None:
         )
 
 
-def check_same_dtype(arrays: dict[str, jax.Array]) -> None:
-    """Raises ``TypeError`` unless the named data arrays share one dtype.
+def check_same_dtype(arrays: dict[str, jax.Array], what: str = "the data arrays") -> None:
+    """Raises ``TypeError`` unless the named arrays share one dtype.
 
-    Mixed float32 and float64 data would silently promote the model's
-    computations (and its gradients) to float64; the user picks one.
+    Mixed float32 and float64 inputs would silently promote the computations
+    (and their gradients) to float64; the user picks one. ``what`` names the
+    group in the message.
     """
     dtypes = {name: jnp.dtype(x.dtype) for name, x in arrays.items()}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"`{name}` is {dtype}" for name, dtype in dtypes.items())
         first = next(iter(dtypes))
         raise TypeError(
-            f"the data arrays must share one floating dtype; got {listed}. Cast "
-            f"them to one, e.g. `.astype({first}.dtype)`."
+            f"{what} must share one floating dtype; got {listed}. Cast them to "
+            f"one, e.g. `.astype({first}.dtype)`."
         )
 
 
@@ -176,16 +177,12 @@ def check_latent(name: str, latent: Any) -> Any:
                 f"`{name}` must be a pytree with at least one array leaf; got "
                 f"{latent!r}."
         )
-    converted = []
+    named = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(latent)[0]:
         where = f"{name}{jax.tree_util.keystr(path)}"
-        converted.append(as_float_array(where, leaf))
-    dtypes = {leaf.dtype for leaf in converted}
-    if len(dtypes) > 1:
-        raise TypeError(
-                f"All leaves of `{name}` must share one floating dtype; got "
-                f"{sorted(str(d) for d in dtypes)}. Cast them to one dtype."
-        )
+        named[where] = as_float_array(where, leaf)
+    check_same_dtype(named, what=f"All leaves of `{name}`")
+    converted = list(named.values())
     if sum(leaf.size for leaf in converted) == 0:
         raise ValueError(f"`{name}` must have at least one element; got size 0.")
     return jax.tree_util.tree_unflatten(treedef, converted)
