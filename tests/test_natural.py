@@ -200,6 +200,46 @@ def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
     assert int(state1.num_backtracks) == 0
 
 
+def _covariance(family, params):
+    return np.asarray(family.to_gaussian(params).scale.cov())
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_max_variance_growth_bounds_every_step(x64, rng, name):
+    # From a start 1e3 times narrower than the posterior, the exact step of
+    # size 1 grows the variances by about 1e5. With max_variance_growth=2 no
+    # variance more than doubles (generalized eigenvalues of Sigma_new against
+    # Sigma, by SciPy), the step backtracks, and repeated steps still reach
+    # the family optimum.
+    model, mean, cov = _blr(rng)
+    family = getattr(vijax, name)(init_scale=1e-3)
+    params = family.init(model.latent)
+    free, _ = _exact_step(vijax.natural_gradient(family, 1.0), family, model, params)
+    opt = vijax.natural_gradient(family, 1.0, max_variance_growth=2.0)
+    bounded, state = _exact_step(opt, family, model, params)
+    old = _covariance(family, params)
+    ratio = lambda new: scipy.linalg.eigh(_covariance(family, new), old, eigvals_only=True)  # noqa: E731
+    assert ratio(free).max() > 100.0
+    assert ratio(bounded).max() <= 2.0 + 1e-9
+    assert ratio(bounded).max() > 1.0  # it did grow
+    assert int(state.num_backtracks) >= 1 and 0 < float(state.step_size) < 1.0
+    step = _stepper(opt, family, model)
+    s = opt.init(params)
+    kls = []
+    for _ in range(40):
+        params, s = step(params, s)
+        kls.append(float(vijax.exact_kl(params, family, model)))
+    assert all(b <= a + 1e-9 for a, b in zip(kls, kls[1:]))
+    if name == "full_rank":
+        assert kls[-1] < 1e-8
+    else:  # the mean-field optimum: posterior mean, variances 1 / P_ii
+        prec = np.linalg.inv(cov)
+        best = vijax.Gaussian.diagonal(
+            jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec)))
+        )
+        assert kls[-1] - float(vijax.gaussian_kl(best, model.posterior)) < 1e-6
+
+
 def test_non_finite_gradient_gives_non_finite_updates(x64, rng):
     family = vijax.full_rank()
     params = family.init(jnp.zeros(3))
@@ -271,6 +311,37 @@ def test_monte_carlo_natural_gradient_converges(x64, rng, name):
     assert kl - optimum < 0.02
 
 
+def test_growth_bound_keeps_few_sample_full_rank_steps_stable(x64, rng):
+    # d = 30 with S = 4 draws per step: each step estimates a 30 x 30 matrix
+    # from 4 draws. Unbounded, a noisy step makes the new precision nearly
+    # singular and the fit diverges (KL 1e8 to 1e14 for these three seeds
+    # with max_variance_growth=None); with max_variance_growth=2 every seed
+    # ends near the posterior.
+    model, _, _ = _blr(rng, d=30, n=200)
+    family = vijax.full_rank()
+    opt = vijax.natural_gradient(
+        family, lambda t: 0.3 / (1 + t / 50), max_variance_growth=2.0
+    )
+
+    def step(carry, key):
+        params, state = carry
+        grads = jax.grad(
+            lambda p: -vijax.elbo(
+                key, p, family, model.log_joint, num_samples=4, estimator="stl"
+            )
+        )(params)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    run = jax.jit(lambda c, keys: jax.lax.scan(step, c, keys)[0])
+    start = family.init(model.latent)
+    assert float(vijax.exact_kl(start, family, model)) > 1000
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(seed), 400)
+        params, _ = run((start, opt.init(start)), keys)
+        assert float(vijax.exact_kl(params, family, model)) < 0.05
+
+
 def test_works_as_the_optimizer_of_fit(rng):
     model, _, _ = _blr(rng, d=4)
     x = jnp.asarray(rng.normal(size=(30, 4)), jnp.float32)
@@ -300,6 +371,12 @@ def test_errors():
         vijax.natural_gradient(family, "1.0")
     with pytest.raises(ValueError, match="max_backtracks"):
         vijax.natural_gradient(family, 1.0, max_backtracks=-1)
+    for bad in (1.0, 0.5, -2.0, float("nan")):
+        with pytest.raises(ValueError, match=r"max_variance_growth.*> 1.*got"):
+            vijax.natural_gradient(family, 1.0, max_variance_growth=bad)
+    for bad in ("2", True):
+        with pytest.raises(TypeError, match="max_variance_growth"):
+            vijax.natural_gradient(family, 1.0, max_variance_growth=bad)
     opt = vijax.natural_gradient(family, 1.0)
     params = family.init(jnp.zeros(2))
     state = opt.init(params)
