@@ -227,7 +227,7 @@ def natural_gradient(
     100-dimensional Bayesian linear regression in about 6 times fewer
     gradient evaluations than the best Adam (without the growth bound it
     diverges at S = 8), and a 50-dimensional logistic regression's optimum in
-    about 15 times fewer. At d = 500 with S = 8 it does not converge within
+    about 13 times fewer. At d = 500 with S = 8 it does not converge within
     the benchmark's budget; batch-and-match (:func:`vijax.batch_and_match`)
     is the method that does.
 
