@@ -177,6 +177,15 @@ def test_update_follows_the_dtype(dtype, rng):
         assert leaf.dtype == dtype
     tol = 1e-3 if dtype == np.float32 else 1e-10
     assert float(vijax.exact_kl(params, family, model)) < tol
+    # The growth-bounded step keeps the dtype too. From a start about 20
+    # times narrower than the posterior the full step would grow the
+    # variances some 400-fold, so it backtracks.
+    narrow = vijax.full_rank(init_scale=0.01)
+    opt = vijax.natural_gradient(narrow, 1.0, max_variance_growth=2.0)
+    params, state = _exact_step(opt, narrow, model, narrow.init(model.latent))
+    for leaf in jax.tree_util.tree_leaves(params) + [state.step_size]:
+        assert leaf.dtype == dtype
+    assert int(state.num_backtracks) >= 1
 
 
 def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
