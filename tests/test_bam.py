@@ -141,6 +141,9 @@ def test_continuing_from_the_state_matches_one_run(x64, rng):
     rest = vijax.batch_and_match(None, model.log_joint, half.state, num_steps=7, **kw)
     chex.assert_trees_all_close(rest.params, whole.params, rtol=1e-12)
     assert int(rest.state.step) == 12
+    with pytest.raises(ValueError, match="`key` must be None.*got"):
+        vijax.batch_and_match(jax.random.key(3), model.log_joint, half.state,
+                              num_steps=1, **kw)
 
 
 def test_step_vmaps_over_keys(x64, rng):

@@ -396,6 +396,9 @@ def test_fit_batched_matches_separate_fits(x64):
                              optimizer=opt, num_steps=10, num_samples=4,
                              progress=False, chunk_size=64)
     np.testing.assert_array_equal(np.asarray(more.state.step), [160] * 4)
+    with pytest.raises(ValueError, match="`keys` must be None.*got"):
+        vijax.fit_batched(keys, family, model.log_joint, batch.state, optimizer=opt,
+                          num_steps=1, num_samples=4, progress=False)
 
 
 def test_fit_batched_over_initial_params():

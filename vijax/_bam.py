@@ -329,11 +329,7 @@ def batch_and_match(
         num_steps, chunk_size, max_nonfinite, progress, None, 100, 1, None, None
     )
     if isinstance(init_params, FitState):
-        if key is not None:
-            raise ValueError(
-                "`key` must be None when `init_params` is a FitState (the run's key "
-                "is in the state); got a key."
-            )
+        _fit._check_no_key("key", key)
         _check_init_params(init_params.params)
         state = init_params._replace(
             key=_fit._as_typed_key("init_params.key", init_params.key),

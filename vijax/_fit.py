@@ -761,6 +761,15 @@ def _check_run_args(
     )
 
 
+def _check_no_key(name: str, value: Any) -> None:
+    """Raises unless ``value`` is None: a run continued from a FitState uses its key(s)."""
+    if value is not None:
+        raise ValueError(
+            f"`{name}` must be None when `init_params` is a FitState (the state "
+            f"carries the run's {name}); got {type(value).__name__}."
+        )
+
+
 def _check_state(state: FitState, family, optimizer, batched: bool) -> FitState:
     """Checks that a FitState to continue from matches the family and optimizer."""
     params = state.params
@@ -901,11 +910,7 @@ def fit(
         checkpoint_dir, checkpoint_every,
     )
     if isinstance(init_params, FitState):
-        if key is not None:
-            raise ValueError(
-                "`key` must be None when `init_params` is a FitState (the run's key "
-                "is in the state); got a key."
-            )
+        _check_no_key("key", key)
         state = _check_state(init_params, family, optimizer, batched=False)
     else:
         key = _as_typed_key("key", key)
@@ -994,11 +999,7 @@ def fit_batched(
         checkpoint_dir, checkpoint_every,
     )
     if isinstance(init_params, FitState):
-        if keys is not None:
-            raise ValueError(
-                "`keys` must be None when `init_params` is a FitState (the keys are "
-                "in the state); got keys."
-            )
+        _check_no_key("keys", keys)
         state = _check_state(init_params, family, optimizer, batched=True)
     else:
         keys = _as_typed_key("keys", keys, batch_ndim=1)
