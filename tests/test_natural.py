@@ -60,6 +60,34 @@ def _stepper(opt, family, model):
     return step
 
 
+def _monte_carlo_run(opt, family, model, num_samples):
+    """A jitted loop ``run(params, keys) -> params`` of optax steps on STL gradients."""
+
+    def step(carry, key):
+        params, state = carry
+        grads = jax.grad(
+            lambda p: -vijax.elbo(
+                key, p, family, model.log_joint, num_samples=num_samples,
+                estimator="stl",
+            )
+        )(params)
+        updates, state = opt.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    @jax.jit
+    def run(params, keys):
+        return jax.lax.scan(step, (params, opt.init(params)), keys)[0][0]
+
+    return run
+
+
+def _mean_field_optimum_kl(model, mean, cov) -> float:
+    """KL of the best mean-field Gaussian: the posterior mean, variances 1 / P_ii."""
+    prec = np.linalg.inv(cov)
+    best = vijax.Gaussian.diagonal(jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec))))
+    return float(vijax.gaussian_kl(best, model.posterior))
+
+
 def _exact_step(opt, family, model, params, state=None):
     if state is None:
         state = opt.init(params)
@@ -241,12 +269,8 @@ def test_max_variance_growth_bounds_every_step(x64, rng, name):
     assert all(b <= a + 1e-9 for a, b in zip(kls, kls[1:]))
     if name == "full_rank":
         assert kls[-1] < 1e-8
-    else:  # the mean-field optimum: posterior mean, variances 1 / P_ii
-        prec = np.linalg.inv(cov)
-        best = vijax.Gaussian.diagonal(
-            jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec)))
-        )
-        assert kls[-1] - float(vijax.gaussian_kl(best, model.posterior)) < 1e-6
+    else:
+        assert kls[-1] - _mean_field_optimum_kl(model, mean, cov) < 1e-6
 
 
 def test_non_finite_gradient_gives_non_finite_updates(x64, rng):
@@ -292,28 +316,9 @@ def test_monte_carlo_natural_gradient_converges(x64, rng, name):
     model, mean, cov = _blr(rng, d=4)
     family = getattr(vijax, name)()
     opt = vijax.natural_gradient(family, 0.1)
-    params = family.init(model.latent)
-
-    def step(carry, key):
-        params, state = carry
-        grads = jax.grad(
-            lambda p: -vijax.elbo(
-                key, p, family, model.log_joint, num_samples=8, estimator="stl"
-            )
-        )(params)
-        updates, state = opt.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    keys = jax.random.split(jax.random.key(0), 300)
-    (params, _), _ = jax.jit(lambda c: jax.lax.scan(step, c, keys))(
-        (params, opt.init(params))
-    )
-    if name == "full_rank":
-        optimum = 0.0
-    else:  # mean-field optimum: the posterior mean, variances 1 / P_ii
-        prec = np.linalg.inv(cov)
-        best = vijax.Gaussian.diagonal(jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec))))
-        optimum = float(vijax.gaussian_kl(best, model.posterior))
+    run = _monte_carlo_run(opt, family, model, num_samples=8)
+    params = run(family.init(model.latent), jax.random.split(jax.random.key(0), 300))
+    optimum = 0.0 if name == "full_rank" else _mean_field_optimum_kl(model, mean, cov)
     kl = float(vijax.exact_kl(params, family, model))
     start_kl = float(vijax.exact_kl(family.init(model.latent), family, model))
     assert start_kl > 100
@@ -331,23 +336,11 @@ def test_growth_bound_keeps_few_sample_full_rank_steps_stable(x64, rng):
     opt = vijax.natural_gradient(
         family, lambda t: 0.3 / (1 + t / 50), max_variance_growth=2.0
     )
-
-    def step(carry, key):
-        params, state = carry
-        grads = jax.grad(
-            lambda p: -vijax.elbo(
-                key, p, family, model.log_joint, num_samples=4, estimator="stl"
-            )
-        )(params)
-        updates, state = opt.update(grads, state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    run = jax.jit(lambda c, keys: jax.lax.scan(step, c, keys)[0])
+    run = _monte_carlo_run(opt, family, model, num_samples=4)
     start = family.init(model.latent)
     assert float(vijax.exact_kl(start, family, model)) > 1000
     for seed in range(3):
-        keys = jax.random.split(jax.random.key(seed), 400)
-        params, _ = run((start, opt.init(start)), keys)
+        params = run(start, jax.random.split(jax.random.key(seed), 400))
         assert float(vijax.exact_kl(params, family, model)) < 0.05
 
 
