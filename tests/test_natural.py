@@ -210,10 +210,16 @@ def test_update_follows_the_dtype(dtype, rng):
     # variances some 400-fold, so it backtracks.
     narrow = vijax.full_rank(init_scale=0.01)
     opt = vijax.natural_gradient(narrow, 1.0, max_variance_growth=2.0)
-    params, state = _exact_step(opt, narrow, model, narrow.init(model.latent))
+    start = narrow.init(model.latent)
+    params, state = _exact_step(opt, narrow, model, start)
     for leaf in jax.tree_util.tree_leaves(params) + [state.step_size]:
         assert leaf.dtype == dtype
     assert int(state.num_backtracks) >= 1
+    growth = scipy.linalg.eigh(
+        _covariance(narrow, params).astype(np.float64),
+        _covariance(narrow, start).astype(np.float64), eigvals_only=True,
+    )
+    assert 1.0 < growth.max() <= 2.0 * (1 + (1e-4 if dtype == np.float32 else 1e-9))
 
 
 def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
@@ -255,7 +261,10 @@ def test_max_variance_growth_bounds_every_step(x64, rng, name):
     opt = vijax.natural_gradient(family, 1.0, max_variance_growth=2.0)
     bounded, state = _exact_step(opt, family, model, params)
     old = _covariance(family, params)
-    ratio = lambda new: scipy.linalg.eigh(_covariance(family, new), old, eigvals_only=True)  # noqa: E731
+
+    def ratio(new):  # generalized eigenvalues of Sigma_new against Sigma (old)
+        return scipy.linalg.eigh(_covariance(family, new), old, eigvals_only=True)
+
     assert ratio(free).max() > 100.0
     assert ratio(bounded).max() <= 2.0 + 1e-9
     assert ratio(bounded).max() > 1.0  # it did grow
@@ -264,7 +273,9 @@ def test_max_variance_growth_bounds_every_step(x64, rng, name):
     s = opt.init(params)
     kls = []
     for _ in range(40):
+        old = _covariance(family, params)
         params, s = step(params, s)
+        assert ratio(params).max() <= 2.0 + 1e-9  # every step, not just the first
         kls.append(float(vijax.exact_kl(params, family, model)))
     assert all(b <= a + 1e-9 for a, b in zip(kls, kls[1:]))
     if name == "full_rank":
@@ -273,14 +284,16 @@ def test_max_variance_growth_bounds_every_step(x64, rng, name):
         assert kls[-1] - _mean_field_optimum_kl(model, mean, cov) < 1e-6
 
 
-def test_non_finite_gradient_gives_non_finite_updates(x64, rng):
-    family = vijax.full_rank()
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_non_finite_gradient_gives_non_finite_updates(x64, rng, name):
+    family = getattr(vijax, name)()
     params = family.init(jnp.zeros(3))
     grads = jax.tree_util.tree_map(jnp.zeros_like, params)
     grads = grads._replace(raw_scale=grads.raw_scale.at[1].set(jnp.nan))
     opt = vijax.natural_gradient(family, 0.5)
     updates, _ = jax.jit(opt.update)(grads, opt.init(params), params)
     assert not bool(jnp.all(jnp.isfinite(updates.loc)))
+    assert not bool(jnp.all(jnp.isfinite(updates.raw_scale)))
     # optax.apply_if_finite then keeps the parameters.
     safe = optax.apply_if_finite(opt, max_consecutive_errors=3)
     updates, _ = jax.jit(safe.update)(grads, safe.init(params), params)
@@ -379,6 +392,8 @@ def test_errors():
     for bad in ("2", True):
         with pytest.raises(TypeError, match="max_variance_growth"):
             vijax.natural_gradient(family, 1.0, max_variance_growth=bad)
+    for good in (2, np.float32(2.0), np.int64(3), float("inf")):
+        vijax.natural_gradient(family, 1.0, max_variance_growth=good)
     opt = vijax.natural_gradient(family, 1.0)
     params = family.init(jnp.zeros(2))
     state = opt.init(params)
