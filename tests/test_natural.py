@@ -354,20 +354,23 @@ def test_growth_bound_keeps_few_sample_full_rank_steps_stable(x64, rng):
 
 
 def test_works_as_the_optimizer_of_fit(rng):
-    model, _, _ = _blr(rng, d=4)
+    # S = 4 draws in d = 4: unbounded, the step diverges on some keys (about
+    # 4 in 10 at rho = 0.5); bounding the variance growth, as the docstring
+    # advises for few draws, converges on every key tried.
     x = jnp.asarray(rng.normal(size=(30, 4)), jnp.float32)
     model = vijax.models.bayesian_linear_regression(
         x, x @ jnp.ones(4), noise_scale=0.5, prior_scale=1.0
     )
     family = vijax.full_rank()
-    result = vijax.fit(
-        jax.random.key(0), family, model.log_joint, family.init(model.latent),
-        optimizer=vijax.natural_gradient(family, 0.5), num_steps=100,
-        num_samples=4, estimator="stl", progress=False,
-    )
-    assert result.num_skipped == 0
-    assert isinstance(result.state.opt_state, vijax.NaturalGradientState)
-    assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
+    for seed in range(3):
+        result = vijax.fit(
+            jax.random.key(seed), family, model.log_joint, family.init(model.latent),
+            optimizer=vijax.natural_gradient(family, 0.5, max_variance_growth=2.0),
+            num_steps=100, num_samples=4, estimator="stl", progress=False,
+        )
+        assert result.num_skipped == 0
+        assert isinstance(result.state.opt_state, vijax.NaturalGradientState)
+        assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
 
 
 def test_errors():
