@@ -256,6 +256,34 @@ def test_optimizer_that_makes_params_nonfinite_is_guarded():
     chex.assert_trees_all_equal(err.value.state.params, params)
 
 
+def test_nonfinite_update_keeps_params_and_the_optimizers_new_state():
+    # SGD(0.1) that counts its calls and returns a NaN update on call 1
+    # only: step 1 is skipped with the parameters of step 0 kept, the count
+    # the optimizer returned is kept, and step 2 updates as usual.
+    def update(g, count, p=None):
+        u = jax.tree_util.tree_map(lambda x: jnp.where(count == 1, jnp.nan, -0.1 * x), g)
+        return u, count + 1
+
+    opt = optax.GradientTransformation(lambda p: jnp.zeros((), jnp.int32), update)
+    family = vijax.mean_field()
+    loc0 = jnp.array([3.0, -2.0])
+    state = vijax.init_fit_state(
+        jax.random.key(0), family.init(jnp.zeros(2))._replace(loc=loc0), opt
+    )
+    step = jax.jit(vijax.make_step(family, std_normal_log_joint, opt, num_samples=2))
+    s1, i0 = step(state)
+    s2, i1 = step(s1)
+    s3, i2 = step(s2)
+    assert [bool(i.skipped) for i in (i0, i1, i2)] == [False, True, False]
+    assert np.isfinite(float(i1.elbo)) and np.isfinite(float(i1.grad_norm))
+    chex.assert_trees_all_equal(s2.params, s1.params)
+    assert [int(s.opt_state) for s in (s1, s2, s3)] == [1, 2, 3]
+    assert int(s2.step) == 2
+    # Step 2 is an SGD step from step 1's parameters.
+    assert not np.array_equal(s3.params.loc, s2.params.loc)
+    assert np.all(np.isfinite(np.asarray(s3.params.loc)))
+
+
 def test_consecutive_nonfinite_steps_raise_with_last_finite_state():
     # The target is at 10 but the log joint is NaN beyond 1: the first SGD step
     # jumps to ~3, where with a tiny scale every later sample is NaN.

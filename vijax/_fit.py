@@ -62,9 +62,10 @@ class FitInfo(NamedTuple):
       elbo: the Monte Carlo ELBO estimate at the step's parameters (before
         the update; larger is better). Non-finite when the step was skipped.
       grad_norm: the global L2 norm of the ELBO gradient estimate.
-      skipped: whether the step was skipped (non-finite loss, gradient or
-        updated parameters): the parameters and optimizer state were left
-        unchanged.
+      skipped: whether the step was skipped: the loss or gradient was not
+        finite (the parameters and optimizer state were left unchanged), or
+        the updated parameters were not (the parameters were left
+        unchanged; the optimizer keeps the state it returned).
     """
 
     elbo: jax.Array
@@ -98,11 +99,12 @@ class FitResult(NamedTuple):
 class FitError(RuntimeError):
     """Raised when a fit takes too many consecutive non-finite steps.
 
-    The message names the step. Nothing is lost: ``state`` is the last finite
-    state (the parameters and optimizer state after the last successful step,
-    the step counter at the failing step) and ``result`` the
-    :class:`FitResult` up to that step, so ``fit`` can continue from
-    ``err.state`` once the cause is fixed.
+    The message names the step. Nothing is lost: ``state`` holds the
+    parameters after the last successful step, the optimizer state (as it
+    was then, or as the optimizer last returned it when its own updates made
+    the parameters non-finite; see :func:`make_step`) and the step counter at
+    the failing step; ``result`` is the :class:`FitResult` up to that step.
+    So ``fit`` can continue from ``err.state`` once the cause is fixed.
 
     Attributes:
       state: the :class:`FitState` at the failing step; its parameters are
@@ -275,11 +277,21 @@ def make_step(
 
     The step draws its noise from ``fold_in(state.key, state.step)`` (so the
     result depends on the state alone), computes ``-elbo`` and its gradient
-    with :func:`vijax.elbo`, applies the optax update, and keeps the new
-    parameters only when the loss, the gradient norm and the updated
-    parameters are all finite; otherwise the parameters and optimizer state
-    stay as they were and ``info.skipped`` is True. The step counter advances
-    either way, so a skipped step's successor draws fresh noise.
+    with :func:`vijax.elbo`, and applies the optax update. A step is skipped
+    (``info.skipped`` is True) in two cases:
+
+    * the loss or the gradient is not finite: the optimizer is not called,
+      and the parameters and optimizer state stay as they were;
+    * the gradient is finite but the updated parameters are not (the
+      optimizer returned a non-finite update, or one that overflows): the
+      parameters stay as they were, and the optimizer keeps the state it
+      returned. (Restoring its old state would cost a copy of the state
+      every step, 7 to 10% of a full-rank step on CPU. optax's optimizers,
+      and :func:`vijax.natural_gradient`, return finite updates for a
+      finite gradient, so this case takes an unusual optimizer.)
+
+    The step counter advances either way, so a skipped step's successor
+    draws fresh noise.
 
     The returned function is pure: ``jit``, ``vmap`` and ``lax.scan`` it as
     you like (``fit`` scans it).
@@ -333,11 +345,10 @@ def make_step(
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             ok = _tree_all_finite(params)
-            return (
-                _tree_where(ok, params, state.params),
-                _tree_where(ok, opt_state, state.opt_state),
-                ok,
-            )
+            # The optimizer's new state is kept as it returned it: restoring
+            # the old one too keeps both states alive and copies them every
+            # step, measured at 7 to 10% of a full-rank step on CPU.
+            return _tree_where(ok, params, state.params), opt_state, ok
 
         def keep(_):
             return state.params, state.opt_state, jnp.array(False)
@@ -823,11 +834,13 @@ def fit(
     from ``result.state`` (or a checkpoint) gives bitwise the same parameters
     as an uninterrupted run, whatever the chunk sizes.
 
-    NaN safety: a step whose loss, gradient norm or updated parameters are not
-    finite leaves the parameters and optimizer state unchanged and is counted
-    in ``trace.skipped``; after ``max_nonfinite`` consecutive such steps the
-    fit stops and raises :class:`FitError` (naming the step, carrying the last
-    finite state). Returned parameters are always finite.
+    NaN safety: a step whose loss or gradient is not finite leaves the
+    parameters and optimizer state unchanged, and one whose updated
+    parameters are not finite leaves the parameters unchanged (see
+    :func:`make_step`). Both are counted in ``trace.skipped``; after
+    ``max_nonfinite`` consecutive such steps the fit stops and raises
+    :class:`FitError` (naming the step, carrying the last finite state).
+    Returned parameters are always finite.
 
     Early stopping (``tol`` not None), checked after each chunk: the running
     mean ELBO over the last ``window`` steps is compared with the best one
