@@ -16,10 +16,12 @@ not depend on the sample and is computed once per call even under ``vmap``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
@@ -112,9 +114,33 @@ def _softplus_inverse(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
+def _host_constant(value, shape, dtype) -> jax.Array:
+    """``value`` (a float or NumPy array) broadcast to ``shape``, built on the host.
+
+    The initial parameters depend only on shapes and Python floats. Eager
+    ``jnp`` ops would compile one small XLA program each, about 0.1 s in a
+    fresh process for a family's ``init``; NumPy compiles nothing.
+    """
+    return jnp.asarray(np.broadcast_to(np.asarray(value, np.float64), shape).astype(dtype))
+
+
+def _softplus_inverse_float(y: float) -> float:
+    return y + math.log(-math.expm1(-y))
+
+
 def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
     latent = _checks.check_latent("latent", latent)
     return ravel_pytree(latent)
+
+
+def _init_loc(latent: ArrayTree) -> tuple[ArrayTree, int, Any]:
+    """The checked latent (the initial mean), its flat dimension d and its dtype.
+
+    Reads shapes only, so ``init`` runs no device op on the latent.
+    """
+    latent = _checks.check_latent("latent", latent)
+    leaves = jax.tree_util.tree_leaves(latent)
+    return latent, sum(leaf.size for leaf in leaves), leaves[0].dtype
 
 
 # Inverses of the parameterizations, shared with the natural-gradient and
@@ -229,9 +255,9 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
     init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
-        flat, unravel = _flat_loc(latent)
-        raw = jnp.full(flat.shape, _softplus_inverse(init_scale), flat.dtype)
-        return MeanFieldParams(loc=unravel(flat), raw_scale=raw)
+        loc, d, dtype = _init_loc(latent)
+        raw = _host_constant(_softplus_inverse_float(init_scale), (d,), dtype)
+        return MeanFieldParams(loc=loc, raw_scale=raw)
 
     def to_gaussian(params):
         loc, _ = ravel_pytree(params.loc)
@@ -269,11 +295,10 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
     init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
-        flat, unravel = _flat_loc(latent)
-        d = flat.shape[0]
-        raw = jnp.full((d,), _softplus_inverse(init_scale), flat.dtype)
+        loc, d, dtype = _init_loc(latent)
+        raw = _host_constant(_softplus_inverse_float(init_scale), (d,), dtype)
         return FullRankParams(
-            loc=unravel(flat), raw_scale=raw, off_diag=jnp.zeros((d, d), flat.dtype)
+            loc=loc, raw_scale=raw, off_diag=_host_constant(0.0, (d, d), dtype)
         )
 
     def to_gaussian(params):
@@ -319,19 +344,19 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def init(latent):
-        flat, unravel = _flat_loc(latent)
-        d = flat.shape[0]
+        loc, d, dtype = _init_loc(latent)
         if rank > d:
             raise ValueError(
                 f"`rank` must be between 1 and the latent dimension d = {d}; "
                 f"got rank = {rank}."
             )
-        w = 0.1 * init_scale * jnp.eye(d, rank, dtype=flat.dtype)
-        diag = jnp.sqrt(init_scale**2 - jnp.sum(jnp.square(w), axis=1))
+        w = 0.1 * init_scale * np.eye(d, rank)
+        diag = np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
+        raw = diag + np.log(-np.expm1(-diag))  # softplus^{-1}, in float64
         return LowRankParams(
-            loc=unravel(flat),
-            raw_scale=_softplus_inverse(diag),
-            cov_factor=w,
+            loc=loc,
+            raw_scale=_host_constant(raw, (d,), dtype),
+            cov_factor=_host_constant(w, (d, rank), dtype),
         )
 
     def to_gaussian(params):
