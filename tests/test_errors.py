@@ -164,12 +164,23 @@ FAMILY_MAKERS = {
     [(0.0, ValueError, ("`init_scale` must be positive", "0.0")),
      (-0.1, ValueError, ("`init_scale` must be positive", "-0.1")),
      (float("nan"), ValueError, ("`init_scale` must be positive", "nan")),
+     (float("inf"), ValueError, ("`init_scale` must be finite", "inf")),
      ("0.1", TypeError, ("`init_scale`", "'0.1'")),
+     (True, TypeError, ("`init_scale`", "True")),
+     (np.ones(2), TypeError, ("`init_scale`", "array")),
      (None, TypeError, ("`init_scale`", "None"))],
 )
 def test_init_scale_errors(name, init_scale, exc, fragments):
     with raises(exc, *fragments):
         FAMILY_MAKERS[name](init_scale=init_scale)
+
+
+@pytest.mark.parametrize("name", FAMILY_MAKERS)
+@pytest.mark.parametrize("init_scale", [np.float32(0.5), np.float64(0.5), np.int64(2), 2])
+def test_init_scale_accepts_numpy_and_python_scalars(x64, name, init_scale):
+    family = FAMILY_MAKERS[name](init_scale=init_scale)
+    cov = family.to_gaussian(family.init(jnp.zeros(3))).cov
+    np.testing.assert_allclose(np.asarray(cov), float(init_scale) ** 2 * np.eye(3), rtol=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -383,6 +383,10 @@ def test_errors():
         vijax.natural_gradient(family, 0.0)
     with pytest.raises(TypeError, match="learning_rate"):
         vijax.natural_gradient(family, "1.0")
+    with pytest.raises(ValueError, match="`learning_rate` must be finite"):
+        vijax.natural_gradient(family, float("inf"))
+    # NumPy scalars are numbers like any other.
+    vijax.natural_gradient(family, np.float32(0.5))
     with pytest.raises(ValueError, match="max_backtracks"):
         vijax.natural_gradient(family, 1.0, max_backtracks=-1)
     for bad in (1.0, 0.5, -2.0, float("nan")):

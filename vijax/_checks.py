@@ -8,6 +8,7 @@ Each error names the argument and gives the expected and the received value.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -138,15 +139,21 @@ def check_positive(name: str, x: Any) -> None:
 
 
 def check_positive_float(name: str, x: Any, *, also: str = "") -> float:
-    """A positive Python number, returned as float; ``also`` names other accepted forms.
+    """A positive, finite real scalar, returned as a Python float.
 
-    Callers accept their extra forms (``None``, a schedule) before calling.
+    Python and NumPy ints and floats are accepted (``np.float32(0.1)`` too);
+    bools, strings, arrays and complex numbers are not. ``also`` names the
+    other forms a caller accepts (``None``, a schedule) before calling.
     """
     expected = f"a positive float{also}"
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, (bool, np.bool_)) or not isinstance(
+        x, (int, float, np.integer, np.floating)
+    ):
         raise TypeError(f"`{name}` must be {expected}; got {x!r}.")
     if not x > 0:
         raise ValueError(f"`{name}` must be positive; got {x!r}.")
+    if not math.isfinite(x):
+        raise ValueError(f"`{name}` must be finite; got {x!r}.")
     return float(x)
 
 
