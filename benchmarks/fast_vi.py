@@ -57,15 +57,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-
-import vijax  # noqa: E402
-from benchmarks import _machine  # noqa: E402
+import vijax
+from benchmarks import _machine
 
 NUM_SAMPLES = 8
 ADAM_LRS = (1e-3, 1e-2, 1e-1)
@@ -326,6 +323,9 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=1e-2)
     parser.add_argument("--out", default="benchmarks/results/cpu")
     args = parser.parse_args(argv)
+    # float64 throughout; set here, not at import, so that importing this
+    # module (the tests do) changes no global setting.
+    jax.config.update("jax_enable_x64", True)
 
     if args.quick:
         dims, estimators = (10, 100), ("stl",)

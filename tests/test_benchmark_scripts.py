@@ -8,6 +8,10 @@ and ``benchmarks/fast_vi.py``'s runners and report work on a tiny problem.
 
 import argparse
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,20 @@ import pytest
 
 import vijax
 from benchmarks import fast_vi, fit_speed
+
+
+def test_importing_the_scripts_changes_no_global_setting():
+    # fast_vi runs in float64 but must not switch it on for whoever imports it.
+    code = (
+        "import jax; import benchmarks.fast_vi, benchmarks.fit_speed; "
+        "assert not jax.config.jax_enable_x64, 'x64 was switched on'"
+    )
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.parametrize("family_name", ["mean_field", "full_rank"])
