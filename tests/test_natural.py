@@ -373,6 +373,47 @@ def test_works_as_the_optimizer_of_fit(rng):
         assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
 
 
+def _np_gaussian_kl(m0, c0, m1, c1) -> float:
+    """KL(N(m0, c0) || N(m1, c1)) in NumPy float64."""
+    d = len(m0)
+    diff = m1 - m0
+    return 0.5 * float(
+        np.trace(np.linalg.solve(c1, c0)) + diff @ np.linalg.solve(c1, diff) - d
+        + np.linalg.slogdet(c1)[1] - np.linalg.slogdet(c0)[1]
+    )
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+@pytest.mark.parametrize("estimator", ["stl", "reparam", "closed_entropy", "score"])
+def test_fit_converges_with_every_monte_carlo_estimator(x64, rng, name, estimator):
+    # The transformation only sees the averaged gradient, so any unbiased
+    # estimator works; a decaying step averages its noise away. Three seeds
+    # in one compiled call; the largest KL above the family optimum seen in
+    # trials was 0.005 (reparam and closed_entropy, which keep some variance
+    # at the optimum; stl and score converge to 1e-4 or better).
+    model, mean, cov = _blr(rng, d=3)
+    family = getattr(vijax, name)()
+    if name == "mean_field":
+        prec = np.linalg.inv(cov)
+        opt_mean, opt_cov = mean, np.diag(1.0 / np.diag(prec))
+    else:
+        opt_mean, opt_cov = mean, cov
+    best_kl = _np_gaussian_kl(opt_mean, opt_cov, mean, cov)
+    result = vijax.fit_batched(
+        jax.random.split(jax.random.key(0), 3), family, model.log_joint,
+        family.init(model.latent),
+        optimizer=vijax.natural_gradient(
+            family, lambda t: 0.5 / (1.0 + t / 20.0), max_variance_growth=2.0
+        ),
+        num_steps=300, num_samples=16, estimator=estimator, progress=False,
+    )
+    assert np.all(result.num_skipped == 0)
+    for b in range(3):
+        q = family.to_gaussian(jax.tree_util.tree_map(lambda a: a[b], result.params))
+        kl = _np_gaussian_kl(np.asarray(q.mean), np.asarray(q.cov), mean, cov)
+        assert kl - best_kl < 0.02, (b, kl - best_kl)
+
+
 def test_errors():
     family = vijax.full_rank()
     with pytest.raises(ValueError, match="low_rank"):
