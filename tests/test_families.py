@@ -51,6 +51,36 @@ def test_init_over_pytrees(x64, name, latent, d):
     np.testing.assert_allclose(q.mean, ravel_pytree(latent)[0], rtol=1e-12)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_init_under_jit_and_vmap_and_in_half_precision(x64, name):
+    family = FAMILIES[name]()
+    latent = jax.tree_util.tree_map(jnp.asarray, dict_latent())
+    eager = family.init(latent)
+    chex.assert_trees_all_equal(jax.jit(family.init)(latent), eager)
+    batched = jax.vmap(family.init)(jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), latent))
+    chex.assert_trees_all_equal(jax.tree_util.tree_map(lambda a: a[1], batched), eager)
+    for dtype in (jnp.float16, jnp.bfloat16):
+        params = family.init(dict_latent(dtype))
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(dtype)}
+        scale = np.asarray(family.to_gaussian(params).cov, np.float64).diagonal() ** 0.5
+        np.testing.assert_allclose(scale, 0.1, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_params_do_not_share_buffers_with_the_latent(name):
+    # Donating the parameters to a jitted step must leave the latent alive.
+    family = FAMILIES[name]()
+    latent = {"a": jnp.zeros(3), "b": jnp.ones(())}
+    params = family.init(latent)
+    assert params.loc["a"] is not latent["a"] and params.loc["b"] is not latent["b"]
+    step = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x + 1, p), donate_argnums=0)
+    for _ in range(2):
+        params = step(params)
+    np.testing.assert_array_equal(latent["a"], np.zeros(3))
+    np.testing.assert_array_equal(latent["b"], 1.0)
+    np.testing.assert_array_equal(params.loc["a"], np.full(3, 2.0))
+
+
 @pytest.mark.parametrize(
     "make", [lambda s: vijax.mean_field(init_scale=s), lambda s: vijax.full_rank(init_scale=s),
              lambda s: vijax.low_rank(rank=2, init_scale=s),

@@ -16,7 +16,6 @@ not depend on the sample and is computed once per call even under ``vmap``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -118,14 +117,19 @@ def _host_constant(value, shape, dtype) -> jax.Array:
     """``value`` (a float or NumPy array) broadcast to ``shape``, built on the host.
 
     The initial parameters depend only on shapes and Python floats. Eager
-    ``jnp`` ops would compile one small XLA program each, about 0.1 s in a
-    fresh process for a family's ``init``; NumPy compiles nothing.
+    ``jnp`` ops (and ``jnp.asarray`` of a NumPy array) compile one small XLA
+    program each, about 0.1 s in a fresh process for a family's ``init``;
+    NumPy and ``device_put`` compile nothing. The NumPy array is private, so
+    the asynchronous transfer cannot see it change.
     """
-    return jnp.asarray(np.broadcast_to(np.asarray(value, np.float64), shape).astype(dtype))
+    host = np.broadcast_to(np.asarray(value, np.float64), shape).astype(dtype)
+    return jax.device_put(host)
 
 
-def _softplus_inverse_float(y: float) -> float:
-    return y + math.log(-math.expm1(-y))
+def _softplus_inverse_host(y):
+    """softplus^{-1}(y) in NumPy float64, for a float or an array of y > 0."""
+    y = np.asarray(y, np.float64)
+    return y + np.log(-np.expm1(-y))
 
 
 def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
@@ -134,13 +138,19 @@ def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
 
 
 def _init_loc(latent: ArrayTree) -> tuple[ArrayTree, int, Any]:
-    """The checked latent (the initial mean), its flat dimension d and its dtype.
+    """A copy of the checked latent (the initial mean), its flat dimension d and dtype.
 
-    Reads shapes only, so ``init`` runs no device op on the latent.
+    Concrete leaves are copied (``device_put``, which compiles nothing), so
+    the parameters never share a buffer with the caller's latent: donating
+    the parameters to a jitted step must not delete ``model.latent``.
     """
     latent = _checks.check_latent("latent", latent)
     leaves = jax.tree_util.tree_leaves(latent)
-    return latent, sum(leaf.size for leaf in leaves), leaves[0].dtype
+    loc = jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, may_alias=False) if _checks.is_concrete(a) else a,
+        latent,
+    )
+    return loc, sum(leaf.size for leaf in leaves), leaves[0].dtype
 
 
 # Inverses of the parameterizations, shared with the natural-gradient and
@@ -239,7 +249,7 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
     ``q(z) = N(loc, diag(softplus(raw_scale)**2))``. Per-sample cost O(d).
 
     Args:
-      init_scale: the initial standard deviation of every coordinate (> 0).
+      init_scale: the initial standard deviation of every coordinate (finite, > 0).
 
     Returns:
       A :class:`VariationalFamily` whose params are :class:`MeanFieldParams`.
@@ -256,7 +266,7 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
 
     def init(latent):
         loc, d, dtype = _init_loc(latent)
-        raw = _host_constant(_softplus_inverse_float(init_scale), (d,), dtype)
+        raw = _host_constant(_softplus_inverse_host(init_scale), (d,), dtype)
         return MeanFieldParams(loc=loc, raw_scale=raw)
 
     def to_gaussian(params):
@@ -286,7 +296,7 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
     measures the difference.
 
     Args:
-      init_scale: the initial standard deviation of every coordinate (> 0);
+      init_scale: the initial standard deviation of every coordinate (finite, > 0);
         the initial correlation is zero.
 
     Returns:
@@ -296,7 +306,7 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
 
     def init(latent):
         loc, d, dtype = _init_loc(latent)
-        raw = _host_constant(_softplus_inverse_float(init_scale), (d,), dtype)
+        raw = _host_constant(_softplus_inverse_host(init_scale), (d,), dtype)
         return FullRankParams(
             loc=loc, raw_scale=raw, off_diag=_host_constant(0.0, (d, d), dtype)
         )
@@ -335,7 +345,7 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     Args:
       rank: the number of columns of ``W``; 1 <= rank <= d (checked in
         ``init``, where d is known).
-      init_scale: the initial standard deviation of every coordinate (> 0).
+      init_scale: the initial standard deviation of every coordinate (finite, > 0).
 
     Returns:
       A :class:`VariationalFamily` whose params are :class:`LowRankParams`.
@@ -352,10 +362,9 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
             )
         w = 0.1 * init_scale * np.eye(d, rank)
         diag = np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
-        raw = diag + np.log(-np.expm1(-diag))  # softplus^{-1}, in float64
         return LowRankParams(
             loc=loc,
-            raw_scale=_host_constant(raw, (d,), dtype),
+            raw_scale=_host_constant(_softplus_inverse_host(diag), (d,), dtype),
             cov_factor=_host_constant(w, (d, rank), dtype),
         )
 
