@@ -168,6 +168,9 @@ FAMILY_MAKERS = {
      ("0.1", TypeError, ("`init_scale`", "'0.1'")),
      (True, TypeError, ("`init_scale`", "True")),
      (np.ones(2), TypeError, ("`init_scale`", "array")),
+     (np.timedelta64(5), TypeError, ("`init_scale`", "timedelta64")),
+     (np.array(True), TypeError, ("`init_scale`", "bool")),
+     (10**400, ValueError, ("`init_scale`", "401 digits")),
      (None, TypeError, ("`init_scale`", "None"))],
 )
 def test_init_scale_errors(name, init_scale, exc, fragments):
@@ -176,7 +179,10 @@ def test_init_scale_errors(name, init_scale, exc, fragments):
 
 
 @pytest.mark.parametrize("name", FAMILY_MAKERS)
-@pytest.mark.parametrize("init_scale", [np.float32(0.5), np.float64(0.5), np.int64(2), 2])
+@pytest.mark.parametrize(
+    "init_scale",
+    [np.float32(0.5), np.float64(0.5), np.int64(2), 2, np.array(0.5), jnp.float32(0.5)],
+)
 def test_init_scale_accepts_numpy_and_python_scalars(x64, name, init_scale):
     family = FAMILY_MAKERS[name](init_scale=init_scale)
     cov = family.to_gaussian(family.init(jnp.zeros(3))).cov

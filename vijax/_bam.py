@@ -165,7 +165,7 @@ def make_bam_step(
     Raises:
       TypeError: ``log_joint`` is not callable or ``learning_rate`` has the
         wrong type.
-      ValueError: ``batch_size < 1`` or ``learning_rate <= 0``.
+      ValueError: ``batch_size < 1`` or ``learning_rate`` not a finite number > 0.
     """
     if not callable(log_joint):
         raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
@@ -299,8 +299,8 @@ def batch_and_match(
         ``learning_rate`` has the wrong type.
       ValueError: ``init_params`` are not full-rank parameters (an
         unsupported family), ``batch_size``, ``num_steps``, ``chunk_size``
-        or ``max_nonfinite`` below 1, ``learning_rate <= 0``, or non-finite
-        ``init_params``.
+        or ``max_nonfinite`` below 1, ``learning_rate`` not a finite number
+        > 0, or non-finite ``init_params``.
       FitError: ``max_nonfinite`` consecutive steps with non-finite
         log densities or scores.
 

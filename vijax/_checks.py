@@ -139,22 +139,36 @@ def check_positive(name: str, x: Any) -> None:
 
 
 def check_positive_float(name: str, x: Any, *, also: str = "") -> float:
-    """A positive, finite real scalar, returned as a Python float.
+    """A positive, finite real number, returned as a Python float.
 
-    Python and NumPy ints and floats are accepted (``np.float32(0.1)`` too);
-    bools, strings, arrays and complex numbers are not. ``also`` names the
-    other forms a caller accepts (``None``, a schedule) before calling.
+    Accepted: Python and NumPy ints and floats (``np.float32(0.1)`` too) and
+    concrete 0-d real arrays (``jnp.float32(0.1)``). Rejected with a
+    ``TypeError``: bools, strings, complex numbers, time deltas, arrays with
+    more than one element and traced values. ``also`` names the other forms a
+    caller accepts (``None``, a schedule) before calling.
     """
     expected = f"a positive float{also}"
-    if isinstance(x, (bool, np.bool_)) or not isinstance(
-        x, (int, float, np.integer, np.floating)
+    if isinstance(x, (np.ndarray, jax.Array)) and x.ndim == 0 and is_concrete(x):
+        if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+            raise TypeError(f"`{name}` must be {expected}; got a 0-d array of dtype {x.dtype}.")
+        x = x.item()
+    if (
+        isinstance(x, (bool, np.bool_, np.timedelta64))
+        or not isinstance(x, (int, float, np.integer, np.floating))
     ):
         raise TypeError(f"`{name}` must be {expected}; got {x!r}.")
     if not x > 0:
         raise ValueError(f"`{name}` must be positive; got {x!r}.")
-    if not math.isfinite(x):
+    try:
+        value = float(x)
+    except OverflowError:
+        raise ValueError(
+            f"`{name}` must be a finite float; got an int of {len(str(x))} digits, "
+            "too large for a float."
+        ) from None
+    if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite; got {x!r}.")
-    return float(x)
+    return value
 
 
 def check_finite(name: str, x: Any) -> None:

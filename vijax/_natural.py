@@ -270,8 +270,8 @@ def natural_gradient(
         is neither a number nor a callable, or ``max_variance_growth`` is
         neither None nor a number.
       ValueError: the family has no closed-form natural gradient here
-        (``low_rank``), ``learning_rate <= 0``, ``max_backtracks < 0`` or
-        ``max_variance_growth <= 1``; and,
+        (``low_rank``), ``learning_rate`` not a finite number > 0,
+        ``max_backtracks < 0`` or ``max_variance_growth <= 1``; and,
         from ``update``, missing ``params`` or gradients whose structure differs
         from ``params``.
 
