@@ -22,7 +22,7 @@ import vijax
 from benchmarks import fast_vi, fit_speed
 
 
-def test_importing_the_scripts_changes_no_global_setting():
+def test_importing_the_scripts_leaves_x64_off():
     # fast_vi runs in float64 but must not switch it on for whoever imports it.
     code = (
         "import jax; import benchmarks.fast_vi, benchmarks.fit_speed; "

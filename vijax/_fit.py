@@ -60,7 +60,8 @@ class FitInfo(NamedTuple):
 
     Attributes:
       elbo: the Monte Carlo ELBO estimate at the step's parameters (before
-        the update; larger is better). Non-finite when the step was skipped.
+        the update; larger is better). Non-finite when the step was skipped
+        for a non-finite loss or gradient; finite when only the update was.
       grad_norm: the global L2 norm of the ELBO gradient estimate.
       skipped: whether the step was skipped: the loss or gradient was not
         finite (the parameters and optimizer state were left unchanged), or
@@ -283,12 +284,11 @@ def make_step(
     * the loss or the gradient is not finite: the optimizer is not called,
       and the parameters and optimizer state stay as they were;
     * the gradient is finite but the updated parameters are not (the
-      optimizer returned a non-finite update, or one that overflows): the
-      parameters stay as they were, and the optimizer keeps the state it
-      returned. (Restoring its old state would cost a copy of the state
-      every step, 7 to 10% of a full-rank step on CPU. optax's optimizers,
-      and :func:`vijax.natural_gradient`, return finite updates for a
-      finite gradient, so this case takes an unusual optimizer.)
+      optimizer returned a non-finite update, or one that overflows; e.g.
+      ``optax.adam(lr, eps=0.0)`` on a coordinate whose gradient is exactly
+      zero): the parameters stay as they were, and the optimizer keeps the
+      state it returned, since restoring it would copy the whole optimizer
+      state every step.
 
     The step counter advances either way, so a skipped step's successor
     draws fresh noise.
@@ -698,7 +698,8 @@ def _run(
                     f"(steps {fail - max_nonfinite + 1} to {fail}) had a non-finite "
                     "ELBO estimate, gradient or updated parameters. The parameters "
                     "were left at their last finite values; `err.state` holds that "
-                    "state and `err.result` the trace so far. Check log_joint for "
+                    "state (its optimizer state may include the rejected steps) and "
+                    "`err.result` the trace so far. Check log_joint for "
                     "regions where it returns nan/inf, or lower the learning rate.",
                     state=state,
                     result=res,
