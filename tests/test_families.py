@@ -1,6 +1,9 @@
 """Tests for vijax._families: mean_field, full_rank, low_rank over pytree latents."""
 
+import os
 import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -64,6 +67,32 @@ def test_init_under_jit_and_vmap_and_in_half_precision(x64, name):
         assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(dtype)}
         scale = np.asarray(family.to_gaussian(params).cov, np.float64).diagonal() ** 0.5
         np.testing.assert_allclose(scale, 0.1, rtol=1e-2)
+
+
+def test_building_a_model_and_init_compile_nothing():
+    # In a fresh process each eager jnp op compiles a small XLA program
+    # (5 to 20 ms each); building a model and its initial parameters should
+    # not pay that. The final eager op checks that the counter counts.
+    code = (
+        "import jax, numpy as np\n"
+        "events = []\n"
+        "jax.monitoring.register_event_duration_secs_listener(\n"
+        "    lambda name, secs, **kw: events.append(name) if 'backend_compile' in name else None)\n"
+        "import vijax\n"
+        "x = jax.device_put(np.ones((50, 4), np.float32))\n"
+        "y = jax.device_put(np.ones(50, np.float32))\n"
+        "model = vijax.models.bayesian_linear_regression(x, y, noise_scale=1.0, prior_scale=2.0)\n"
+        "for family in (vijax.mean_field(), vijax.full_rank(), vijax.low_rank(rank=2)):\n"
+        "    family.init(model.latent)\n"
+        "print(len(events))\n"
+        "jax.numpy.square(x)\n"
+        "print(len(events))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0", "1"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
 
@@ -39,7 +40,17 @@ def _lower_solve(tril, b, *, transpose=False):
 
 
 def _scalar(name: str, x, dtype) -> jax.Array:
-    """A positive scalar in the data's dtype (a float64 scale must not promote float32 data)."""
+    """A positive scalar in the data's dtype (a float64 scale must not promote float32 data).
+
+    A Python or NumPy number stays a NumPy scalar on the host, and so does
+    what models derive from it (``_square``): eager ``jnp`` ops on it would
+    each compile a small XLA program when the model is built.
+    """
+    if isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(
+        x, (bool, np.bool_)
+    ):
+        _checks.check_positive(name, x)
+        return np.asarray(x, dtype)
     x = _checks.as_float_array(name, x)
     if x.ndim != 0:
         raise ValueError(f"`{name}` must be a scalar; got shape {tuple(x.shape)}.")
@@ -193,6 +204,11 @@ def linear_gaussian(
     )
 
 
+def _square(x):
+    """x**2 on the host for a NumPy scalar (see ``_scalar``), in JAX otherwise."""
+    return np.square(x) if isinstance(x, np.ndarray) else jnp.square(x)
+
+
 def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, name):
     """y ~ N(X w, s^2 I), w ~ N(m0, t^2 I), w flat (d,); shared by two models.
 
@@ -203,8 +219,8 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     n, d = x.shape
     dtype = x.dtype
     _, unravel = ravel_pytree(latent)
-    s2 = jnp.square(noise_scale)
-    t2 = jnp.square(prior_scale)
+    s2 = _square(noise_scale)
+    t2 = _square(prior_scale)
     xtx = _Lazy(_gram, x)  # only the exact functions use X^T X
 
     def log_joint(z):
@@ -274,9 +290,10 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
     d = x.shape[1]
     if d < 1 or x.shape[0] < 1:
         raise ValueError(f"`X` must have at least one row and column; got {x.shape}.")
-    latent = jnp.zeros((d,), x.dtype)
+    # Host zeros moved with device_put: jnp.zeros would compile a program.
+    latent = jax.device_put(np.zeros((d,), x.dtype))
     return _isotropic_regression(
-        x, y, noise_scale, jnp.zeros((d,), x.dtype), prior_scale, latent,
+        x, y, noise_scale, jax.device_put(np.zeros((d,), x.dtype)), prior_scale, latent,
         "bayesian_linear_regression",
     )
 
