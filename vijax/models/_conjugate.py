@@ -39,7 +39,7 @@ def _lower_solve(tril, b, *, transpose=False):
     return solve_triangular(tril, b, lower=True, trans=1 if transpose else 0)
 
 
-def _scalar(name: str, x, dtype) -> jax.Array:
+def _scalar(name: str, x, dtype) -> jax.Array | np.ndarray:
     """A positive scalar in the data's dtype (a float64 scale must not promote float32 data).
 
     A Python or NumPy number stays a NumPy scalar on the host, and so does
