@@ -28,3 +28,15 @@ def np_moments(name, params):
         return mean, tril @ tril.T
     w = np.asarray(params.cov_factor, np.float64)
     return mean, w @ w.T + np.diag(s**2)
+
+
+def np_kl(mq, cq, mp, cp):
+    """KL(N(mq, cq) || N(mp, cp)) in NumPy."""
+    diff = mp - mq
+    return 0.5 * (
+        np.trace(np.linalg.solve(cp, cq))
+        + diff @ np.linalg.solve(cp, diff)
+        - len(mq)
+        + np.linalg.slogdet(cp)[1]
+        - np.linalg.slogdet(cq)[1]
+    )

@@ -20,6 +20,7 @@ import pytest
 
 import vijax
 from benchmarks import fast_vi, fit_speed
+from references import perturb
 
 
 def test_importing_the_scripts_leaves_x64_off():
@@ -44,12 +45,8 @@ def test_fit_speed_floor_computes_what_fit_computes(x64, family_name, estimator)
     hand = fit_speed.hand_log_joint(x, y)
     model = vijax.models.bayesian_linear_regression(x, y, noise_scale=1.0, prior_scale=1.0)
     family = vijax.mean_field() if family_name == "mean_field" else vijax.full_rank()
-    params = family.init(jnp.zeros(6))
-    leaves, tree = jax.tree_util.tree_flatten(params)
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_unflatten(
-        tree, [leaf + 0.3 * rng.standard_normal(leaf.shape) for leaf in leaves]
-    )
+    params = perturb(family.init(jnp.zeros(6)), rng, scale=0.3)
     key = jax.random.key(3)
 
     # The same log joint as the library's model, to rounding.

@@ -8,7 +8,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import vijax
-from references import np_moments, perturb
+from references import np_kl, np_moments, perturb
 from vijax import models
 
 FAMILY_NAMES = ("mean_field", "full_rank", "low_rank")
@@ -73,12 +73,6 @@ def np_posterior(prior_mean, prior_cov, design, observations, noise_cov):
     mean = cov @ (np.linalg.solve(prior_cov, prior_mean)
                   + design.T @ np.linalg.solve(noise_cov, observations))
     return mean, cov
-
-
-def np_kl(mq, cq, mp, cp):
-    diff = mp - mq
-    return 0.5 * (np.trace(np.linalg.solve(cp, cq)) + diff @ np.linalg.solve(cp, diff)
-                  - len(mq) + np.linalg.slogdet(cp)[1] - np.linalg.slogdet(cq)[1])
 
 
 CASES = [(m, f) for m in MODEL_NAMES for f in FAMILY_NAMES]

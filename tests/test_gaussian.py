@@ -12,6 +12,7 @@ from scipy import stats
 
 import vijax
 from vijax._gaussian import expected_log_prob
+from references import np_kl
 
 KINDS = ("diagonal", "cholesky", "low_rank", "precision")
 D = 4
@@ -40,18 +41,6 @@ def make_gaussian(kind, rng, d=D, k=2):
         cov = np.linalg.inv(tril @ tril.T)
         return vijax.Gaussian.from_precision_cholesky(mean, tril), mean, cov
     raise AssertionError(kind)
-
-
-def np_kl(mq, cq, mp, cp):
-    d = mq.shape[0]
-    diff = mp - mq
-    return 0.5 * (
-        np.trace(np.linalg.solve(cp, cq))
-        + diff @ np.linalg.solve(cp, diff)
-        - d
-        + np.linalg.slogdet(cp)[1]
-        - np.linalg.slogdet(cq)[1]
-    )
 
 
 # --------------------------------------------------------------- densities

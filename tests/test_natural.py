@@ -10,6 +10,7 @@ import scipy.linalg
 
 import vijax
 from vijax._natural import factor_of, params_from_factor
+from references import np_kl
 
 
 def _perturbed(params, rng, scale=0.5):
@@ -373,16 +374,6 @@ def test_works_as_the_optimizer_of_fit(rng):
         assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
 
 
-def _np_gaussian_kl(m0, c0, m1, c1) -> float:
-    """KL(N(m0, c0) || N(m1, c1)) in NumPy float64."""
-    d = len(m0)
-    diff = m1 - m0
-    return 0.5 * float(
-        np.trace(np.linalg.solve(c1, c0)) + diff @ np.linalg.solve(c1, diff) - d
-        + np.linalg.slogdet(c1)[1] - np.linalg.slogdet(c0)[1]
-    )
-
-
 @pytest.mark.parametrize("name", ["mean_field", "full_rank"])
 @pytest.mark.parametrize("estimator", ["stl", "reparam", "closed_entropy", "score"])
 def test_fit_converges_with_every_monte_carlo_estimator(x64, rng, name, estimator):
@@ -398,7 +389,7 @@ def test_fit_converges_with_every_monte_carlo_estimator(x64, rng, name, estimato
         opt_mean, opt_cov = mean, np.diag(1.0 / np.diag(prec))
     else:
         opt_mean, opt_cov = mean, cov
-    best_kl = _np_gaussian_kl(opt_mean, opt_cov, mean, cov)
+    best_kl = np_kl(opt_mean, opt_cov, mean, cov)
     result = vijax.fit_batched(
         jax.random.split(jax.random.key(0), 3), family, model.log_joint,
         family.init(model.latent),
@@ -410,7 +401,7 @@ def test_fit_converges_with_every_monte_carlo_estimator(x64, rng, name, estimato
     assert np.all(result.num_skipped == 0)
     for b in range(3):
         q = family.to_gaussian(jax.tree_util.tree_map(lambda a: a[b], result.params))
-        kl = _np_gaussian_kl(np.asarray(q.mean), np.asarray(q.cov), mean, cov)
+        kl = np_kl(np.asarray(q.mean), np.asarray(q.cov), mean, cov)
         assert kl - best_kl < 0.02, (b, kl - best_kl)
 
 
