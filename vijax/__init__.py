@@ -13,11 +13,15 @@ module                     owns
 ``vijax._compare``         :func:`compare_gradients`, :class:`GradientComparison`
 ``vijax._fit``             :func:`fit`, :func:`fit_batched`, :class:`FitState`, checkpoints
 ``vijax._natural``         :func:`natural_gradient` (an optax transformation), :class:`NaturalGradientState`
+``vijax._averaging``       :func:`iterate_average` (wraps any optax optimizer), :func:`averaged_params`
 ``vijax._bam``             :func:`batch_and_match`, :func:`make_bam_step`
 =========================  ==========================================
 """
 
 from vijax import models
+from vijax._averaging import IterateAverageState
+from vijax._averaging import averaged_params
+from vijax._averaging import iterate_average
 from vijax._bam import batch_and_match
 from vijax._bam import make_bam_step
 from vijax._compare import GradientComparison
@@ -66,12 +70,14 @@ __all__ = [
     "FullRankParams",
     "Gaussian",
     "GradientComparison",
+    "IterateAverageState",
     "LowRankParams",
     "LowRankScale",
     "MeanFieldParams",
     "NaturalGradientState",
     "PrecisionScale",
     "VariationalFamily",
+    "averaged_params",
     "batch_and_match",
     "compare_gradients",
     "elbo",
@@ -83,6 +89,7 @@ __all__ = [
     "full_rank",
     "gaussian_kl",
     "init_fit_state",
+    "iterate_average",
     "iwae_bound",
     "load_checkpoint",
     "low_rank",
