@@ -33,6 +33,18 @@ Methods (all through vijax's public API, float64, the same initial
   than d makes it noisy).
 * Batch and match: ``vijax.make_bam_step``, the default learning rate
   ``100 B d / (t + 1)``, the best of B in {d, 2d}.
+* Iterate averaging (``vijax.iterate_average``), on the problems where the
+  stl gradient's noise does not vanish at the family optimum (the mean-field
+  rows, whose optimum is not the posterior, and the logistic regression,
+  whose posterior is not Gaussian): the mean of the iterates after
+  ``start`` steps, start in {100, 1000}, measured on the averaged
+  parameters. The natural gradient gets it at a constant rho = 0.1, S = 8,
+  ``max_variance_growth=2`` (two more settings in its column). Adam gets it
+  at each lr as a separate method, "Adam + averaging", so that the table
+  shows how much of a gain is the averaging's and how much the natural
+  gradient's. The full-rank BLR rows skip it: there the stl noise vanishes
+  at the posterior and the last iterate converges on its own (averaging
+  only adds the burn-in's bias).
 
 The KL is checked every step for BaM and the natural gradient and every 50
 steps for Adam (so Adam's counts are rounded up to a multiple of 50 steps).
@@ -43,7 +55,13 @@ KL checks. A method that does not
 reach the target within its step budget is reported as "not reached", with
 the KL it ended at.
 
-Run: ``python -m benchmarks.fast_vi [--quick]``. The full run (about 10
+Budgets (steps; evaluations are steps x S): Adam 20000, the natural
+gradient 1000, batch and match 50; at d = 500 full-rank a step costs up to
+1 s, so Adam 5000, the natural gradient 300 (S = 8) and 40 (S = d), batch
+and match 20; at d = 500 mean-field, Adam 100000 and the natural gradient
+6000 at S = 8 (enough to show whether Adam comes within 10x).
+
+Run: ``python -m benchmarks.fast_vi [--quick]``. The full run (about 20
 minutes on 2 cores) writes ``benchmarks/results/cpu/fast_vi.{md,json}``;
 ``--quick`` (d = 10 and 100, logistic d = 10, smaller budgets; about 4
 minutes) writes ``fast_vi_quick.{md,json}``.
@@ -73,6 +91,11 @@ NG_DECAY = ("0.3/(1+t/50)", lambda t: 0.3 / (1.0 + t / 50.0))
 NG_GROWTH = 2.0
 NG_GROWTH_RHOS = (("0.1", 0.1), NG_DECAY)
 ADAM_EVERY = 50
+# Iterate averaging (vijax.iterate_average) where the gradient noise does not
+# vanish at the family optimum: a constant step, the mean of the iterates
+# after AVERAGE_STARTS steps.
+AVERAGE_STARTS = (100, 1000)
+NG_AVERAGE_RHO = 0.1
 
 
 # ------------------------------------------------------------------ problems
@@ -136,19 +159,24 @@ def logistic_reference(x, y, family, *, steps: int = 100) -> vijax.Gaussian:
 
 
 # ------------------------------------------------------------------ runners
-def first_hit(step, state, dist, *, every: int, max_steps: int, tol: float):
-    """Steps until ``dist(params) < tol`` (checked every ``every`` steps), and the last distance."""
+def first_hit(step, state, dist, *, every: int, max_steps: int, tol: float,
+              read=lambda state: state.params):
+    """Steps until ``dist(read(state)) < tol`` (checked every ``every`` steps), and the last distance.
+
+    ``read`` gives the parameters measured: the iterate, or with iterate
+    averaging ``vijax.averaged_params``.
+    """
 
     def chunk(carry):
         state, i, _ = carry
         state, _ = jax.lax.scan(lambda s, _: step(s), state, None, length=every)
-        return state, i + 1, dist(state.params)
+        return state, i + 1, dist(read(state))
 
     max_chunks = max_steps // every
 
     @jax.jit
     def run(state):
-        carry = (state, jnp.zeros((), jnp.int32), dist(state.params))
+        carry = (state, jnp.zeros((), jnp.int32), dist(read(state)))
         return jax.lax.while_loop(
             lambda c: (c[2] >= tol) & (c[1] < max_chunks), chunk, carry
         )
@@ -184,17 +212,22 @@ def time_bam(log_joint, params, steps, batch_size):
 
 
 def run_gradient_method(method, family, log_joint, dist, *, setting, estimator,
-                        max_steps, tol, num_samples=NUM_SAMPLES, growth=None):
+                        max_steps, tol, num_samples=NUM_SAMPLES, growth=None,
+                        average_start=None):
     params = family.init(jnp.zeros(jax.flatten_util.ravel_pytree(log_joint.latent)[0].shape))
     if method == "adam":
         opt, every = optax.adam(setting), ADAM_EVERY
     else:
         opt = vijax.natural_gradient(family, setting, max_variance_growth=growth)
         every = 1
+    read = lambda state: state.params  # noqa: E731
+    if average_start is not None:
+        opt, read = vijax.iterate_average(opt, start=average_start), vijax.averaged_params
     step = vijax.make_step(family, log_joint, opt, num_samples=num_samples,
                            estimator=estimator)
     state = vijax.init_fit_state(jax.random.key(0), params, opt)
-    steps, last = first_hit(step, state, dist, every=every, max_steps=max_steps, tol=tol)
+    steps, last = first_hit(step, state, dist, every=every, max_steps=max_steps, tol=tol,
+                            read=read)
     wall = (time_fit(family, log_joint, params, opt, steps, estimator, num_samples)
             if steps else None)
     return dict(steps=steps, evals=steps * num_samples if steps else None, wall_s=wall,
@@ -233,7 +266,14 @@ def best(runs: dict) -> tuple:
 
 
 def run_problem(name, log_joint, dist, *, family_name, d, tol, budgets, estimators,
-                with_bam=True):
+                with_bam=True, averaging=False):
+    """Runs every method and setting on one problem.
+
+    ``averaging``: also run each method with ``vijax.iterate_average`` (the
+    natural gradient at ``NG_AVERAGE_RHO``, S = 8, growth 2; Adam at every lr,
+    as the separate method "Adam + averaging"), for each start in
+    ``AVERAGE_STARTS``.
+    """
     family = getattr(vijax, family_name)()
     out = {}
     t0 = time.perf_counter()
@@ -244,6 +284,15 @@ def run_problem(name, log_joint, dist, *, family_name, d, tol, budgets, estimato
                 "adam", family, log_joint, dist, setting=lr, estimator=est,
                 max_steps=budgets["adam"], tol=tol)
     out["Adam ADVI"] = (adam, *best(adam))
+    if averaging:
+        adam_avg = {}
+        for est in estimators:
+            for lr in ADAM_LRS:
+                for start in AVERAGE_STARTS:
+                    adam_avg[f"lr={lr:g}, average from {start}, {est}"] = run_gradient_method(
+                        "adam", family, log_joint, dist, setting=lr, estimator=est,
+                        max_steps=budgets["adam"], tol=tol, average_start=start)
+        out["Adam + averaging"] = (adam_avg, *best(adam_avg))
     ng = {}
     settings = [(f"{rho:g}", rho, None) for rho in NG_RHOS] + [(*NG_DECAY, None)]
     settings += [(label, rho, NG_GROWTH) for label, rho in NG_GROWTH_RHOS]
@@ -254,6 +303,13 @@ def run_problem(name, log_joint, dist, *, family_name, d, tol, budgets, estimato
             ng[f"rho={label}, S={num_samples}{extra}, stl"] = run_gradient_method(
                 "natural", family, log_joint, dist, setting=rho, estimator="stl",
                 max_steps=max_steps, tol=tol, num_samples=num_samples, growth=growth)
+    if averaging:
+        for start in AVERAGE_STARTS:
+            ng[f"rho={NG_AVERAGE_RHO:g}, S={NUM_SAMPLES}, growth={NG_GROWTH:g}, "
+               f"average from {start}, stl"] = run_gradient_method(
+                "natural", family, log_joint, dist, setting=NG_AVERAGE_RHO, estimator="stl",
+                max_steps=budgets["natural_few"], tol=tol, num_samples=NUM_SAMPLES,
+                growth=NG_GROWTH, average_start=start)
     out["natural gradient"] = (ng, *best(ng))
     if with_bam:
         bam = {}
@@ -265,6 +321,15 @@ def run_problem(name, log_joint, dist, *, family_name, d, tol, budgets, estimato
     for method, (_, setting, r) in out.items():
         print(f"  {method:18s} {setting:22s} {_cell(r)}", flush=True)
     return out
+
+
+def _ratio(baseline, others) -> str:
+    """``baseline``'s evaluations over the fewest of ``others``; "> x" if it never reached."""
+    if not others:
+        return "—"
+    if baseline["evals"] is not None:
+        return f"{baseline['evals'] / min(others):.0f}x"
+    return f"> {baseline['max_evals'] / min(others):.0f}x"
 
 
 def _cell(r) -> str:
@@ -285,28 +350,26 @@ def render(results, machine, args) -> str:
         "",
         f"Machine: {_machine.one_line(machine)}",
         "",
-        "| problem | family | Adam ADVI (best lr) | natural gradient | batch and match "
-        "| Adam evals / fastest other |",
-        "|---|---|---|---|---|---:|",
+        "| problem | family | Adam ADVI (best lr) | Adam + averaging | natural gradient "
+        "| batch and match | Adam evals / fastest other | Adam + averaging / fastest other |",
+        "|---|---|---|---|---|---|---:|---:|",
     ]
+    others_ = ("natural gradient", "batch and match")
     for prob, res in results.items():
         cells = []
-        for method in ("Adam ADVI", "natural gradient", "batch and match"):
+        for method in ("Adam ADVI", "Adam + averaging", *others_):
             if method not in res["methods"]:
-                cells.append("n/a (full-rank only)")
+                cells.append("n/a (full-rank only)" if method == "batch and match"
+                             else "not run (stl noise vanishes here)")
                 continue
             _, setting, r = res["methods"][method]
             cells.append(f"{_cell(r)} [{setting}]")
-        adam = res["methods"]["Adam ADVI"][2]
-        others = [res["methods"][m][2]["evals"] for m in res["methods"] if m != "Adam ADVI"]
+        others = [res["methods"][m][2]["evals"] for m in others_ if m in res["methods"]]
         others = [e for e in others if e is not None]
-        if others and adam["evals"] is not None:
-            ratio = f"{adam['evals'] / min(others):.0f}x"
-        elif others:
-            ratio = f"> {adam['max_evals'] / min(others):.0f}x"
-        else:
-            ratio = "—"
-        lines.append(f"| {res['problem']} | {res['family']} | " + " | ".join(cells) + f" | {ratio} |")
+        ratios = [_ratio(res["methods"][m][2], others) if m in res["methods"] else "—"
+                  for m in ("Adam ADVI", "Adam + averaging")]
+        lines.append(f"| {res['problem']} | {res['family']} | " + " | ".join(cells)
+                     + " | " + " | ".join(ratios) + " |")
     lines += ["", "Every setting tried (evals to target, or the KL reached):", ""]
     for prob, res in results.items():
         for method, (runs, _, _) in res["methods"].items():
@@ -358,9 +421,15 @@ def main(argv=None):
         mf = vijax.mean_field()
         opt_kl = mean_field_optimum_kl(model)
         dist = lambda p, mf=mf, model=model, o=opt_kl: vijax.exact_kl(p, mf, model) - o  # noqa: E731
+        if d >= 500:
+            # Mean-field steps are cheap (~0.6 ms): run Adam long enough to
+            # show whether it comes within 10x of the averaged natural
+            # gradient (~5000 steps at S = 8, 4600 to 5300 over five seeds).
+            budgets_d = dict(budgets_d, adam=100000, natural_few=6000)
         results[f"BLR d={d}, mean_field"] = dict(problem=f"BLR d={d}", family="mean_field", methods=run_problem(
             f"BLR d={d} mean_field", lj, dist, family_name="mean_field", d=d,
-            tol=args.tol, budgets=budgets_d, estimators=estimators, with_bam=False))
+            tol=args.tol, budgets=budgets_d, estimators=estimators, with_bam=False,
+            averaging=True))
 
     x, y, model = logistic(logistic_d)
     fr = vijax.full_rank()
@@ -370,7 +439,7 @@ def main(argv=None):
     results[f"logistic d={logistic_d}, full_rank"] = dict(
         problem=f"logistic d={logistic_d}", family="full_rank", methods=run_problem(
         f"logistic d={logistic_d}", lj, dist, family_name="full_rank", d=logistic_d,
-        tol=args.tol, budgets=budgets, estimators=estimators))
+        tol=args.tol, budgets=budgets, estimators=estimators, averaging=True))
 
     machine = _machine.describe()
     md = render(results, machine, args)

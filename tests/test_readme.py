@@ -43,3 +43,6 @@ def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     assert max_diff < 1e-8
     kl_after_fit = float(re.search(r"KL after the fit: (\S+)", out).group(1))
     assert 0 <= kl_after_fit < 1e-2
+    last, averaged = map(float, re.search(
+        r"mean-field KL: last iterate (\S+), averaged (\S+)", out).groups())
+    assert 0 <= averaged <= last

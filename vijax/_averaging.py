@@ -64,10 +64,11 @@ def iterate_average(
     the burn-in, when the iterates have stopped drifting and only jitter.
 
     Use it where the noise of the gradient does not vanish at the optimum:
-    the mean-field family with any estimator, or any family with
-    ``"reparam"``. On a Gaussian target with the full-rank family and
-    ``"stl"``, the noise vanishes at the posterior, the last iterate converges
-    on its own, and averaging only adds the burn-in's bias.
+    the mean-field family on a correlated target, any family with
+    ``"reparam"``, any target that is not Gaussian. On a Gaussian target with
+    the full-rank family and ``"stl"``, the noise vanishes at the posterior,
+    the last iterate converges on its own, and averaging only adds the
+    burn-in's bias.
 
     A step whose new parameters are not all finite (e.g. one ``vijax.fit``
     rolls back) is left out of the average; the wrapped optimizer's state
