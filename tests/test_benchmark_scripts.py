@@ -127,6 +127,7 @@ def test_fast_vi_averaged_runs_measure_the_averaged_parameters(x64, monkeypatch)
     monkeypatch.setattr(fast_vi, "NG_GROWTH_RHOS", ())
     monkeypatch.setattr(fast_vi, "NG_DECAY", ("0.1", 0.1))
     monkeypatch.setattr(fast_vi, "AVERAGE_STARTS", (5,))
+    monkeypatch.setattr(fast_vi, "SPREAD_SEEDS", (1,))
     d, tol = 3, 1e-3
     model = fast_vi.blr(d, n=20)
     log_joint = fast_vi._LogJoint(model.log_joint, model.latent)
@@ -155,3 +156,18 @@ def test_fast_vi_averaged_runs_measure_the_averaged_parameters(x64, monkeypatch)
         state, _ = step(state)
     np.testing.assert_allclose(
         float(dist(vijax.averaged_params(state))), run["last_kl"], rtol=1e-9)
+    # The best natural-gradient setting is rerun on the spread seeds.
+    _, _, best = methods["natural gradient"]
+    assert set(best["other_seeds"]) == {"1"}
+    results = {"BLR d=3, mean_field": dict(problem="BLR d=3", family="mean_field",
+                                           methods=methods)}
+    md = fast_vi.render(results, fast_vi._machine.describe(), argparse.Namespace(tol=tol, quick=True))
+    assert "on other seeds" in md and "key 1:" in md
+
+
+def test_fast_vi_ratios_round_lower_bounds_down():
+    assert fast_vi._ratio({"evals": None, "max_evals": 800000}, [36592]) == "> 21x"
+    assert fast_vi._ratio({"evals": None, "max_evals": 40000}, [1500]) == "> 26x"
+    assert fast_vi._ratio({"evals": 128000}, [36592, 10**6]) == "3.5x"
+    assert fast_vi._ratio({"evals": 18800}, [300]) == "63x"
+    assert fast_vi._ratio({"evals": 18800}, []) == "—"

@@ -5,18 +5,24 @@ does not converge: its iterates jitter around the optimum with a spread
 proportional to the step size, and a decaying step slow enough to average the
 noise away is often too slow to get there (for a mean-field Gaussian the
 contraction per step is set by the smallest eigenvalue of the target's
-correlation matrix). The running mean of the iterates converges at the
-statistically optimal rate whatever the conditioning (Polyak and Juditsky
-1992), so a constant step plus averaging after a burn-in is the standard cure.
+correlation matrix). Averaging the iterates after a burn-in removes most of
+that jitter: with a decaying step the mean converges at the statistically
+optimal rate whatever the conditioning (Polyak and Juditsky 1992), and with a
+constant step it converges on quadratic objectives (Bach and Moulines 2013);
+otherwise a bias of the order of the step remains, much smaller than the
+jitter it replaces.
 
 :func:`iterate_average` wraps an optimizer and keeps that mean in its state;
 :func:`averaged_params` reads it back from a fit's result. The optimizer
 itself is unchanged: it still steps from the last iterate, and ``fit``'s
 ``result.params`` is still the last iterate.
 
-Reference:
+References:
   B. T. Polyak and A. B. Juditsky. Acceleration of stochastic approximation
   by averaging. SIAM Journal on Control and Optimization 30(4), 1992.
+
+  F. Bach and E. Moulines. Non-strongly-convex smooth stochastic
+  approximation with convergence rate O(1/n). NeurIPS 2013.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import optax
 
 from vijax import _checks
 from vijax._fit import FitResult, FitState, _check_optimizer, _tree_all_finite, _tree_where
+
+_INT32_MAX = 2**31 - 1
 
 
 class IterateAverageState(NamedTuple):
@@ -52,7 +60,7 @@ class IterateAverageState(NamedTuple):
 
 
 def iterate_average(
-    optimizer: optax.GradientTransformation, start: int
+    optimizer: optax.GradientTransformation, *, start: int
 ) -> optax.GradientTransformation:
     """Wraps an optax optimizer to keep the running mean of its iterates.
 
@@ -63,6 +71,12 @@ def iterate_average(
     Monte Carlo jitter a constant step leaves, and ``start`` should be past
     the burn-in, when the iterates have stopped drifting and only jitter.
 
+    Wrap the *complete* optimizer: the average is of ``params + updates``
+    with the updates this wrapper returns, so a transformation chained after
+    it (``optax.chain(iterate_average(optax.scale_by_adam(), start=...),
+    optax.scale(-lr))``) changes the real step without the average knowing.
+    Write ``iterate_average(optax.chain(...), start=...)`` instead.
+
     Use it where the noise of the gradient does not vanish at the optimum:
     the mean-field family on a correlated target, any family with
     ``"reparam"``, any target that is not Gaussian. On a Gaussian target with
@@ -70,15 +84,18 @@ def iterate_average(
     the last iterate converges on its own, and averaging only adds the
     burn-in's bias.
 
-    A step whose new parameters are not all finite (e.g. one ``vijax.fit``
-    rolls back) is left out of the average; the wrapped optimizer's state
-    advances as without the wrapper.
+    ``start`` counts calls of ``update``. A step that ``vijax.fit`` skips
+    for a non-finite loss or gradient does not call the optimizer, so it is
+    not counted. A step whose new parameters are not all finite (one
+    ``vijax.fit`` rolls back) is counted but left out of the average; the
+    wrapped optimizer's state advances as without the wrapper.
 
     Args:
       optimizer: any ``optax.GradientTransformation``, e.g.
         ``vijax.natural_gradient(family, 0.1)`` or ``optax.adam(1e-2)``.
-      start: the number of updates (>= 0) before averaging begins; the
-        average holds the iterates after updates ``start + 1, start + 2, ...``.
+      start: the number of updates (an int, 0 <= start < 2**31) before
+        averaging begins; the average holds the iterates after updates
+        ``start + 1, start + 2, ...``.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` requires
@@ -87,7 +104,8 @@ def iterate_average(
     Raises:
       TypeError: ``optimizer`` is not an ``optax.GradientTransformation`` or
         ``start`` is not an int.
-      ValueError: ``start < 0``; and, from ``update``, missing ``params``.
+      ValueError: ``start`` out of range; and, from ``update``, missing
+        ``params``.
 
     Example:
       >>> import jax, optax, vijax
@@ -105,16 +123,24 @@ def iterate_average(
     """
     optimizer = _check_optimizer(optimizer)
     start = _checks.check_positive_int("start", start, minimum=0)
+    if start > _INT32_MAX:
+        raise ValueError(
+            f"`start` must be an int in [0, {_INT32_MAX}] (the update count is "
+            f"int32); got {start}."
+        )
 
     def init(params):
         return IterateAverageState(
             inner_state=optimizer.init(params),
             count=jnp.zeros((), jnp.int32),
             num_averaged=jnp.zeros((), jnp.int32),
-            # A copy: the average must not share a buffer with the params,
-            # which fit donates to its compiled steps.
+            # A copy, so that a jitted step may donate the state: donating
+            # two leaves that share one buffer fails. device_put copies
+            # concrete arrays without compiling anything; traced ones (init
+            # under vmap or jit) get a copy op.
             average=jax.tree_util.tree_map(
-                lambda a: jax.device_put(a, may_alias=False) if _checks.is_concrete(a) else a,
+                lambda a: jax.device_put(a, may_alias=False)
+                if _checks.is_concrete(a) else jnp.copy(a),
                 params,
             ),
         )
@@ -131,7 +157,11 @@ def iterate_average(
         finite = _tree_all_finite(new_params)
         count = optax.safe_int32_increment(state.count)
         averaging = count > start
-        num = state.num_averaged + (averaging & finite).astype(jnp.int32)
+        num = jnp.where(
+            averaging & finite,
+            optax.safe_int32_increment(state.num_averaged),
+            state.num_averaged,
+        )
 
         def fold(avg, new):
             new = new.astype(avg.dtype)
@@ -162,6 +192,7 @@ def averaged_params(state: Any) -> Any:
       TypeError: ``state`` holds no :class:`IterateAverageState`.
       ValueError: it holds more than one.
     """
+    given = type(state).__name__
     if isinstance(state, FitResult):
         state = state.state
     if isinstance(state, FitState):
@@ -171,7 +202,7 @@ def averaged_params(state: Any) -> Any:
         raise TypeError(
             "`state` must be a FitResult, FitState or optimizer state that holds a "
             "vijax.IterateAverageState (wrap the optimizer in vijax.iterate_average); "
-            f"got a {type(state).__name__} with none."
+            f"got a {given} with none."
         )
     if len(found) > 1:
         raise ValueError(
