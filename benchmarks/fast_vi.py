@@ -63,7 +63,7 @@ and match 20; at d = 500 mean-field, Adam 100000 and the natural gradient
 
 Run: ``python -m benchmarks.fast_vi [--quick]``. The full run (about 20
 minutes on 2 cores) writes ``benchmarks/results/cpu/fast_vi.{md,json}``;
-``--quick`` (d = 10 and 100, logistic d = 10, smaller budgets; about 4
+``--quick`` (d = 10 and 100, logistic d = 10, smaller budgets; about 5
 minutes) writes ``fast_vi_quick.{md,json}``.
 """
 
