@@ -467,7 +467,7 @@ def main(argv=None):
         if d >= 500:
             # Mean-field steps are cheap (~0.6 ms): run Adam long enough to
             # show whether it comes within 10x of the averaged natural
-            # gradient (~5000 steps at S = 8, 4600 to 5300 over five seeds).
+            # gradient (4574 to 5235 steps at S = 8 over five seeds).
             budgets_d = dict(budgets_d, adam=100000, natural_few=6000)
         results[f"BLR d={d}, mean_field"] = dict(problem=f"BLR d={d}", family="mean_field", methods=run_problem(
             f"BLR d={d} mean_field", lj, dist, family_name="mean_field", d=d,
