@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vijax import _checks
+from vijax import _checks, _host
 from vijax._fit import FitResult, FitState, _check_optimizer, _tree_all_finite, _tree_where
 
 _INT32_MAX = 2**31 - 1
@@ -134,15 +134,8 @@ def iterate_average(
             inner_state=optimizer.init(params),
             count=jnp.zeros((), jnp.int32),
             num_averaged=jnp.zeros((), jnp.int32),
-            # A copy, so that a jitted step may donate the state: donating
-            # two leaves that share one buffer fails. device_put copies
-            # concrete arrays without compiling anything; traced ones (init
-            # under vmap or jit) get a copy op.
-            average=jax.tree_util.tree_map(
-                lambda a: jax.device_put(a, may_alias=False)
-                if _checks.is_concrete(a) else jnp.copy(a),
-                params,
-            ),
+            # A copy, so that a jitted step may donate the state.
+            average=_host.fresh_copy(params),
         )
 
     def update(updates, state, params=None):

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from vijax import _checks
+from vijax import _checks, _host
 from vijax._gaussian import CholeskyScale, DiagonalScale, Gaussian, LowRankScale
 
 ArrayTree = Any
@@ -113,19 +113,6 @@ def _softplus_inverse(y: jax.Array) -> jax.Array:
     return y + jnp.log(-jnp.expm1(-y))
 
 
-def _host_constant(value, shape, dtype) -> jax.Array:
-    """``value`` (a float or NumPy array) broadcast to ``shape``, built on the host.
-
-    The initial parameters depend only on shapes and Python floats. Eager
-    ``jnp`` ops (and ``jnp.asarray`` of a NumPy array) compile one small XLA
-    program each, about 0.1 s in a fresh process for a family's ``init``;
-    NumPy and ``device_put`` compile nothing. The NumPy array is private, so
-    the asynchronous transfer cannot see it change.
-    """
-    host = np.broadcast_to(np.asarray(value, np.float64), shape).astype(dtype)
-    return jax.device_put(host)
-
-
 def _softplus_inverse_host(y):
     """softplus^{-1}(y) in NumPy float64, for a float or an array of y > 0."""
     y = np.asarray(y, np.float64)
@@ -140,17 +127,12 @@ def _flat_loc(latent: ArrayTree) -> tuple[jax.Array, Callable]:
 def _init_loc(latent: ArrayTree) -> tuple[ArrayTree, int, Any]:
     """A copy of the checked latent (the initial mean), its flat dimension d and dtype.
 
-    Concrete leaves are copied (``device_put``, which compiles nothing), so
-    the parameters never share a buffer with the caller's latent: donating
+    The parameters never share a buffer with the caller's latent: donating
     the parameters to a jitted step must not delete ``model.latent``.
     """
     latent = _checks.check_latent("latent", latent)
     leaves = jax.tree_util.tree_leaves(latent)
-    loc = jax.tree_util.tree_map(
-        lambda a: jax.device_put(a, may_alias=False) if _checks.is_concrete(a) else a,
-        latent,
-    )
-    return loc, sum(leaf.size for leaf in leaves), leaves[0].dtype
+    return _host.fresh_copy(latent), sum(leaf.size for leaf in leaves), leaves[0].dtype
 
 
 # Inverses of the parameterizations, shared with the natural-gradient and
@@ -266,7 +248,7 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
 
     def init(latent):
         loc, d, dtype = _init_loc(latent)
-        raw = _host_constant(_softplus_inverse_host(init_scale), (d,), dtype)
+        raw = _host.constant(_softplus_inverse_host(init_scale), (d,), dtype)
         return MeanFieldParams(loc=loc, raw_scale=raw)
 
     def to_gaussian(params):
@@ -306,9 +288,9 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
 
     def init(latent):
         loc, d, dtype = _init_loc(latent)
-        raw = _host_constant(_softplus_inverse_host(init_scale), (d,), dtype)
+        raw = _host.constant(_softplus_inverse_host(init_scale), (d,), dtype)
         return FullRankParams(
-            loc=loc, raw_scale=raw, off_diag=_host_constant(0.0, (d, d), dtype)
+            loc=loc, raw_scale=raw, off_diag=_host.constant(0.0, (d, d), dtype)
         )
 
     def to_gaussian(params):
@@ -364,8 +346,8 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
         diag = np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
         return LowRankParams(
             loc=loc,
-            raw_scale=_host_constant(_softplus_inverse_host(diag), (d,), dtype),
-            cov_factor=_host_constant(w, (d, rank), dtype),
+            raw_scale=_host.constant(_softplus_inverse_host(diag), (d,), dtype),
+            cov_factor=_host.constant(w, (d, rank), dtype),
         )
 
     def to_gaussian(params):

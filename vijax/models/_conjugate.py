@@ -23,7 +23,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from vijax import _checks
+from vijax import _checks, _host
 from vijax._gaussian import (
     CholeskyScale,
     Gaussian,
@@ -290,10 +290,11 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
     d = x.shape[1]
     if d < 1 or x.shape[0] < 1:
         raise ValueError(f"`X` must have at least one row and column; got {x.shape}.")
-    # Host zeros moved with device_put: jnp.zeros would compile a program.
-    latent = jax.device_put(np.zeros((d,), x.dtype))
+    # Host zeros (jnp.zeros would compile a program); two buffers, so that
+    # donating the latent cannot delete the prior mean.
+    latent = _host.constant(0.0, (d,), x.dtype)
     return _isotropic_regression(
-        x, y, noise_scale, jax.device_put(np.zeros((d,), x.dtype)), prior_scale, latent,
+        x, y, noise_scale, _host.constant(0.0, (d,), x.dtype), prior_scale, latent,
         "bayesian_linear_regression",
     )
 
