@@ -245,13 +245,14 @@ def build_vijax(problem, family: str, estimator: str, num_samples: int, lr: floa
         # vijax has no public handle on it, so lower it through the private
         # cache the way fit does. None if that internal changes.
         try:
-            from vijax import _fit
+            from vijax.fitting import _engine
 
             if not isinstance(state, vijax.FitState):
                 state = vijax.init_fit_state(jax.random.key(seed), state, optimizer)
             chunk_size = 500
-            chunk = _fit._compiled_chunk(fam, log_joint, optimizer, num_samples, estimator,
-                                         chunk_size, 20, False)
+            step = vijax.make_step(fam, log_joint, optimizer, num_samples=num_samples,
+                                   estimator=estimator)
+            chunk = jax.jit(_engine.make_chunk(step, chunk_size, 20))
             nonfinite = jnp.zeros((), jnp.int32)
             compiled = chunk.lower(state, nonfinite, min(k, chunk_size)).compile()
         except Exception:

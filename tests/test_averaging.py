@@ -136,7 +136,7 @@ def test_checkpoint_resume_of_an_averaged_fit_is_bitwise(tmp_path, rng):
     full = vijax.fit(jax.random.key(1), family, model.log_joint, params, num_steps=300, **kw)
     vijax.fit(jax.random.key(1), family, model.log_joint, params, num_steps=150,
               checkpoint_dir=tmp_path, **kw)
-    assert os.path.exists(tmp_path / "fit_state.pkl")
+    assert os.path.exists(tmp_path / "fit_state.npz")
     resumed = vijax.fit(None, family, model.log_joint, vijax.load_checkpoint(tmp_path),
                         num_steps=150, **kw)
     chex.assert_trees_all_equal(vijax.averaged_params(resumed), vijax.averaged_params(full))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import vijax
-from vijax._bam import bam_update
+from vijax.algorithms._bam import bam_update
 
 
 def _gaussian_target(rng, d):

@@ -1,4 +1,4 @@
-"""Tests for vijax._families: mean_field, full_rank, low_rank over pytree latents."""
+"""Tests for vijax.families: mean_field, full_rank, low_rank over pytree latents."""
 
 import os
 import re

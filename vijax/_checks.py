@@ -207,3 +207,43 @@ def check_latent(name: str, latent: Any) -> Any:
     if sum(leaf.size for leaf in converted) == 0:
         raise ValueError(f"`{name}` must have at least one element; got size 0.")
     return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def typed_key(name: str, key: Any, batch_ndim: int = 0) -> jax.Array:
+    """Returns ``key`` as a typed key array of ``batch_ndim`` dimensions.
+
+    Accepts typed keys (``jax.random.key``) and legacy uint32 keys of shape
+    ``(..., 2)``; anything else raises ``TypeError`` naming the argument.
+    """
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        typed = key
+    elif key.dtype == jnp.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+        typed = jax.random.wrap_key_data(key)
+    else:
+        raise TypeError(
+            f"`{name}` must be a PRNG key (jax.random.key(0), or a legacy uint32 "
+            f"key of shape (..., 2)); got dtype {key.dtype}, shape {tuple(key.shape)}."
+        )
+    if typed.ndim != batch_ndim:
+        want = "a single key" if batch_ndim == 0 else "a 1-d array of keys"
+        raise ValueError(
+            f"`{name}` must be {want}; got a key array of shape {tuple(typed.shape)}."
+        )
+    return typed
+
+
+def check_optimizer(optimizer: Any, name: str = "optimizer"):
+    """An ``optax.GradientTransformation``, or a ``TypeError`` with a hint."""
+    import optax
+
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    hint = ""
+    if callable(optimizer) and not hasattr(optimizer, "update"):
+        fn = getattr(optimizer, "__name__", "the factory")
+        hint = f" Did you mean to call it, e.g. `{fn}(learning_rate)`?"
+    raise TypeError(
+        f"`{name}` must be an optax.GradientTransformation (e.g. "
+        f"optax.adam(1e-2)); got {type(optimizer).__name__}.{hint}"
+    )

@@ -19,7 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
 from vijax._exact import exact_kl
-from vijax._families import VariationalFamily
+from vijax.families._protocol import VariationalFamily, check_family, entropy_fn
 from vijax._format import markdown_table
 from vijax._objectives import (
     ELBO_ESTIMATORS,
@@ -279,11 +279,9 @@ def compare_gradients(
     num_replicates = _checks.check_positive_int("num_replicates", num_replicates, minimum=2)
     if batch_size is not None:
         batch_size = _checks.check_positive_int("batch_size", batch_size)
-    if not isinstance(family, VariationalFamily):
-        raise TypeError(
-            "`family` must be a vijax.VariationalFamily (e.g. vijax.mean_field()); "
-            f"got {type(family).__name__}."
-        )
+    check_family(family)
+    if "closed_entropy" in names:
+        entropy_fn(family, "estimator 'closed_entropy'")
 
     if isinstance(model, Model):
         log_joint = model.log_joint

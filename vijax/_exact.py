@@ -13,17 +13,15 @@ from typing import Any
 import jax
 from jax.flatten_util import ravel_pytree
 
-from vijax._families import VariationalFamily
+from vijax.families._protocol import VariationalFamily, check_family, require
 from vijax._gaussian import Gaussian, gaussian_kl
 from vijax.models._model import Model
 
 
-def _family_gaussian(params: Any, family: VariationalFamily, model: Model, what: str) -> Gaussian:
-    if not isinstance(family, VariationalFamily):
-        raise TypeError(
-            f"`family` must be a vijax.VariationalFamily (e.g. vijax.full_rank()); "
-            f"got {type(family).__name__}."
-        )
+def _family_gaussian(
+    params: Any, family: VariationalFamily, model: Model, what: str, needed_by: str
+) -> Gaussian:
+    check_family(family)
     if not isinstance(model, Model):
         raise TypeError(f"`model` must be a vijax.models.Model; got {type(model).__name__}.")
     if not model.is_conjugate:
@@ -32,8 +30,12 @@ def _family_gaussian(params: Any, family: VariationalFamily, model: Model, what:
             "exact posterior, log evidence and expected log joint (the Gaussian-"
             "conjugate models in vijax.models have them)."
         )
-    q = family.to_gaussian(params)
-    loc_def = jax.tree_util.tree_structure(params.loc)
+    to_gaussian = require(family, "to_gaussian", needed_by)
+    q = to_gaussian(params)
+    # Families whose params carry the latent as `loc` (the Gaussian ones) are
+    # checked against its structure; any other Gaussian view by dimension.
+    loc = getattr(params, "loc", model.latent)
+    loc_def = jax.tree_util.tree_structure(loc)
     latent_def = jax.tree_util.tree_structure(model.latent)
     d_model = ravel_pytree(model.latent)[0].shape[0]
     if loc_def != latent_def or q.dim != d_model:
@@ -61,7 +63,7 @@ def exact_kl(params: Any, family: VariationalFamily, model: Model) -> jax.Array:
       ValueError: the model has no exact posterior, or ``params`` do not match
         its latent.
     """
-    q = _family_gaussian(params, family, model, "KL(q || p(z | x))")
+    q = _family_gaussian(params, family, model, "KL(q || p(z | x))", "exact_kl")
     return gaussian_kl(q, model.posterior)
 
 
@@ -84,5 +86,5 @@ def exact_elbo(params: Any, family: VariationalFamily, model: Model) -> jax.Arra
     Raises:
       ValueError: the model has no closed form, or ``params`` do not match it.
     """
-    q = _family_gaussian(params, family, model, "the ELBO")
+    q = _family_gaussian(params, family, model, "the ELBO", "exact_elbo")
     return model.expected_log_joint(q) + q.entropy()

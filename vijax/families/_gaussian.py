@@ -1,8 +1,8 @@
 """Gaussian variational families over pytree latents.
 
-A family is a :class:`VariationalFamily`: a NamedTuple of pure functions, in the
-manner of ``optax.GradientTransformation``. Its parameters are a NamedTuple of
-arrays that optax updates directly. The location ``loc`` keeps the shape of the
+Each is a :class:`vijax.VariationalFamily` with every capability: ``entropy``
+and the Gaussian view (``to_gaussian``, ``from_gaussian``). Its parameters are
+a NamedTuple of arrays that optax updates directly. The location ``loc`` keeps the shape of the
 user's latent pytree (so the parameters carry the latent structure with them);
 the scale parameters act on the flat vector of size d that
 ``jax.flatten_util.ravel_pytree`` gives, flattened once at the edge.
@@ -25,41 +25,9 @@ from jax.flatten_util import ravel_pytree
 
 from vijax import _checks, _host
 from vijax._gaussian import CholeskyScale, DiagonalScale, Gaussian, LowRankScale
+from vijax.families._protocol import VariationalFamily
 
 ArrayTree = Any
-
-
-class VariationalFamily(NamedTuple):
-    """A variational family: pure functions of a parameter pytree.
-
-    Attributes:
-      init: ``init(latent) -> params``. ``latent`` is an example latent pytree
-        (an array, a scalar, a dict of arrays); its values become the initial
-        mean.
-      sample: ``sample(key, params, num_samples) -> z``, a latent pytree with a
-        leading axis of size ``num_samples`` (reparameterized: differentiable
-        with respect to ``params``).
-      log_prob: ``log_prob(params, z) -> scalar``, the log density of one
-        latent ``z`` (a pytree shaped like the latent).
-      entropy: ``entropy(params) -> scalar``, in closed form.
-      to_gaussian: ``to_gaussian(params) -> vijax.Gaussian`` over the flat
-        latent, keeping the family's structured scale.
-      name: ``"mean_field"``, ``"full_rank"`` or ``"low_rank"``.
-      from_gaussian: ``from_gaussian(gaussian, latent) -> params``, the inverse
-        of ``to_gaussian``: the parameters whose Gaussian is ``gaussian`` (a
-        flat :class:`vijax.Gaussian`), with ``loc`` shaped like ``latent``.
-        Exact for the family's own structure; ``full_rank`` accepts every
-        Gaussian. Example: ``family.from_gaussian(model.posterior,
-        model.latent)`` puts ``q`` on a conjugate posterior.
-    """
-
-    init: Callable[[ArrayTree], Any]
-    sample: Callable[..., ArrayTree]
-    log_prob: Callable[[Any, ArrayTree], jax.Array]
-    entropy: Callable[[Any], jax.Array]
-    to_gaussian: Callable[[Any], Gaussian]
-    name: str
-    from_gaussian: Callable[[Gaussian, ArrayTree], Any]
 
 
 class MeanFieldParams(NamedTuple):

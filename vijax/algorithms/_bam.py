@@ -41,17 +41,26 @@ References:
 
 from __future__ import annotations
 
-import collections
+import os
 from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from vijax import _checks, _fit
-from vijax._families import FullRankParams, full_rank
-from vijax._fit import FitInfo, FitResult, FitState
-from vijax._natural import params_from_factor
+from vijax import _checks
+from vijax._gaussian import CholeskyScale, Gaussian
+from vijax.families._gaussian import FullRankParams, full_rank
+from vijax.families._protocol import check_params
+from vijax.fitting._engine import (
+    Algorithm,
+    check_resume_key,
+    check_run_options,
+    compiled_chunk,
+    resume_state,
+    run,
+)
+from vijax.fitting._types import FitInfo, FitResult, FitState
 
 ArrayTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
@@ -123,7 +132,7 @@ def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
 
 def _check_init_params(init_params) -> FullRankParams:
     if isinstance(init_params, FullRankParams):
-        return _fit._check_params("init_params", init_params, _FAMILY)
+        return check_params("init_params", init_params, _FAMILY)
     if isinstance(init_params, FitState):
         raise TypeError(
             "`init_params` must be FullRankParams; got a FitState. To continue a "
@@ -201,7 +210,9 @@ def make_bam_step(
         lam = jnp.asarray(lam, dtype)
         scores = scores.astype(dtype)
         new_mu, new_tril = bam_update(mu, tril, z, scores, lam)
-        new_params = params_from_factor("full_rank", new_mu, new_tril, unravel)
+        new_params = _FAMILY.from_gaussian(
+            Gaussian(new_mu, CholeskyScale(new_tril)), params.loc
+        )
         elbo = jnp.mean(log_p - q.log_prob(z)).astype(dtype)
         grad_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.mean(scores, axis=0))))
         ok = (
@@ -236,6 +247,8 @@ def batch_and_match(
     progress: Optional[bool] = None,
     chunk_size: int = 100,
     max_nonfinite: int = 20,
+    checkpoint_dir: Optional[Union[str, os.PathLike]] = None,
+    checkpoint_every: Optional[int] = None,
 ) -> FitResult:
     """Returns a full-rank Gaussian fitted by batch and match (Cai et al. 2024).
 
@@ -257,9 +270,10 @@ def batch_and_match(
     each step only learns about the covariance in the span of the batch and
     convergence is slow.
 
-    The loop is the one :func:`vijax.fit` runs (compiled chunks of
-    ``chunk_size`` steps, a progress bar between chunks, ``KeyboardInterrupt``
-    returning the last completed chunk), and the result has the same type.
+    The loop is the engine :func:`vijax.fit` runs (compiled chunks of
+    ``chunk_size`` steps, a progress bar and checkpoints between chunks,
+    ``KeyboardInterrupt`` returning the last completed chunk), and the
+    result has the same type.
     A step whose log densities, scores or updated parameters are not finite
     is skipped (the parameters are kept and ``trace.skipped`` is set);
     ``max_nonfinite`` consecutive skipped steps raise :class:`vijax.FitError`.
@@ -287,6 +301,9 @@ def batch_and_match(
         notebook, as :func:`vijax.fit` does.
       chunk_size: steps per compiled chunk (>= 1).
       max_nonfinite: consecutive skipped steps allowed before ``FitError``.
+      checkpoint_dir, checkpoint_every: checkpoints, as in :func:`vijax.fit`
+        (continue with ``batch_and_match(None, log_joint,
+        vijax.load_checkpoint(dir), ...)``).
 
     Returns:
       A :class:`vijax.FitResult` whose ``params`` are ``FullRankParams``
@@ -325,62 +342,50 @@ def batch_and_match(
         raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     learning_rate = _check_learning_rate(learning_rate)
-    run_args = _fit._check_run_args(
-        num_steps, chunk_size, max_nonfinite, progress, None, 100, 1, None, None
+    options = check_run_options(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
     )
+    algorithm = bam_algorithm(log_joint, batch_size=batch_size, learning_rate=learning_rate)
     if isinstance(init_params, FitState):
-        _fit._check_no_key("key", key)
+        check_resume_key("key", key)
         _check_init_params(init_params.params)
-        state = init_params._replace(
-            key=_fit._as_typed_key("init_params.key", init_params.key),
-            step=jnp.asarray(init_params.step, jnp.int32),
-        )
+        state = resume_state(init_params, batched=False)
     else:
         params = _check_init_params(init_params)
-        state = FitState(
-            params=params,
-            opt_state=(),
-            step=jnp.zeros((), jnp.int32),
-            key=_fit._as_typed_key("key", key),
-        )
-    compiled = _compiled_chunk(
-        log_joint, batch_size, learning_rate, run_args["chunk_size"],
-        run_args["max_nonfinite"],
+        state = algorithm.init(_checks.typed_key("key", key), params)
+    compiled = compiled_chunk(
+        ("batch_and_match", log_joint, batch_size, learning_rate),
+        lambda: algorithm.step,
+        chunk_size=options.chunk_size,
+        max_nonfinite=options.max_nonfinite,
+        batched=False,
     )
-    try:
-        return _fit._run(compiled, state, batched=False, **run_args)
-    except _fit.FitError as err:
-        raise _fit.FitError(
-            f"batch_and_match stopped at step {err.step}: {max_nonfinite} "
-            "consecutive steps had non-finite log densities or scores "
-            "(grad log_joint) at the sampled latents, or a non-finite update. "
-            "The parameters were left at their last finite values; `err.state` "
-            "holds that state and `err.result` the trace so far. Check log_joint "
-            "for regions where it or its gradient is nan/inf.",
-            state=err.state,
-            result=err.result,
-            step=err.step,
-        ) from None
+    return run(
+        compiled, state, options, batched=False, desc="batch_and_match",
+        failure=(
+            "had non-finite log densities or scores (grad log_joint) at the "
+            "sampled latents, or a non-finite update",
+            "Check log_joint for regions where it or its gradient is nan/inf.",
+        ),
+    )
 
 
-_CACHE_SIZE = 16
-_chunk_cache: collections.OrderedDict = collections.OrderedDict()
+def bam_algorithm(
+    log_joint: Callable[[ArrayTree], jax.Array],
+    *,
+    batch_size: int,
+    learning_rate: Union[None, float, Schedule] = None,
+) -> Algorithm:
+    """Batch-and-match as the engine's :class:`vijax.fitting.Algorithm`.
 
-
-def _compiled_chunk(log_joint, batch_size, learning_rate, chunk_size, max_nonfinite):
-    """The jit-compiled chunk of steps, cached as :func:`vijax.fit` caches its own."""
-    cache_key = (log_joint, batch_size, learning_rate, chunk_size, max_nonfinite)
-    try:
-        hash(cache_key)
-    except TypeError:
-        cache_key = None
-    if cache_key is not None and cache_key in _chunk_cache:
-        _chunk_cache.move_to_end(cache_key)
-        return _chunk_cache[cache_key]
+    ``init(key, params)`` starts at step 0 with no optimizer state (``()``);
+    ``step`` is :func:`make_bam_step`.
+    """
     step = make_bam_step(log_joint, batch_size=batch_size, learning_rate=learning_rate)
-    compiled = jax.jit(_fit._make_chunk(step, chunk_size, max_nonfinite))
-    if cache_key is not None:
-        _chunk_cache[cache_key] = compiled
-        while len(_chunk_cache) > _CACHE_SIZE:
-            _chunk_cache.popitem(last=False)
-    return compiled
+
+    def init(key, params):
+        return FitState(params=params, opt_state=(), step=jnp.zeros((), jnp.int32), key=key)
+
+    return Algorithm(init=init, step=step)

@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vijax import _checks, _host
-from vijax._fit import FitResult, FitState, _check_optimizer, _tree_all_finite, _tree_where
+from vijax import _checks, _host, _tree
 
 _INT32_MAX = 2**31 - 1
 
@@ -121,7 +120,7 @@ def iterate_average(
       ...      < vijax.exact_kl(result.params, family, model))
       True
     """
-    optimizer = _check_optimizer(optimizer)
+    optimizer = _checks.check_optimizer(optimizer)
     start = _checks.check_positive_int("start", start, minimum=0)
     if start > _INT32_MAX:
         raise ValueError(
@@ -147,7 +146,7 @@ def iterate_average(
             )
         updates, inner_state = optimizer.update(updates, state.inner_state, params)
         new_params = optax.apply_updates(params, updates)
-        finite = _tree_all_finite(new_params)
+        finite = _tree.all_finite(new_params)
         count = optax.safe_int32_increment(state.count)
         averaging = count > start
         num = jnp.where(
@@ -162,7 +161,7 @@ def iterate_average(
             return jnp.where(averaging, avg + weight * (new - avg), new)
 
         folded = jax.tree_util.tree_map(fold, state.average, new_params)
-        average = _tree_where(finite, folded, state.average)
+        average = _tree.where(finite, folded, state.average)
         return updates, IterateAverageState(inner_state, count, num, average)
 
     return optax.GradientTransformation(init, update)
@@ -186,10 +185,9 @@ def averaged_params(state: Any) -> Any:
       ValueError: it holds more than one.
     """
     given = type(state).__name__
-    if isinstance(state, FitResult):
-        state = state.state
-    if isinstance(state, FitState):
-        state = state.opt_state
+    # A FitResult and a FitState are NamedTuples, so pytrees: the search
+    # below finds the optimizer state inside them (this module never imports
+    # the fitting engine).
     found = _find_states(state)
     if not found:
         raise TypeError(

@@ -14,9 +14,10 @@ recovered from the parameter gradient in closed form:
 1. ``dF/dL`` (``L`` the Cholesky factor, or the diagonal standard deviations)
    is the vector-Jacobian product of the *inverse* map ``(mu, L) -> params``
    with the parameter gradient: if ``phi(psi(L)) = L`` then
-   ``J_phi^{-T} = J_psi^T``. So the only place that knows a family's
-   parameterization is :func:`params_from_factor`, the inverse of
-   ``family.to_gaussian``.
+   ``J_phi^{-T} = J_psi^T``. The inverse map is the family's own
+   ``from_gaussian``, so this module knows no family's parameterization:
+   any family with a Gaussian view whose scale is a ``DiagonalScale`` or a
+   ``CholeskyScale`` works, and the step is chosen by the scale's type.
 2. ``dF/dSigma = 0.5 L^{-T} (Q + Q^T) L^{-1}`` with ``Q = Phi(L^T dF/dL)``
    (``Phi`` takes the lower triangle and halves the diagonal): the Cholesky
    back-propagation identity of Murray (2016).
@@ -59,89 +60,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.scipy.linalg import solve_triangular
 
 from vijax import _checks
-from vijax._families import (
-    FullRankParams,
-    MeanFieldParams,
-    VariationalFamily,
-    full_rank_params_from_tril,
-    mean_field_params_from_scale,
-)
+from vijax._gaussian import CholeskyScale, DiagonalScale, Gaussian
+from vijax.families._protocol import VariationalFamily, check_family, describe, require
 
 ArrayTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
 
-SUPPORTED_FAMILIES = ("mean_field", "full_rank")
 
-
-# ----------------------------------------------------------------- inverses
-def params_from_factor(family_name: str, loc: jax.Array, factor: jax.Array, unravel):
-    """Returns the family's params for a flat mean and a scale factor.
-
-    The inverse of ``family.to_gaussian``: ``factor`` is the (d,) vector of
-    standard deviations for ``"mean_field"`` and the (d, d) lower-triangular
-    Cholesky factor (positive diagonal; only the lower triangle is read) for
-    ``"full_rank"``. Differentiable; used both to map natural-gradient steps
-    back to parameters and, through its vector-Jacobian product, to turn a
-    parameter gradient into a factor gradient.
-    """
-    if family_name == "mean_field":
-        return mean_field_params_from_scale(unravel(loc), factor)
-    if family_name == "full_rank":
-        return full_rank_params_from_tril(unravel(loc), factor)
-    raise _unsupported(family_name)
-
-
-def factor_of(family_name: str, gaussian) -> jax.Array:
-    """Returns the scale factor :func:`params_from_factor` takes, from a Gaussian."""
-    if family_name == "mean_field":
-        return gaussian.scale.scale
-    return jnp.tril(gaussian.scale.tril)
-
-
-def _unsupported(name) -> ValueError:
-    return ValueError(
-        "`family` must be vijax.mean_field() or vijax.full_rank() (closed-form "
-        f"natural gradients exist for these); got a family named {name!r}."
-    )
-
-
-def check_family(family: Any, supported: tuple[str, ...] = SUPPORTED_FAMILIES) -> str:
-    """Raises unless ``family`` is a VariationalFamily with a supported name."""
-    if not isinstance(family, VariationalFamily):
-        raise TypeError(
-            "`family` must be a vijax.VariationalFamily (vijax.mean_field() or "
-            f"vijax.full_rank()); got {type(family).__name__}."
-        )
-    if family.name not in supported:
-        if supported == ("full_rank",):
-            raise ValueError(
-                "`family` must be vijax.full_rank(); got a family named "
-                f"{family.name!r}."
-            )
-        raise _unsupported(family.name)
-    return family.name
-
-
-def _check_learning_rate(learning_rate) -> Union[float, Schedule]:
-    if callable(learning_rate):
-        return learning_rate
-    return _checks.check_positive_float(
-        "learning_rate", learning_rate, also=" or a schedule (a callable of the step count)"
-    )
-
-
-# ------------------------------------------------------------------- steps
+# ------------------------------------------------- steps, per scale structure
 def _upper_cholesky(k: jax.Array) -> jax.Array:
     """Upper-triangular U with ``k = U U^T`` (Cholesky of the reversed matrix)."""
     return jnp.linalg.cholesky(k[::-1, ::-1])[::-1, ::-1]
 
 
-def _full_rank_step(mu, tril, g_mu, g_tril, rho, min_eig):
-    """One natural-gradient step of size rho; returns (mu, tril, ok).
+def cholesky_step(mu, tril, g_mu, g_tril, rho, min_eig):
+    """One natural-gradient step of size rho for ``N(mu, tril tril^T)``; returns (mu, tril, ok).
 
     ``ok`` is False unless the whitened new precision ``K`` is positive
     definite and, when ``min_eig`` is not None, ``K - min_eig I`` is too.
@@ -166,13 +102,144 @@ def _full_rank_step(mu, tril, g_mu, g_tril, rho, min_eig):
     return new_mu, new_tril, ok
 
 
-def _mean_field_step(mu, scale, g_mu, g_scale, rho, min_eig):
-    """Mean-field analogue: K is diagonal, ``k_i = 1 + rho sigma_i dF/dsigma_i``."""
+def diagonal_step(mu, scale, g_mu, g_scale, rho, min_eig):
+    """The diagonal analogue: K is diagonal, ``k_i = 1 + rho sigma_i dF/dsigma_i``."""
     k = 1.0 + rho * scale * g_scale
     ok = jnp.all(k > (0.0 if min_eig is None else min_eig))
     new_scale = scale / jnp.sqrt(jnp.where(k > 0, k, 1.0))
     new_mu = mu - rho * jnp.square(new_scale) * g_mu
     return new_mu, new_scale, ok & jnp.all(jnp.isfinite(new_scale))
+
+
+class _Structure(NamedTuple):
+    """How a scale type takes a step: its factor, the scale rebuilt from one, the step."""
+
+    factor: Callable[[Any], jax.Array]
+    rebuild: Callable[[jax.Array], Any]
+    step: Callable
+
+
+_STRUCTURES = {
+    DiagonalScale: _Structure(lambda s: s.scale, DiagonalScale, diagonal_step),
+    CholeskyScale: _Structure(lambda s: jnp.tril(s.tril), CholeskyScale, cholesky_step),
+}
+
+
+def _structure(family: VariationalFamily, q: Gaussian) -> _Structure:
+    kind = type(q.scale)
+    if kind not in _STRUCTURES:
+        raise ValueError(
+            "natural_gradient needs a family whose Gaussian view has a DiagonalScale "
+            "or a CholeskyScale (vijax.mean_field(), vijax.full_rank()): closed-form "
+            f"natural gradients exist for these; {describe(family)} gives a "
+            f"{kind.__name__}."
+        )
+    return _STRUCTURES[kind]
+
+
+# ----------------------------------------------------------- named pieces
+def factor_gradients(family: VariationalFamily, params: Any, grads: Any):
+    """Returns ``(q, structure, g_mu, g_factor, inverse)`` for a parameter gradient.
+
+    ``g_mu`` and ``g_factor`` are the gradient with respect to the mean and
+    the scale factor (standard deviations or Cholesky factor): the
+    vector-Jacobian product of the family's inverse map ``inverse(mu,
+    factor) -> params`` (built on ``family.from_gaussian``) with ``grads``.
+    """
+    q = family.to_gaussian(params)
+    structure = _structure(family, q)
+    # The latent's structure, from the family's own draws (no values used).
+    draws = jax.eval_shape(lambda p: family.sample(jax.random.key(0), p, 1), params)
+    latent = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape[1:], s.dtype), draws)
+
+    def inverse(mu, factor):
+        return family.from_gaussian(Gaussian(mu, structure.rebuild(factor)), latent)
+
+    _, vjp = jax.vjp(inverse, q.mean, structure.factor(q.scale))
+    g_mu, g_factor = vjp(grads)
+    return q, structure, g_mu, g_factor, inverse
+
+
+def guarded_step(step, mu, factor, g_mu, g_factor, rho, *, min_eig, max_backtracks):
+    """Takes ``step`` at ``rho``, halving it until the new Gaussian is valid.
+
+    Returns ``(mu, factor, rho_used, num_halvings)``. With a non-finite
+    gradient the new mean and factor are NaN (as optax's own transformations
+    pass NaN on); when no valid step is found within ``max_backtracks``
+    halvings the current Gaussian is kept and ``rho_used`` is 0.
+    """
+    finite = jnp.all(jnp.isfinite(g_mu)) & jnp.all(jnp.isfinite(g_factor))
+    new_mu, new_factor, ok = step(mu, factor, g_mu, g_factor, rho, min_eig)
+
+    def cond(carry):
+        _, _, _, ok, n = carry
+        return finite & ~ok & (n < max_backtracks)
+
+    def body(carry):
+        r, _, _, _, n = carry
+        r = 0.5 * r
+        m, f, ok = step(mu, factor, g_mu, g_factor, r, min_eig)
+        return r, m, f, ok, n + 1
+
+    rho_used, new_mu, new_factor, ok, n = jax.lax.while_loop(
+        cond, body, (rho, new_mu, new_factor, ok, jnp.zeros((), jnp.int32))
+    )
+    keep = finite & ~ok
+    new_mu = jnp.where(keep, mu, new_mu)
+    new_factor = jnp.where(keep, factor, new_factor)
+    rho_used = jnp.where(keep, jnp.zeros_like(rho_used), rho_used)
+    nan = jnp.asarray(jnp.nan, mu.dtype)
+    new_mu = jnp.where(finite, new_mu, nan)
+    new_factor = jnp.where(finite, new_factor, nan)
+    return new_mu, new_factor, rho_used, n
+
+
+def updates_to(new_params: Any, params: Any) -> Any:
+    """The optax updates that move ``params`` to ``new_params``."""
+    return jax.tree_util.tree_map(lambda a, b: (a - b).astype(b.dtype), new_params, params)
+
+
+def _check_learning_rate(learning_rate) -> Union[float, Schedule]:
+    if callable(learning_rate):
+        return learning_rate
+    return _checks.check_positive_float(
+        "learning_rate", learning_rate, also=" or a schedule (a callable of the step count)"
+    )
+
+
+def _check_max_variance_growth(max_variance_growth) -> Optional[float]:
+    """The smallest eigenvalue K may have (1 / growth), or None for no bound."""
+    if max_variance_growth is None:
+        return None
+    expected = (
+        "`max_variance_growth` must be None or a float > 1 (the largest factor "
+        f"one step may multiply a variance by); got {max_variance_growth!r}."
+    )
+    if isinstance(max_variance_growth, bool) or not isinstance(
+        max_variance_growth, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(expected)
+    if not max_variance_growth > 1.0:
+        raise ValueError(expected)
+    if math.isfinite(max_variance_growth):  # inf is no bound: skip the check
+        return 1.0 / float(max_variance_growth)
+    return None
+
+
+def _probe(family: VariationalFamily) -> None:
+    """Raises now if the family's Gaussian view has an unsupported scale.
+
+    Abstract evaluation on a small latent; a family that cannot be built on
+    it (say ``low_rank`` of a larger rank) is checked at ``init`` instead.
+    """
+    try:
+        q = jax.eval_shape(
+            lambda: family.to_gaussian(family.init(jnp.zeros(8, jnp.float32)))
+        )
+    except Exception:
+        return
+    if isinstance(q, Gaussian):
+        _structure(family, q)
 
 
 class NaturalGradientState(NamedTuple):
@@ -232,14 +299,11 @@ def natural_gradient(
     full-rank family with S much smaller than d, also
     ``max_variance_growth=2`` (no step may more than double a variance).
     With S of the order of d the bound only slows convergence.
-    ``benchmarks/fast_vi.py`` records what each choice costs: with these
-    settings and S = 8 the full-rank family reaches the posterior of a
-    100-dimensional Bayesian linear regression in about 6 times fewer
-    gradient evaluations than the best Adam (without the growth bound it
-    diverges at S = 8), and a 50-dimensional logistic regression's optimum in
-    about 13 times fewer. At d = 500 with S = 8 it does not converge within
-    the benchmark's budget; batch-and-match (:func:`vijax.batch_and_match`)
-    is the method that does.
+    How many gradient evaluations each choice costs against Adam, and where
+    it does not converge (the full-rank family far from the posterior at
+    d = 500 with S = 8, where :func:`vijax.batch_and_match` does), is
+    recorded by ``python -m benchmarks.fast_vi`` in
+    ``benchmarks/results/cpu/fast_vi.md`` and summarised in the README.
 
     For the mean-field family the stl noise does not vanish at the family's
     optimum (unless the posterior is itself diagonal), so with a constant
@@ -247,12 +311,8 @@ def natural_gradient(
     step and with d, and a decaying step slow enough to remove it converges
     slowly on a correlated target. Wrap the transformation in
     :func:`vijax.iterate_average` and read :func:`vijax.averaged_params`:
-    the mean of the iterates after a burn-in removes most of the jitter. On a
-    500-dimensional Bayesian linear regression, rho = 0.1, S = 8,
-    ``max_variance_growth=2`` and averaging from step 1000 come within 1e-2
-    of the mean-field optimum in 36592 to 41880 gradient evaluations over
-    five seeds; Adam at any learning rate does not in 800000
-    (``benchmarks/fast_vi.py``).
+    the mean of the iterates after a burn-in removes most of the jitter
+    (measured in ``benchmarks/results/cpu/fast_vi.md``).
 
     If ``P_new`` is not positive definite at the scheduled ``rho`` (a large
     step on a noisy gradient), or with ``max_variance_growth`` set it would
@@ -266,7 +326,9 @@ def natural_gradient(
     wrap the transformation in ``optax.apply_if_finite``.
 
     Args:
-      family: :func:`vijax.mean_field` or :func:`vijax.full_rank`.
+      family: a family with a Gaussian view (``to_gaussian`` and
+        ``from_gaussian``) whose scale is a ``DiagonalScale`` or a
+        ``CholeskyScale``: :func:`vijax.mean_field` or :func:`vijax.full_rank`.
       learning_rate: the step size rho > 0 (1 is the full step), or an optax
         schedule ``count -> rho``.
       max_backtracks: the largest number of step halvings per update (>= 0).
@@ -288,8 +350,8 @@ def natural_gradient(
       TypeError: ``family`` is not a VariationalFamily, ``learning_rate``
         is neither a number nor a callable, or ``max_variance_growth`` is
         neither None nor a number.
-      ValueError: the family has no closed-form natural gradient here
-        (``low_rank``), ``learning_rate`` not a finite number > 0,
+      ValueError: the family has no Gaussian view, or one with no
+        closed-form natural gradient here (``low_rank``), ``learning_rate`` not a finite number > 0,
         ``max_backtracks < 0`` or ``max_variance_growth <= 1``; and,
         from ``update``, missing ``params`` or gradients whose structure differs
         from ``params``.
@@ -317,34 +379,22 @@ def natural_gradient(
       >>> float(vijax.exact_kl(params, family, model)) < 1e-5
       True
     """
-    name = check_family(family)
+    family = check_family(family)
+    require(family, "to_gaussian", "natural_gradient")
+    require(family, "from_gaussian", "natural_gradient")
+    _probe(family)
     learning_rate = _check_learning_rate(learning_rate)
     max_backtracks = _checks.check_positive_int(
         "max_backtracks", max_backtracks, minimum=0
     )
-    min_eig = None
-    if max_variance_growth is not None:
-        expected = (
-            "`max_variance_growth` must be None or a float > 1 (the largest factor "
-            f"one step may multiply a variance by); got {max_variance_growth!r}."
-        )
-        if isinstance(max_variance_growth, bool) or not isinstance(
-            max_variance_growth, (int, float, np.integer, np.floating)
-        ):
-            raise TypeError(expected)
-        if not max_variance_growth > 1.0:
-            raise ValueError(expected)
-        if math.isfinite(max_variance_growth):  # inf is no bound: skip the check
-            min_eig = 1.0 / float(max_variance_growth)
-    params_type = FullRankParams if name == "full_rank" else MeanFieldParams
-    step_fn = _full_rank_step if name == "full_rank" else _mean_field_step
+    min_eig = _check_max_variance_growth(max_variance_growth)
 
     def init(params):
-        _check_params(params, params_type, name)
-        dtype = ravel_pytree(params.loc)[0].dtype
+        q = family.to_gaussian(params)
+        _structure(family, q)
         return NaturalGradientState(
             count=jnp.zeros((), jnp.int32),
-            step_size=jnp.zeros((), dtype),
+            step_size=jnp.zeros((), q.mean.dtype),
             num_backtracks=jnp.zeros((), jnp.int32),
         )
 
@@ -355,62 +405,19 @@ def natural_gradient(
                 "(`opt.update(grads, state, params)`): the step depends on the "
                 "current Gaussian."
             )
-        _check_params(params, params_type, name)
         grads = _check_grads(updates, params)
-        q = family.to_gaussian(params)
-        mu = q.mean
-        factor = factor_of(name, q)
-        unravel = ravel_pytree(params.loc)[1]
-        dtype = mu.dtype
-
-        inverse = lambda m, f: params_from_factor(name, m, f, unravel)  # noqa: E731
-        _, vjp = jax.vjp(inverse, mu, factor)
-        g_mu, g_factor = vjp(grads)
-
-        if callable(learning_rate):
-            rho = jnp.asarray(learning_rate(state.count), dtype)
-        else:
-            rho = jnp.asarray(learning_rate, dtype)
-        finite = jnp.all(jnp.isfinite(g_mu)) & jnp.all(jnp.isfinite(g_factor))
-
-        def attempt(r):
-            return step_fn(mu, factor, g_mu, g_factor, r, min_eig)
-
-        new_mu, new_factor, ok = attempt(rho)
-
-        def cond(carry):
-            _, _, _, ok, n = carry
-            return finite & ~ok & (n < max_backtracks)
-
-        def body(carry):
-            r, _, _, _, n = carry
-            r = 0.5 * r
-            m, f, ok = attempt(r)
-            return r, m, f, ok, n + 1
-
-        rho_used, new_mu, new_factor, ok, n = jax.lax.while_loop(
-            cond, body, (rho, new_mu, new_factor, ok, jnp.zeros((), jnp.int32))
+        q, structure, g_mu, g_factor, inverse = factor_gradients(family, params, grads)
+        dtype = q.mean.dtype
+        count = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        rho = jnp.asarray(count, dtype)
+        new_mu, new_factor, rho_used, n = guarded_step(
+            structure.step, q.mean, structure.factor(q.scale), g_mu, g_factor, rho,
+            min_eig=min_eig, max_backtracks=max_backtracks,
         )
-        # No positive-definite step: keep the current Gaussian (a zero update),
-        # reported as step_size 0. A non-finite gradient stays non-finite.
-        keep = finite & ~ok
-        new_mu = jnp.where(keep, mu, new_mu)
-        new_factor = jnp.where(keep, factor, new_factor)
-        rho_used = jnp.where(keep, jnp.zeros_like(rho_used), rho_used)
-        nan = jnp.asarray(jnp.nan, dtype)
-        new_mu = jnp.where(finite, new_mu, nan)
-        new_factor = jnp.where(finite, new_factor, nan)
-
-        new_params = inverse(new_mu, new_factor)
-        out = jax.tree_util.tree_map(lambda a, b: a - b, new_params, params)
-        if name == "full_rank":
-            # Only the strict lower triangle of off_diag is used; leave the rest.
-            d = mu.shape[0]
-            mask = jnp.tril(jnp.ones((d, d), bool), -1)
-            out = out._replace(
-                off_diag=jnp.where(mask | ~finite, out.off_diag, 0.0).astype(dtype)
-            )
-        out = jax.tree_util.tree_map(lambda u: jnp.where(keep, jnp.zeros_like(u), u), out)
+        out = updates_to(inverse(new_mu, new_factor), params)
+        # No valid step: an exact zero update (not new - old, which rounds).
+        kept = rho_used == 0
+        out = jax.tree_util.tree_map(lambda u: jnp.where(kept, jnp.zeros_like(u), u), out)
         new_state = NaturalGradientState(
             count=optax.safe_int32_increment(state.count),
             step_size=rho_used,
@@ -419,14 +426,6 @@ def natural_gradient(
         return out, new_state
 
     return optax.GradientTransformation(init, update)
-
-
-def _check_params(params, params_type, name) -> None:
-    if not isinstance(params, params_type):
-        raise TypeError(
-            f"`params` must be {params_type.__name__} (from vijax.{name}().init); "
-            f"got {type(params).__name__}."
-        )
 
 
 def _check_grads(grads, params):

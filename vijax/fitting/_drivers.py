@@ -1,0 +1,300 @@
+"""The drivers :func:`fit` and :func:`fit_batched`: check, build the algorithm, run the engine."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vijax import _checks
+from vijax._objectives import DEFAULT_ESTIMATOR
+from vijax.families._protocol import VariationalFamily, check_params
+from vijax.fitting._engine import (
+    check_resume_key,
+    check_run_options,
+    compiled_chunk,
+    resume_state,
+    run,
+)
+from vijax.fitting._step import check_step_config, init_fit_state, optax_algorithm
+from vijax.fitting._types import FitResult, FitState
+
+ArrayTree = Any
+
+
+def _check_params(name: str, params: Any, family: VariationalFamily) -> Any:
+    if isinstance(params, FitState):
+        raise TypeError(
+            f"`{name}` must be the family's parameters; got a FitState. To continue a "
+            "run, pass the state as `init_params` with `key=None`."
+        )
+    return check_params(name, params, family)
+
+
+def _run(family, log_joint, optimizer, num_samples, estimator, state, options, batched):
+    compiled = compiled_chunk(
+        ("fit", family, log_joint, optimizer, num_samples, estimator),
+        lambda: optax_algorithm(
+            family, log_joint, optimizer, num_samples=num_samples, estimator=estimator
+        ).step,
+        chunk_size=options.chunk_size,
+        max_nonfinite=options.max_nonfinite,
+        batched=batched,
+    )
+    return run(compiled, state, options, batched=batched)
+
+
+def _check_state(state: FitState, family, optimizer, batched: bool) -> FitState:
+    """Checks that a FitState to continue from matches the family and optimizer."""
+    params = state.params
+    if batched:
+        params = jax.tree_util.tree_map(lambda a: a[0], params)
+    _check_params("init_params.params", params, family)
+    want = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
+    got = jax.tree_util.tree_structure(state.opt_state)
+    if want != got:
+        raise ValueError(
+            "`init_params.opt_state` does not match `optimizer`: expected the "
+            f"structure {want}; got {got}. Continue a run with the optimizer it "
+            "was started with."
+        )
+    return resume_state(state, batched)
+
+
+def fit(
+    key: jax.Array | None,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    init_params: Any,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    num_samples: int = 8,
+    estimator: str = DEFAULT_ESTIMATOR,
+    progress: bool | None = None,
+    chunk_size: int = 500,
+    max_nonfinite: int = 20,
+    tol: float | None = None,
+    window: int = 100,
+    patience: int = 3,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+) -> FitResult:
+    """Returns the result of maximizing the ELBO over ``family`` with ``optimizer``.
+
+    Minimizes ``-vijax.elbo`` with any optax transformation. The steps run in
+    a compiled loop over chunks of ``chunk_size`` steps (one ``jit``-compiled
+    scan per chunk); between
+    chunks the host updates the progress bar, writes checkpoints and tests the
+    stopping rules. The compiled chunk is cached: calling ``fit`` again with
+    the same family, log joint, optimizer, ``num_samples``, ``estimator``,
+    ``chunk_size`` and ``max_nonfinite`` (the same objects) and parameters of
+    the same shapes does not trace or compile again, whatever ``num_steps``.
+
+    Step ``t`` draws its noise from ``fold_in(key, t)``, so a run continued
+    from ``result.state`` (or a checkpoint) gives bitwise the same parameters
+    as an uninterrupted run, whatever the chunk sizes.
+
+    NaN safety: a step whose loss or gradient is not finite leaves the
+    parameters and optimizer state unchanged, and one whose updated
+    parameters are not finite leaves the parameters unchanged (see
+    :func:`make_step`). Both are counted in ``trace.skipped``; after
+    ``max_nonfinite`` consecutive such steps the fit stops and raises
+    :class:`FitError` (naming the step, carrying the last finite state).
+    Returned parameters are always finite.
+
+    Early stopping (``tol`` not None), checked after each chunk: the running
+    mean ELBO over the last ``window`` steps is compared with the best one
+    seen at earlier checks; a check that does not improve it by at least
+    ``tol * |best|`` is a stall, and ``patience`` stalls in a row stop the fit.
+    The rule is tested once per chunk, so its granularity is ``chunk_size``
+    steps: lower ``chunk_size`` for a finer one.
+
+    ``KeyboardInterrupt`` during a fit is caught: ``fit`` returns the result
+    of the last completed chunk with ``result.interrupted = True`` (and a
+    ``RuntimeWarning``), which can be continued like any other.
+
+    For many seeds at once, in one compiled loop, see :func:`fit_batched`.
+
+    Args:
+      key: the run's PRNG key (typed or legacy uint32); ``None`` when
+        continuing from a :class:`FitState`.
+      family: a :class:`vijax.VariationalFamily`.
+      log_joint: ``log_joint(z) -> scalar``, the unnormalized log p(x, z) of
+        one latent pytree. Keep the same function object between calls to
+        reuse the compiled loop.
+      init_params: the family's initial parameters (``family.init(latent)``),
+        or a :class:`FitState` (``result.state``, :func:`load_checkpoint`) to
+        continue a run.
+      optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``).
+      num_steps: the number of steps to run in this call (>= 1); when
+        continuing, the number of further steps.
+      num_samples: Monte Carlo draws per step (>= 1).
+      estimator: the gradient estimator, as in :func:`vijax.elbo` (default
+        ``"stl"``: unbiased, and its noise vanishes near a Gaussian posterior,
+        so Adam settles far closer to it than with ``"reparam"``).
+      progress: show a tqdm progress bar (a widget in notebooks)
+        with the step and running ELBO; ``None`` (default) shows it when
+        stderr is a terminal or in a Jupyter kernel.
+      chunk_size: steps per compiled chunk (>= 1). Larger chunks lower the
+        host overhead; smaller ones refresh the bar, checkpoints and stopping
+        rule more often.
+      max_nonfinite: consecutive non-finite steps allowed before ``FitError``.
+      tol: relative tolerance of the early-stopping rule; ``None`` disables it.
+      window: steps in the running mean used by the stopping rule and the bar.
+      patience: consecutive stalled checks that stop the fit.
+      checkpoint_dir: a directory to save the state in
+        (``checkpoint_dir/fit_state.npz``, data only, written atomically) at the end of
+        the fit, on interruption or failure, and every ``checkpoint_every``
+        steps.
+      checkpoint_every: save at the first chunk boundary at least this many
+        steps after the previous save (needs ``checkpoint_dir``).
+
+    Returns:
+      A :class:`FitResult`: ``params``, ``state`` (to continue), ``trace``
+      (a :class:`FitInfo` of NumPy arrays over the steps run),
+      ``num_skipped``, ``interrupted``, ``stopped_early``.
+
+    Raises:
+      TypeError: ``optimizer`` is not an optax transformation, ``family`` or
+        ``log_joint`` has the wrong type, or ``init_params`` do not match the
+        family.
+      ValueError: ``num_steps``, ``num_samples``, ``chunk_size``,
+        ``max_nonfinite``, ``window`` or ``patience`` below 1, an unknown
+        ``estimator``, non-finite ``init_params``, or a ``key`` given together
+        with a :class:`FitState`.
+      FitError: ``max_nonfinite`` consecutive non-finite steps.
+
+    Example:
+      >>> import jax, optax, vijax
+      >>> model = vijax.models.normal_mean(
+      ...     jax.numpy.ones(5), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+      >>> family = vijax.mean_field()
+      >>> result = vijax.fit(
+      ...     jax.random.key(0), family, model.log_joint, family.init(model.latent),
+      ...     optimizer=optax.adam(1e-2), num_steps=1000, progress=False)
+      >>> more = vijax.fit(None, family, model.log_joint, result.state,
+      ...     optimizer=optax.adam(1e-2), num_steps=500, progress=False)
+    """
+    family, log_joint, optimizer, num_samples = check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
+    options = check_run_options(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, tol=tol, window=window, patience=patience,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+    )
+    if isinstance(init_params, FitState):
+        check_resume_key("key", key)
+        state = _check_state(init_params, family, optimizer, batched=False)
+    else:
+        key = _checks.typed_key("key", key)
+        params = _check_params("init_params", init_params, family)
+        state = init_fit_state(key, params, optimizer)
+    return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False)
+
+
+def fit_batched(
+    keys: jax.Array | None,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    init_params: Any,
+    *,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    params_batched: bool = False,
+    num_samples: int = 8,
+    estimator: str = DEFAULT_ESTIMATOR,
+    progress: bool | None = None,
+    chunk_size: int = 500,
+    max_nonfinite: int = 20,
+    tol: float | None = None,
+    window: int = 100,
+    patience: int = 3,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+) -> FitResult:
+    """Returns the results of one fit per key, run together in one compiled loop.
+
+    ``jax.vmap`` of :func:`fit`'s chunk over a batch of runs: a sweep over
+    seeds (and, with ``params_batched=True``, over initial parameters) costs
+    one compilation. Member ``b`` gives the same parameters as
+    ``fit(keys[b], ..., init_params[b])`` up to floating-point reassociation.
+
+    Everything in the result has a leading batch axis: ``params``, ``state``
+    (continue with ``fit_batched(None, ..., result.state, ...)``), and
+    ``trace`` fields of shape ``(B, steps)``; ``num_skipped`` is an array of
+    shape ``(B,)``. ``FitError`` is raised as soon as any member reaches
+    ``max_nonfinite`` consecutive non-finite steps (members that stopped have
+    ``skipped = True`` and NaN entries in the trace after their last step).
+    Early stopping stops the batch when the batch-mean running ELBO stalls.
+
+    Args:
+      keys: an array of B keys (e.g. ``jax.random.split(key, B)``), typed or
+        legacy uint32 of shape (B, 2); ``None`` when continuing from a
+        batched :class:`FitState`.
+      family, log_joint, optimizer, num_steps, num_samples, estimator,
+        progress, chunk_size, max_nonfinite, tol, window, patience,
+        checkpoint_dir, checkpoint_every: as in :func:`fit`.
+      init_params: the initial parameters shared by every member, or (with
+        ``params_batched=True``) stacked along a leading axis of size B, or a
+        batched :class:`FitState` to continue.
+      params_batched: whether ``init_params`` carry a leading batch axis.
+
+    Returns:
+      A batched :class:`FitResult`.
+
+    Raises:
+      As :func:`fit`; ValueError also when the batch sizes of ``keys`` and
+      ``init_params`` differ.
+
+    Example:
+      >>> import jax, optax, vijax
+      >>> model = vijax.models.normal_mean(
+      ...     jax.numpy.ones(5), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+      >>> family = vijax.mean_field()
+      >>> res = vijax.fit_batched(
+      ...     jax.random.split(jax.random.key(0), 4), family, model.log_joint,
+      ...     family.init(model.latent), optimizer=optax.adam(1e-2),
+      ...     num_steps=500, progress=False)
+      >>> res.trace.elbo.shape
+      (4, 500)
+    """
+    family, log_joint, optimizer, num_samples = check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
+    if not isinstance(params_batched, bool):
+        raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
+    options = check_run_options(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, tol=tol, window=window, patience=patience,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+    )
+    if isinstance(init_params, FitState):
+        check_resume_key("keys", keys)
+        state = _check_state(init_params, family, optimizer, batched=True)
+    else:
+        keys = _checks.typed_key("keys", keys, batch_ndim=1)
+        size = keys.shape[0]
+        if params_batched:
+            sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+                     for leaf in jax.tree_util.tree_leaves(init_params)}
+            if sizes != {size}:
+                raise ValueError(
+                    f"`init_params` must have a leading batch axis of size {size} "
+                    f"(the number of keys) on every leaf; got sizes {sorted(map(str, sizes))}."
+                )
+            _check_params(
+                "init_params", jax.tree_util.tree_map(lambda a: a[0], init_params), family
+            )
+            params_axis = 0
+        else:
+            _check_params("init_params", init_params, family)
+            params_axis = None
+        state = jax.vmap(init_fit_state, in_axes=(0, params_axis, None))(
+            keys, init_params, optimizer
+        )
+    return _run(family, log_joint, optimizer, num_samples, estimator, state, options, True)

@@ -1,0 +1,380 @@
+"""The engine every fitting algorithm runs on: compiled chunks of steps, a host loop between them.
+
+An algorithm is an :class:`Algorithm`, an ``(init, step)`` pair of pure
+functions over :class:`vijax.FitState` and :class:`vijax.FitInfo` (the shape
+of blackjax's ``VIAlgorithm``). The engine knows nothing else about it:
+
+* :func:`make_chunk` turns ``step`` into a chunk of up to ``chunk_size``
+  steps, compiled once (:func:`compiled_chunk` caches it, keyed on whatever
+  identifies the algorithm) and reused for every ``num_steps``;
+* :func:`run` calls the chunk from the host, one chunk ahead, and between
+  chunks updates the progress bar, writes checkpoints, tests the stopping
+  rule and raises :class:`vijax.FitError` after too many consecutive skipped
+  steps, handing back the last completed chunk on ``KeyboardInterrupt``.
+
+:func:`vijax.fit`, :func:`vijax.fit_batched` and :func:`vijax.batch_and_match`
+are drivers: they check their arguments, build an algorithm and call
+:func:`run`. A new algorithm does the same, and never reaches into a driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from typing import Any, Callable, Hashable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax import _checks, _tree
+from vijax.fitting._checkpoint import CHECKPOINT_NAME, save_checkpoint
+from vijax.fitting._progress import make_bar, progress_default
+from vijax.fitting._types import FitError, FitInfo, FitResult, FitState
+
+
+class Algorithm(NamedTuple):
+    """A fitting algorithm as two pure functions, run by :func:`run`.
+
+    Attributes:
+      init: ``init(key, params) -> FitState`` at step 0 (vmappable over keys
+        and parameters).
+      step: ``step(state) -> (state, info)``: one step. It draws its noise
+        from ``fold_in(state.key, state.step)``, advances ``state.step`` by
+        one, and sets ``info.skipped`` (leaving the parameters finite) when
+        the step was not taken.
+    """
+
+    init: Callable[[jax.Array, Any], FitState]
+    step: Callable[[FitState], tuple[FitState, FitInfo]]
+
+
+class RunOptions(NamedTuple):
+    """The host loop's settings, checked by :func:`check_run_options`."""
+
+    num_steps: int
+    chunk_size: int
+    max_nonfinite: int
+    progress: bool
+    tol: Optional[float]
+    window: int
+    patience: int
+    checkpoint_dir: Optional[str]
+    checkpoint_every: Optional[int]
+
+
+def check_run_options(
+    *,
+    num_steps: Any,
+    chunk_size: Any,
+    max_nonfinite: Any,
+    progress: Any,
+    tol: Any = None,
+    window: Any = 100,
+    patience: Any = 3,
+    checkpoint_dir: Any = None,
+    checkpoint_every: Any = None,
+) -> RunOptions:
+    """Validates the host loop's settings; each error names the argument."""
+    num_steps = _checks.check_positive_int("num_steps", num_steps)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    max_nonfinite = _checks.check_positive_int("max_nonfinite", max_nonfinite)
+    if progress is None:
+        progress = progress_default()
+    elif not isinstance(progress, bool):
+        raise TypeError(f"`progress` must be None, True or False; got {progress!r}.")
+    if tol is not None:
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"`tol` must be None or a float >= 0; got {tol!r}.")
+        tol = float(tol)
+    window = _checks.check_positive_int("window", window)
+    patience = _checks.check_positive_int("patience", patience)
+    if checkpoint_every is not None:
+        checkpoint_every = _checks.check_positive_int("checkpoint_every", checkpoint_every)
+        if checkpoint_dir is None:
+            raise ValueError(
+                "`checkpoint_every` needs `checkpoint_dir`; got checkpoint_dir=None."
+            )
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+    return RunOptions(
+        num_steps, chunk_size, max_nonfinite, progress, tol, window, patience,
+        checkpoint_dir, checkpoint_every,
+    )
+
+
+def check_resume_key(name: str, value: Any) -> None:
+    """Raises unless ``value`` is None: a run continued from a FitState uses its key(s)."""
+    if value is not None:
+        raise ValueError(
+            f"`{name}` must be None when `init_params` is a FitState (the state "
+            f"carries the run's {name}); got {type(value).__name__}."
+        )
+
+
+def resume_state(state: FitState, batched: bool) -> FitState:
+    """A FitState to continue from, with a typed key (array) and an int32 step."""
+    key = _checks.typed_key("init_params.key", state.key, 1 if batched else 0)
+    return state._replace(key=key, step=jnp.asarray(state.step, jnp.int32))
+
+
+# --------------------------------------------------------------------------
+# The compiled chunk.
+
+
+def make_chunk(step: Callable, chunk_size: int, max_nonfinite: int) -> Callable:
+    """Returns ``chunk(state, nonfinite, num_active) -> (state, nonfinite, infos)``.
+
+    Runs up to ``num_active <= chunk_size`` steps and stacks their infos into
+    arrays of length ``chunk_size``. This is ``lax.scan``'s own lowering (a
+    ``while_loop`` writing each step's info into preallocated buffers) with a
+    dynamic trip count: one compiled chunk serves every ``num_steps``, steps
+    past ``num_active`` cost nothing (a masked ``scan`` would still run them,
+    and a ``cond`` per step costs about 5% on CPU), and the loop stops at the
+    step where ``max_nonfinite`` consecutive non-finite steps are reached.
+    ``nonfinite`` counts the consecutive non-finite steps so far. Unused
+    entries of ``infos`` hold ``elbo = grad_norm = nan`` and ``skipped =
+    True``; the host drops them.
+    """
+
+    def chunk(state, nonfinite, num_active):
+        dtype = _tree.float_dtype(state.params)
+        buffers = FitInfo(
+            elbo=jnp.full((chunk_size,), jnp.nan, dtype),
+            grad_norm=jnp.full((chunk_size,), jnp.nan, dtype),
+            skipped=jnp.ones((chunk_size,), bool),
+        )
+
+        def cond(carry):
+            i, _, nonfinite, _ = carry
+            return (i < num_active) & (nonfinite < max_nonfinite)
+
+        def body(carry):
+            i, state, nonfinite, buffers = carry
+            state, info = step(state)
+            nonfinite = jnp.where(info.skipped, nonfinite + 1, 0)
+            buffers = jax.tree_util.tree_map(
+                lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
+                buffers, info,
+            )
+            return i + 1, state, nonfinite, buffers
+
+        _, state, nonfinite, infos = jax.lax.while_loop(
+            cond, body, (jnp.zeros((), jnp.int32), state, nonfinite, buffers)
+        )
+        return state, nonfinite, infos
+
+    return chunk
+
+
+# Compiled chunks, keyed on everything that changes the traced program except
+# shapes and dtypes (jax.jit's own cache handles those). Families, optax
+# transformations and log joints hash by the identity of their functions.
+_CACHE_SIZE = 32
+_chunk_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def compiled_chunk(
+    cache_key: Hashable,
+    make_step: Callable[[], Callable],
+    *,
+    chunk_size: int,
+    max_nonfinite: int,
+    batched: bool,
+) -> Callable:
+    """The ``jit``-compiled chunk of ``make_step()``'s step, cached on ``cache_key``.
+
+    ``cache_key`` must identify the algorithm and its settings (the drivers
+    use a tuple starting with the driver's name); an unhashable key (an
+    unhashable callable inside) compiles without caching. ``batched`` vmaps
+    the chunk over a leading axis of the state.
+    """
+    full_key = (cache_key, chunk_size, max_nonfinite, batched)
+    try:
+        hash(full_key)
+    except TypeError:
+        full_key = None
+    if full_key is not None and full_key in _chunk_cache:
+        _chunk_cache.move_to_end(full_key)
+        return _chunk_cache[full_key]
+    chunk = make_chunk(make_step(), chunk_size, max_nonfinite)
+    if batched:
+        chunk = jax.vmap(chunk, in_axes=(0, 0, None))
+    compiled = jax.jit(chunk)
+    if full_key is not None:
+        _chunk_cache[full_key] = compiled
+        while len(_chunk_cache) > _CACHE_SIZE:
+            _chunk_cache.popitem(last=False)
+    return compiled
+
+
+# --------------------------------------------------------------------------
+# The host loop.
+
+
+def _host_hook(step: int) -> None:
+    """Called on the host after each completed chunk (a seam for tests)."""
+
+
+def _concat(parts: list, axis: int) -> Optional[FitInfo]:
+    if not parts:
+        return None
+    return FitInfo(*(np.concatenate([p[i] for p in parts], axis=axis) for i in range(3)))
+
+
+def _running_mean(elbos: np.ndarray, skipped: np.ndarray, window: int) -> float:
+    """Mean of the finite, non-skipped ELBO estimates of the last ``window`` steps.
+
+    For a batch (2-d arrays, members first) it averages over members too.
+    """
+    e = elbos[..., -window:]
+    ok = ~skipped[..., -window:] & np.isfinite(e)
+    if not np.any(ok):
+        return float("nan")
+    return float(np.mean(e[ok]))
+
+
+DEFAULT_FAILURE = (
+    "had a non-finite ELBO estimate, gradient or updated parameters",
+    "Check log_joint for regions where it returns nan/inf, or lower the learning rate.",
+)
+
+
+def run(
+    compiled: Callable,
+    state: FitState,
+    options: RunOptions,
+    *,
+    batched: bool,
+    desc: str = "vijax.fit",
+    failure: tuple[str, str] = DEFAULT_FAILURE,
+) -> FitResult:
+    """Runs ``options.num_steps`` steps of a compiled chunk from ``state``; returns the result.
+
+    Args:
+      compiled: from :func:`compiled_chunk`.
+      state: the :class:`FitState` to start from (batched when ``batched``).
+      options: from :func:`check_run_options`.
+      batched: whether the state has a leading batch axis.
+      desc: the progress bar's label and the name in messages.
+      failure: ``(what, hint)`` for the :class:`FitError` message: what the
+        skipped steps had ("had a non-finite ...") and what to check.
+
+    Raises:
+      FitError: ``options.max_nonfinite`` consecutive skipped steps; the
+        state and result up to there are saved (when checkpointing) and
+        attached.
+    """
+    num_steps, chunk_size, max_nonfinite = (
+        options.num_steps, options.chunk_size, options.max_nonfinite
+    )
+    tol, window, patience = options.tol, options.window, options.patience
+    checkpoint_dir, checkpoint_every = options.checkpoint_dir, options.checkpoint_every
+    step_axis = 1 if batched else 0
+    nonfinite = jnp.zeros(state.step.shape, jnp.int32)
+    start_step = int(np.max(np.asarray(state.step)))
+    bar = make_bar(options.progress, num_steps, desc)
+    parts: list[FitInfo] = []
+    done = 0
+    best, stalls = -np.inf, 0
+    last_saved = start_step
+    stopped_early = interrupted = False
+
+    def result(st, **flags):
+        trace = _concat(parts, step_axis)
+        if trace is None:
+            shape = (state.step.shape[0], 0) if batched else (0,)
+            dtype = _tree.float_dtype(state.params)
+            trace = FitInfo(
+                np.zeros(shape, dtype), np.zeros(shape, dtype), np.zeros(shape, bool)
+            )
+        skipped = trace.skipped.sum(axis=-1)
+        return FitResult(
+            params=st.params,
+            state=st,
+            trace=trace,
+            num_skipped=skipped if batched else int(skipped),
+            **flags,
+        )
+
+    def save(st):
+        if checkpoint_dir is not None:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            save_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME), st)
+
+    # Chunks are dispatched one ahead: while chunk k+1 runs, the host reads
+    # chunk k's trace, updates the bar, tests the rules and writes checkpoints.
+    pending = compiled(state, nonfinite, min(chunk_size, num_steps))
+    try:
+        while True:
+            new_state, new_nonfinite, infos = pending
+            active = min(chunk_size, num_steps - done)
+            ahead = None
+            if done + active < num_steps:
+                ahead = compiled(
+                    new_state, new_nonfinite, min(chunk_size, num_steps - done - active)
+                )
+            nf = np.asarray(new_nonfinite)  # waits for chunk k
+            steps_now = np.asarray(new_state.step)
+            infos = jax.tree_util.tree_map(np.asarray, infos)
+            taken = int(np.max(steps_now)) - (start_step + done)
+            part = jax.tree_util.tree_map(
+                lambda a: a[:, :taken] if batched else a[:taken], infos
+            )
+            parts.append(part)
+            state = new_state
+            done += taken
+            _host_hook(start_step + done)
+            if bar is not None:
+                bar.update(taken)
+                elbo_now = _running_mean(part.elbo, part.skipped, window)
+                bar.set_postfix_str(f"elbo={elbo_now:.4g}", refresh=False)
+            if np.any(nf >= max_nonfinite):
+                fail = int(np.max(steps_now)) - 1
+                save(state)
+                what, hint = failure
+                raise FitError(
+                    f"{desc} stopped at step {fail}: {max_nonfinite} consecutive steps "
+                    f"(steps {fail - max_nonfinite + 1} to {fail}) {what}. The "
+                    "parameters were left at their last finite values; `err.state` "
+                    "holds that state (its optimizer state may include the rejected "
+                    f"steps) and `err.result` the trace so far. {hint}",
+                    state=state,
+                    result=result(state),
+                    step=fail,
+                )
+            if checkpoint_every is not None and (
+                start_step + done - last_saved >= checkpoint_every
+            ):
+                save(state)
+                last_saved = start_step + done
+            if tol is not None:
+                trace = _concat(parts[-(window // chunk_size + 2):], step_axis)
+                if trace.elbo.shape[-1] >= window:
+                    mean = _running_mean(trace.elbo, trace.skipped, window)
+                    if not np.isfinite(best) or mean > best + tol * abs(best):
+                        best, stalls = mean, 0
+                    else:
+                        stalls += 1
+                    if stalls >= patience and done < num_steps:
+                        stopped_early = True
+                        break
+            if ahead is None:
+                break
+            pending = ahead
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn(
+            f"{desc} interrupted; returning the state after step "
+            f"{start_step + done} (the last completed chunk), with "
+            "`result.interrupted = True`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if checkpoint_dir is not None and start_step + done > last_saved:
+        save(state)
+    return result(state, interrupted=interrupted, stopped_early=stopped_early)

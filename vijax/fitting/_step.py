@@ -1,0 +1,179 @@
+"""The pure step of :func:`vijax.fit`: one guarded optax update on ``-elbo``.
+
+:func:`make_step` and :func:`init_fit_state` are public and pure for those
+who write their own loop; :func:`optax_algorithm` pairs them as the
+:class:`vijax.fitting.Algorithm` that the engine runs for ``fit`` and
+``fit_batched``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vijax import _checks, _tree
+from vijax._objectives import DEFAULT_ESTIMATOR, ELBO_ESTIMATORS, check_estimator, elbo
+from vijax.families._protocol import VariationalFamily, check_family, entropy_fn
+from vijax.fitting._engine import Algorithm
+from vijax.fitting._types import FitInfo, FitState
+
+ArrayTree = Any
+
+
+def init_fit_state(key: jax.Array, params: Any, optimizer: optax.GradientTransformation) -> FitState:
+    """Returns the :class:`FitState` at step 0 for ``params`` and ``optimizer``.
+
+    Pure (no checks beyond the key's type), so it can be vmapped over keys or
+    parameters; :func:`fit` calls it for you.
+
+    Args:
+      key: the run's PRNG key (typed, or a legacy uint32 key).
+      params: the family's initial parameters.
+      optimizer: an ``optax.GradientTransformation``.
+
+    Returns:
+      ``FitState(params, optimizer.init(params), step=0, key)`` with a typed
+      key and an int32 step.
+    """
+    if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return FitState(
+        params=params,
+        opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32),
+        key=key,
+    )
+
+
+def check_step_config(family, log_joint, optimizer, num_samples, estimator):
+    """Validates what ``make_step``, ``fit`` and ``fit_batched`` share."""
+    family = check_family(family)
+    if not callable(log_joint):
+        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    optimizer = _checks.check_optimizer(optimizer)
+    num_samples = _checks.check_positive_int("num_samples", num_samples)
+    check_estimator(estimator, ELBO_ESTIMATORS)
+    if estimator == "closed_entropy":
+        entropy_fn(family, "estimator='closed_entropy'")
+    return family, log_joint, optimizer, num_samples
+
+
+def make_step(
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    num_samples: int = 8,
+    estimator: str = DEFAULT_ESTIMATOR,
+) -> Callable[[FitState], tuple[FitState, FitInfo]]:
+    """Returns ``step(state) -> (state, info)``: one guarded optax step on -ELBO.
+
+    The step draws its noise from ``fold_in(state.key, state.step)`` (so the
+    result depends on the state alone), computes ``-elbo`` and its gradient
+    with :func:`vijax.elbo`, and applies the optax update. A step is skipped
+    (``info.skipped`` is True) in two cases:
+
+    * the loss or the gradient is not finite: the optimizer is not called,
+      and the parameters and optimizer state stay as they were;
+    * the gradient is finite but the updated parameters are not (the
+      optimizer returned a non-finite update, or one that overflows; e.g.
+      ``optax.adam(lr, eps=0.0)`` on a coordinate whose gradient is exactly
+      zero): the parameters stay as they were, and the optimizer keeps the
+      state it returned, since restoring it would copy the whole optimizer
+      state every step.
+
+    The step counter advances either way, so a skipped step's successor
+    draws fresh noise.
+
+    The returned function is pure: ``jit``, ``vmap`` and ``lax.scan`` it as
+    you like (``fit`` scans it).
+
+    Args:
+      family: a :class:`vijax.VariationalFamily`.
+      log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
+      optimizer: an ``optax.GradientTransformation``; it minimizes -ELBO.
+      num_samples: Monte Carlo draws per step (>= 1).
+      estimator: the gradient estimator of :func:`vijax.elbo` (default
+        ``"stl"``, sticking the landing; see :func:`vijax.elbo`).
+
+    Returns:
+      ``step(state: FitState) -> (FitState, FitInfo)``.
+
+    Raises:
+      TypeError: ``family``, ``log_joint`` or ``optimizer`` has the wrong type.
+      ValueError: ``num_samples < 1`` or an unknown ``estimator``.
+
+    Example:
+      >>> import jax, optax, vijax
+      >>> model = vijax.models.normal_mean(
+      ...     jax.numpy.ones(5), noise_scale=1.0, prior_loc=0.0, prior_scale=1.0)
+      >>> family, opt = vijax.mean_field(), optax.adam(1e-2)
+      >>> step = vijax.make_step(family, model.log_joint, opt, num_samples=4)
+      >>> state = vijax.init_fit_state(
+      ...     jax.random.key(0), family.init(model.latent), opt)
+      >>> state, info = jax.jit(step)(state)
+    """
+    family, log_joint, optimizer, num_samples = check_step_config(
+        family, log_joint, optimizer, num_samples, estimator
+    )
+
+    def neg_elbo(params, key):
+        return -elbo(
+            key, params, family, log_joint, num_samples=num_samples, estimator=estimator
+        )
+
+    loss_and_grad = jax.value_and_grad(neg_elbo)
+
+    def step(state: FitState) -> tuple[FitState, FitInfo]:
+        dtype = _tree.float_dtype(state.params)
+        key = jax.random.fold_in(state.key, state.step)
+        loss, grads = loss_and_grad(state.params, key)
+        # A non-finite gradient entry makes the norm non-finite, so one
+        # reduction serves as the gradient check and the reported norm.
+        grad_norm = _tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def update(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            ok = _tree.all_finite(params)
+            # The optimizer's new state is kept as it returned it: restoring
+            # the old one too keeps both states alive and copies them every
+            # step, measured at 7 to 10% of a full-rank step on CPU.
+            return _tree.where(ok, params, state.params), opt_state, ok
+
+        def keep(_):
+            return state.params, state.opt_state, jnp.array(False)
+
+        # ``cond`` (not a select after the fact) skips the optimizer update of
+        # a step that is already known to be bad; measured slightly cheaper.
+        params, opt_state, ok = jax.lax.cond(finite, update, keep, None)
+        new_state = FitState(
+            params=params, opt_state=opt_state, step=state.step + 1, key=state.key
+        )
+        info = FitInfo(
+            elbo=(-loss).astype(dtype),
+            grad_norm=grad_norm.astype(dtype),
+            skipped=jnp.logical_not(ok),
+        )
+        return new_state, info
+
+    return step
+
+
+def optax_algorithm(
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    num_samples: int,
+    estimator: str,
+) -> Algorithm:
+    """The :class:`Algorithm` ``fit`` runs: :func:`init_fit_state` and :func:`make_step`."""
+    step = make_step(family, log_joint, optimizer, num_samples=num_samples, estimator=estimator)
+    return Algorithm(
+        init=lambda key, params: init_fit_state(key, params, optimizer), step=step
+    )
