@@ -197,16 +197,18 @@ def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
             f"`{name}` must be floating-point arrays of one dtype; got "
             f"{sorted(str(d) for d in dtypes)}."
         )
-    num = 2  # two draws: a missing sample axis cannot hide behind a size-1 leaf
+    # Two sample counts: a missing sample axis cannot hide behind a leaf whose
+    # first dimension happens to equal one of them.
     key = jax.random.key(0)
-    try:
-        z = jax.eval_shape(lambda k, p: family.sample(k, p, num), key, params)
-    except Exception as e:  # the family names what it expected
-        raise TypeError(
-            f"`{name}` do not match {describe(family)}: `family.sample` raised on them "
-            f"(build the params with family.init(latent)): {e}"
-        ) from e
-    check_draws(family, z, num)
+    for num in (5, 3):
+        try:
+            z = jax.eval_shape(lambda k, p: family.sample(k, p, num), key, params)
+        except Exception as e:  # the family names what it expected
+            raise TypeError(
+                f"`{name}` do not match {describe(family)}: `family.sample` raised on "
+                f"them (build the params with family.init(latent)): {e}"
+            ) from e
+        check_draws(family, z, num)
     one = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype), z)
     try:
         lp = jax.eval_shape(family.log_prob, params, one)
