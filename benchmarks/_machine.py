@@ -34,3 +34,14 @@ def describe() -> dict:
 def one_line(m: dict) -> str:
     return (f"{m['cpu']}, {m['cores']} cores, {m['backend']} ({m['device']}), "
             f"jax {m['jax']}, Python {m['python']}")
+
+
+def write_results(out: str, stem: str, results: dict, markdown: str) -> None:
+    """Writes ``out/stem.json`` (the results) and ``out/stem.md`` (the table)."""
+    import json
+
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(markdown)

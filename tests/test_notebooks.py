@@ -32,7 +32,24 @@ def test_committed_notebook_matches_its_source(name):
     assert any(c.outputs for c in code), "committed without outputs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_executes(name):
     nb = build.parse((NOTEBOOKS / "src" / f"{name}.py").read_text())
     build.execute(nb, timeout=300)  # raises CellExecutionError on any failure
+
+
+@pytest.mark.slow
+def test_the_progress_bar_is_a_working_widget_in_a_notebook():
+    source = (
+        "# %%\nimport jax, optax, vijax\n"
+        "family = vijax.mean_field()\n"
+        "result = vijax.fit(jax.random.key(0), family, lambda z: -0.5 * (z ** 2).sum(),\n"
+        "                   family.init(jax.numpy.zeros(2)), optimizer=optax.adam(0.1),\n"
+        "                   num_steps=20, num_samples=2)  # progress=None: on in a kernel\n"
+    )
+    nb = build.execute(build.parse(source), timeout=120)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = " ".join(str(o.get("text", "")) + str(o.get("data", {})) for o in outputs)
+    assert "IProgress not found" not in text
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs)
