@@ -16,6 +16,7 @@ not depend on the sample and is computed once per call even under ``vmap``.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -142,8 +143,26 @@ def _wrong_structure(name, gaussian, accepted):
     )
 
 
-def _make_family(name: str, params_type, init, to_gaussian, from_gaussian) -> VariationalFamily:
-    """Builds the shared sample/log_prob/entropy around a family's Gaussian."""
+def _diagonal_entropy(params) -> jax.Array:
+    """H[q] of a factor whose diagonal is ``softplus(raw_scale)``, in O(d).
+
+    Both mean-field and full-rank factors qualify (the full-rank one is unit
+    triangular with scaled rows), so ``log det L = sum log softplus(raw)``:
+    no d x d factor is built, forward or backward.
+    """
+    sd = jax.nn.softplus(params.raw_scale)
+    d = sd.shape[0]
+    return jnp.sum(jnp.log(sd)) + 0.5 * d * (1.0 + math.log(2.0 * math.pi))
+
+
+def _make_family(
+    name: str, params_type, init, to_gaussian, from_gaussian, entropy=None
+) -> VariationalFamily:
+    """Builds the shared sample/log_prob/entropy around a family's Gaussian.
+
+    ``entropy(params)``, when given, replaces the Gaussian view's (a cheaper
+    closed form for the same value).
+    """
 
     def check_params(params):
         if not isinstance(params, params_type):
@@ -179,14 +198,18 @@ def _make_family(name: str, params_type, init, to_gaussian, from_gaussian) -> Va
             )
         return q.log_prob(flat)
 
-    def entropy(params):
+    def gaussian_entropy(params):
         return to_gaussian_checked(params).entropy()
+
+    def checked_entropy(params):
+        check_params(params)
+        return entropy(params)
 
     return VariationalFamily(
         init=init,
         sample=sample,
         log_prob=log_prob,
-        entropy=entropy,
+        entropy=gaussian_entropy if entropy is None else checked_entropy,
         to_gaussian=to_gaussian_checked,
         name=name,
         from_gaussian=from_gaussian,
@@ -229,7 +252,9 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
             raise _wrong_structure("mean_field", gaussian, "DiagonalScale")
         return mean_field_params_from_scale(loc, jnp.abs(gaussian.scale.scale).astype(dtype))
 
-    return _make_family("mean_field", MeanFieldParams, init, to_gaussian, from_gaussian)
+    return _make_family(
+        "mean_field", MeanFieldParams, init, to_gaussian, from_gaussian, _diagonal_entropy
+    )
 
 
 def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
@@ -278,7 +303,9 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
             tril = jnp.linalg.cholesky(gaussian.cov)  # O(d^3), once
         return full_rank_params_from_tril(loc, tril.astype(dtype))
 
-    return _make_family("full_rank", FullRankParams, init, to_gaussian, from_gaussian)
+    return _make_family(
+        "full_rank", FullRankParams, init, to_gaussian, from_gaussian, _diagonal_entropy
+    )
 
 
 def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
