@@ -27,3 +27,23 @@ def dtype(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
+
+
+# The inner loop (`pytest -m "not slow"`) runs every test function once, with
+# its first parameter set; the full run (`pytest`) sweeps every parameter set.
+# Sweeps over dtypes, families and models each compile their own programs, and
+# compiling is most of a test's time. Argument-error sweeps compile nothing
+# and stay whole in the inner loop.
+_WHOLE_SWEEPS = {"test_errors.py", "test_api.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or item.path.name in _WHOLE_SWEEPS:
+            continue
+        function = (item.path, item.originalname)
+        if function in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(function)

@@ -95,6 +95,7 @@ def _correlated_blr(rng, d=5, n=30):
     return model, mean, np.linalg.inv(prec), prec
 
 
+@pytest.mark.slow
 def test_averaging_brings_a_constant_step_fit_closer_to_the_mean_field_optimum(x64, rng):
     """The Monte Carlo claim: over 32 keys, the averaged q is closer to the optimum.
 
@@ -153,6 +154,7 @@ def test_a_wrapped_chain_averages_the_real_iterates(rng):
     chex.assert_trees_all_close(vijax.averaged_params(states[-1]), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fit_batched_averages_each_member_as_fit_does(rng):
     model, *_ = _correlated_blr(rng)
     family = vijax.mean_field()

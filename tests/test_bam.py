@@ -81,6 +81,7 @@ def test_reaches_the_exact_posterior(x64, rng):
     np.testing.assert_allclose(result.trace.elbo[-1], model.log_evidence, rtol=1e-8)
 
 
+@pytest.mark.slow
 def test_stable_on_a_badly_scaled_target(dtype, rng):
     # Prior covariance with eigenvalues from 1e-2 to 1e2 (condition number 1e4)
     # in a random rotation, weak data: the posterior is as badly scaled.
@@ -146,6 +147,7 @@ def test_continuing_from_the_state_matches_one_run(x64, rng):
                               num_steps=1, **kw)
 
 
+@pytest.mark.slow
 def test_step_vmaps_over_keys(x64, rng):
     model = _blr(rng, d=3)
     step = vijax.make_bam_step(model.log_joint, batch_size=4, learning_rate=10.0)

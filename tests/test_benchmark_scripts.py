@@ -38,7 +38,7 @@ def test_importing_the_scripts_leaves_x64_off():
 
 
 @pytest.mark.parametrize("family_name", ["mean_field", "full_rank"])
-@pytest.mark.parametrize("estimator", ["stl", "reparam"])
+@pytest.mark.parametrize("estimator", ["stl", "reparam", "closed_entropy"])
 def test_fit_speed_floor_computes_what_fit_computes(x64, family_name, estimator):
     x, y = fit_speed.make_data(n=50, d=6)
     x, y = x.astype(jnp.float64), y.astype(jnp.float64)
@@ -70,6 +70,7 @@ def test_fit_speed_floor_rejects_other_estimators():
         fit_speed.floor_neg_elbo("mean_field", lambda z: z.sum(), 8, "score")
 
 
+@pytest.mark.slow
 def test_fit_speed_steady_state_runs():
     out = fit_speed.steady_state("mean_field", num_steps=10, repeats=1, chunk_size=5)
     assert set(out) == {"floor", "fit_hand_log_joint", "fit_library_log_joint"}
@@ -79,6 +80,7 @@ def test_fit_speed_steady_state_runs():
         assert math.isfinite(out[name]["ratio_median"]) and out[name]["ratio_median"] > 0
 
 
+@pytest.mark.slow
 def test_fast_vi_runs_and_reports_on_a_small_problem(x64, monkeypatch):
     # One setting per method keeps this to a few compiles.
     monkeypatch.setattr(fast_vi, "ADAM_LRS", (0.1,))
@@ -121,6 +123,7 @@ def test_fast_vi_runs_and_reports_on_a_small_problem(x64, monkeypatch):
     assert "Every setting tried" in md
 
 
+@pytest.mark.slow
 def test_fast_vi_averaged_runs_measure_the_averaged_parameters(x64, monkeypatch):
     monkeypatch.setattr(fast_vi, "ADAM_LRS", (0.1,))
     monkeypatch.setattr(fast_vi, "NG_RHOS", ())

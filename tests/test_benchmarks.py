@@ -36,6 +36,7 @@ def smoke(tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow
 def test_writes_json_markdown_and_png(smoke):
     out, _ = smoke
     names = sorted(p.name for p in out.iterdir())
@@ -44,6 +45,7 @@ def test_writes_json_markdown_and_png(smoke):
     assert (out / "suite_smoke.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_json_is_well_formed(smoke):
     out, _ = smoke
     from benchmarks.suite import SUITES
@@ -86,6 +88,7 @@ def test_json_is_well_formed(smoke):
         assert c["impls"]["floor"]["ratio_to_floor"] == 1.0
 
 
+@pytest.mark.slow
 def test_markdown_has_a_row_per_configuration(smoke):
     out, _ = smoke
     from benchmarks import _report
@@ -102,6 +105,7 @@ def test_markdown_has_a_row_per_configuration(smoke):
         assert rows[0].count("|") == header.count("|")
 
 
+@pytest.mark.slow
 def test_render_redraws_from_json(smoke, tmp_path):
     out, _ = smoke
     from benchmarks import suite

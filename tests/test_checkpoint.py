@@ -19,16 +19,19 @@ def log_joint(z):
     return -0.5 * jnp.sum(jnp.square(z["w"] - 1.0)) - 0.5 * jnp.square(z["b"])
 
 
+FAMILY = vijax.full_rank()  # one family object: fit's compiled chunk is reused
+OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+
+
 def _fit(key, params, optimizer, **kw):
-    return vijax.fit(key, vijax.full_rank(), log_joint, params, optimizer=optimizer,
-                     num_samples=2, progress=False, **kw)
+    return vijax.fit(key, FAMILY, log_joint, params, optimizer=optimizer,
+                     num_samples=2, progress=False, chunk_size=50, **kw)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def state():
-    family = vijax.full_rank()
-    params = family.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+    params = FAMILY.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+    opt = OPTIMIZER
     return _fit(jax.random.key(3), params, opt, num_steps=7).state, opt, params
 
 

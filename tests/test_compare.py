@@ -44,6 +44,7 @@ def _numpy_metrics(g, ref):
     }
 
 
+@pytest.mark.slow
 def test_metrics_match_numpy_on_the_same_replicates(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()
@@ -84,6 +85,7 @@ def test_metrics_match_numpy_on_the_same_replicates(x64, rng):
     assert not np.allclose(result.variance[row["stl"]], result.variance[row["reparam"]])
 
 
+@pytest.mark.slow
 def test_unbiased_estimators_sit_at_the_noise_floor_and_variance_scales_as_one_over_s(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()
@@ -108,6 +110,7 @@ def test_unbiased_estimators_sit_at_the_noise_floor_and_variance_scales_as_one_o
     assert result.at("dreg", 1) == result.at("stl", 1)
 
 
+@pytest.mark.slow
 def test_reference_paths_for_models_without_closed_form(x64, rng):
     # A conjugate model with the reference passed explicitly gives the default result.
     model = _regression(rng)
@@ -143,6 +146,7 @@ def test_reference_paths_for_models_without_closed_form(x64, rng):
     np.testing.assert_allclose(from_model.reference_norm, np.sqrt(6.0), rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_batch_size_maps_in_chunks_with_the_same_result(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()

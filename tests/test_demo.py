@@ -1,5 +1,7 @@
 """The demo (`python -m vijax`) runs and its exact table satisfies the identity."""
 
+import pytest
+
 import vijax.__main__ as demo
 
 RESIDUAL = "ELBO + KL - log Z"
@@ -22,6 +24,7 @@ def exact_table(text):
     return rows
 
 
+@pytest.mark.slow
 def test_demo_exact_table(capsys):
     demo.main(["--n", "60", "--d", "4"])
     out = capsys.readouterr().out

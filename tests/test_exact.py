@@ -162,6 +162,7 @@ def test_float32(rng, model_name, family_name):
                                rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_jit_and_vmap_over_stacked_params(x64, rng):
     model, dense = make_problem("blr", rng)
     family = make_family("low_rank", 4)

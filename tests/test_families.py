@@ -194,6 +194,7 @@ def test_dtype_is_kept(dtype, name):
 
 
 # ---------------------------------------------------------- transformations
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_vmap_grad(x64, rng, name):
     family = FAMILIES[name]()
@@ -234,6 +235,7 @@ def test_sample_is_reparameterized(x64, rng, name):
     assert float(jnp.sum(jnp.abs(g.raw_scale))) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_params_are_optax_updatable(name):
     family = FAMILIES[name]()
@@ -250,6 +252,7 @@ def test_params_are_optax_updatable(name):
     assert np.isfinite(float(family.log_prob(new, z0)))
 
 
+@pytest.mark.slow
 def test_large_structured_families_stay_linear():
     # d = 100_000: a dense d x d factor would need 40 GB, so these run only if the
     # mean-field and low-rank paths never form one.

@@ -119,6 +119,7 @@ def test_pytree_latent_and_legacy_key():
 # Resuming, checkpoints, interruption.
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical_across_chunk_sizes():
     model = correlated_blr(4, dtype=np.float32)
     family = vijax.full_rank()
@@ -399,6 +400,7 @@ def test_second_fit_does_not_trace_again():
 # Batched fits (seed sweeps in one compiled loop).
 
 
+@pytest.mark.slow
 def test_fit_batched_matches_separate_fits(x64):
     model = correlated_blr(3)
     family = vijax.full_rank()
@@ -465,6 +467,7 @@ def test_make_step_vmaps_over_keys():
 # Early stopping and progress.
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_a_converged_fit():
     model = orthogonal_blr(2, dtype=np.float32)
     family = vijax.mean_field()

@@ -201,6 +201,7 @@ def test_update_matches_the_natural_parameter_formula(x64, rng):
     )
 
 
+@pytest.mark.slow
 def test_update_follows_the_dtype(dtype, rng):
     model, mean, _ = _blr(rng, d=3)
     x = jnp.asarray(rng.normal(size=(20, 3)), dtype)
@@ -249,6 +250,7 @@ def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
     assert int(state1.num_backtracks) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mean_field", "full_rank"])
 def test_max_variance_growth_bounds_every_step(x64, rng, name):
     # From a start 1e3 times narrower than the posterior, the exact step of
@@ -334,6 +336,7 @@ def test_monte_carlo_natural_gradient_converges(x64, rng, name):
     assert kl - optimum < 0.02
 
 
+@pytest.mark.slow
 def test_growth_bound_keeps_few_sample_full_rank_steps_stable(x64, rng):
     # d = 30 with S = 4 draws per step: each step estimates a 30 x 30 matrix
     # from 4 draws. Unbounded, a noisy step makes the new precision nearly
@@ -353,6 +356,7 @@ def test_growth_bound_keeps_few_sample_full_rank_steps_stable(x64, rng):
         assert float(vijax.exact_kl(params, family, model)) < 0.05
 
 
+@pytest.mark.slow
 def test_works_as_the_optimizer_of_fit(rng):
     # S = 4 draws in d = 4: unbounded, the step diverges on some keys (about
     # 4 in 10 at rho = 0.5); bounding the variance growth, as the docstring
@@ -373,6 +377,7 @@ def test_works_as_the_optimizer_of_fit(rng):
         assert float(vijax.exact_kl(result.params, family, model)) < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mean_field", "full_rank"])
 @pytest.mark.parametrize("estimator", ["stl", "reparam", "closed_entropy", "score"])
 def test_fit_converges_with_every_monte_carlo_estimator(x64, rng, name, estimator):

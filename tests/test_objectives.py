@@ -75,6 +75,7 @@ def _keys(seed, num):
 
 
 # --------------------------------------------------------------- unbiasedness
+@pytest.mark.slow
 @pytest.mark.parametrize("family_name", list(FAMILIES))
 def test_every_estimator_unbiased_for_neg_grad_kl_and_exact_elbo(x64, rng, family_name):
     model = _regression(rng)
@@ -302,6 +303,7 @@ def test_iwae_grows_with_k_in_expectation_and_stays_below_log_evidence(x64, rng)
     assert np.all(means <= log_z + Z * ses), (means, ses, log_z)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family_name", list(FAMILIES))
 def test_dreg_unbiased_for_the_iwae_gradient(x64, rng, family_name):
     model = _regression(rng)
@@ -476,6 +478,7 @@ def _pytree_model(rng):
     return base._replace(log_joint=log_joint, latent=latent, name="pytree")
 
 
+@pytest.mark.slow
 def test_estimators_unbiased_on_pytree_latents(x64, rng):
     model = _pytree_model(rng)
     assert isinstance(model, Model) and model.is_conjugate

@@ -54,6 +54,7 @@ def elbo_and_se(key, family, params, log_joint, n=20000):
     return log_w.mean(), log_w.std(ddof=1) / np.sqrt(n)
 
 
+@pytest.mark.slow
 def test_a_flow_like_family_fits_a_banana_better_than_the_full_rank_gaussian():
     latent = jnp.zeros(2)
     results = {}
@@ -87,6 +88,7 @@ def test_elbo_estimators_run_on_a_protocol_only_family(flow_setup, estimator):
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow
 def test_every_objective_runs_on_a_protocol_only_family(flow_setup):
     family, params = flow_setup
     key = jax.random.key(0)

@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import jax
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -26,6 +27,7 @@ def test_quickstart_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in ci, "CI must run the README's test command verbatim"
 
 
+@pytest.mark.slow
 def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     blocks = _blocks("python")
     assert len(blocks) >= 2
