@@ -21,6 +21,7 @@ need only the three required functions.
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -178,25 +179,8 @@ def check_log_prob(family: VariationalFamily, out: Any, num_samples: int) -> jax
     return out
 
 
-def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
-    """Checks, before any work, that ``params`` work with ``family``.
-
-    Static checks by abstract evaluation (``jax.eval_shape``, nothing runs):
-    ``family.sample`` accepts the params and returns draws with a sample
-    axis, and ``family.log_prob`` returns a scalar for one of them. The
-    params must be floating-point arrays of one dtype, and finite when
-    concrete.
-    """
-    family = check_family(family)
-    leaves = jax.tree_util.tree_leaves(params)
-    if not leaves:
-        raise ValueError(f"`{name}` must hold at least one array; got {params!r}.")
-    dtypes = {jnp.asarray(leaf).dtype for leaf in leaves}
-    if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
-        raise TypeError(
-            f"`{name}` must be floating-point arrays of one dtype; got "
-            f"{sorted(str(d) for d in dtypes)}."
-        )
+def _check_abstract(name: str, params: Any, family: VariationalFamily) -> None:
+    """The checks of :func:`check_params` that depend only on shapes and dtypes."""
     # Two sample counts: a missing sample axis cannot hide behind a leaf whose
     # first dimension happens to equal one of them.
     key = jax.random.key(0)
@@ -222,6 +206,49 @@ def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
             f"`family.log_prob` of {describe(family)} must return a scalar for one "
             f"latent; got shape {tuple(getattr(lp, 'shape', ()))}."
         )
+
+
+# Families and parameter structures already checked: a repeated fit (the same
+# family, parameters of the same shapes) skips the abstract evaluation, which
+# costs milliseconds of tracing per call.
+_CHECKED: collections.OrderedDict = collections.OrderedDict()
+_CHECKED_SIZE = 64
+
+
+def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
+    """Checks, before any work, that ``params`` work with ``family``.
+
+    Static checks by abstract evaluation (``jax.eval_shape``, nothing runs):
+    ``family.sample`` accepts the params and returns draws with a sample
+    axis, and ``family.log_prob`` returns a scalar for one of them. The
+    params must be floating-point arrays of one dtype, and finite when
+    concrete.
+    """
+    family = check_family(family)
+    leaves = jax.tree_util.tree_leaves(params)
+    if not leaves:
+        raise ValueError(f"`{name}` must hold at least one array; got {params!r}.")
+    dtypes = {jnp.asarray(leaf).dtype for leaf in leaves}
+    if len(dtypes) != 1 or not jnp.issubdtype(next(iter(dtypes)), jnp.floating):
+        raise TypeError(
+            f"`{name}` must be floating-point arrays of one dtype; got "
+            f"{sorted(str(d) for d in dtypes)}."
+        )
+    signature = (
+        family,
+        jax.tree_util.tree_structure(params),
+        tuple((jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves),
+    )
+    try:
+        hash(signature)
+    except TypeError:  # an unhashable function in the family: check every time
+        signature = None
+    if signature is None or signature not in _CHECKED:
+        _check_abstract(name, params, family)
+        if signature is not None:
+            _CHECKED[signature] = True
+            while len(_CHECKED) > _CHECKED_SIZE:
+                _CHECKED.popitem(last=False)
     for leaf in leaves:
         if _checks.is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"`{name}` must be finite; got non-finite entries.")
