@@ -140,7 +140,7 @@ VARIANTS = [
     ("vijax.full_rank (unit lower, rows scaled), reparam", 1.0, "vijax"),
     ("vijax.full_rank (unit lower, rows scaled), reparam", 0.1, "vijax"),
     ("vijax.full_rank, reparam, loc started like NumPyro (U(-2, 2))", 0.1, "vijax-uniform"),
-    ("vijax.full_rank, stl (the default estimator)", 0.1, "vijax-stl"),
+    ("vijax.full_rank, stl", 0.1, "vijax-stl"),
     ("numpyro AutoMultivariateNormal, Trace_ELBO", 0.1, "numpyro"),
 ]
 

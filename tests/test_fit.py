@@ -6,6 +6,7 @@ import re
 
 import chex
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -497,3 +498,46 @@ def test_progress_default_is_off_when_stderr_is_not_a_terminal(capsys):
     vijax.fit(jax.random.key(0), family, std_normal_log_joint, family.init(jnp.zeros(2)),
               optimizer=optax.adam(0.1), num_steps=10, num_samples=2)
     assert capsys.readouterr().err == ""
+
+
+def _item_response(rng):
+    """A Rasch model: 250 abilities, 60 difficulties and a mean (d = 311), float32."""
+    theta, beta = rng.normal(size=250), rng.normal(size=60)
+    logits = theta[:, None] - beta[None, :] + 0.5
+    y = jnp.asarray(rng.random(logits.shape) < 1.0 / (1.0 + np.exp(-logits)), jnp.float32)
+
+    def log_joint(z):
+        eta = z["theta"][:, None] - z["beta"][None, :] + z["mu"]
+        prior = jnp.sum(z["theta"] ** 2) + jnp.sum(z["beta"] ** 2) + z["mu"] ** 2
+        return jnp.sum(y * eta - jax.nn.softplus(eta)) - 0.5 * prior
+
+    latent = {"theta": jnp.zeros(250), "beta": jnp.zeros(60), "mu": jnp.zeros(())}
+    family = vijax.full_rank()
+    flat, unravel = jax.flatten_util.ravel_pytree(latent)
+    loc = jax.random.uniform(jax.random.key(1), flat.shape, minval=-2.0, maxval=2.0)
+    return family, log_joint, family.init(latent)._replace(loc=unravel(loc))
+
+
+def test_default_full_rank_fit_of_an_item_response_model_stays_well_conditioned():
+    # Regression: the mean started in U(-2, 2), Adam(1e-2), the default
+    # estimator. Plain STL adds -tril(U^{-T} eps eps^T) to the gradient of the
+    # unit-triangular factor U = I + N: zero mean, but as large as ||U^{-1}||.
+    # Adam turns it into a random walk of all d(d-1)/2 entries, so U grew
+    # exponentially ill-conditioned (in float64 too) and the fit raised
+    # FitError (see the next test); adaptive_stl does not.
+    family, log_joint, params = _item_response(np.random.default_rng(0))
+    res = vijax.fit(jax.random.key(0), family, log_joint, params, optimizer=optax.adam(1e-2),
+                    num_steps=400, chunk_size=400, progress=False)
+    assert res.num_skipped == 0
+    assert np.max(np.asarray(res.trace.grad_norm)) < 1e5
+    tril = np.asarray(family.to_gaussian(res.params).scale.tril, np.float64)
+    assert np.linalg.cond(tril) < 1e4
+
+
+@pytest.mark.slow
+def test_plain_stl_fails_on_the_item_response_model():
+    # The regression above can fail: the same fit with plain STL does.
+    family, log_joint, params = _item_response(np.random.default_rng(0))
+    with pytest.raises(vijax.FitError, match="stopped at step"):
+        vijax.fit(jax.random.key(0), family, log_joint, params, optimizer=optax.adam(1e-2),
+                  num_steps=400, chunk_size=400, progress=False, estimator="stl")

@@ -242,7 +242,8 @@ def compare_gradients(
       model: a :class:`vijax.models.Model` (conjugate unless ``reference`` is
         given) or a ``log_joint(z) -> scalar`` callable (with ``reference``).
       estimators: distinct names from ``("reparam", "closed_entropy", "stl",
-        "score", "iwae", "dreg")``.
+        "adaptive_stl", "score", "iwae", "dreg")``; by default the four
+        textbook ELBO estimators.
       num_samples: a sample count S or a sequence of distinct counts (>= 1).
       num_replicates: the number of independent replicates R (>= 2).
       reference: ``None`` or the reference gradient, a pytree like ``params``

@@ -36,15 +36,19 @@ from vijax.families._protocol import (
 ArrayTree = Any
 
 ELBO_ESTIMATORS = ("reparam", "closed_entropy", "stl", "score")
-# Sticking the landing: unbiased, and its variance vanishes at a Gaussian
-# posterior (measured in benchmarks/parameterization.py).
-DEFAULT_ESTIMATOR = "stl"
-"""The gradient estimators of :func:`elbo`."""
+"""The textbook gradient estimators of :func:`elbo` (the default comparison set)."""
+
+ADAPTIVE_ESTIMATORS = ("adaptive_stl",)
+"""vijax's own ELBO estimator: STL's path term weighted per draw (see :func:`elbo`)."""
+
+# Sticking the landing where it helps: unbiased, plain STL at a Gaussian
+# posterior (where its variance vanishes), and no runaway noise far from it.
+DEFAULT_ESTIMATOR = "adaptive_stl"
 
 IWAE_ESTIMATORS = ("reparam", "dreg")
 """The gradient estimators of :func:`iwae_bound`."""
 
-GRADIENT_ESTIMATORS = ELBO_ESTIMATORS + ("iwae", "dreg")
+GRADIENT_ESTIMATORS = ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS + ("iwae", "dreg")
 """Names :func:`estimator_gradients` and :func:`vijax.compare_gradients` accept:
 the ELBO estimators plus ``"iwae"`` and ``"dreg"``, the reparameterized and the
 doubly reparameterized gradients of :func:`iwae_bound`."""
@@ -107,6 +111,57 @@ def batched_log_prob(family: VariationalFamily, params, z: ArrayTree) -> jax.Arr
     return check_log_prob(family, out, jax.tree_util.tree_leaves(z)[0].shape[0])
 
 
+def _sums_of_others(x: jax.Array) -> jax.Array:
+    """``sum_{r != s} x_r`` for each ``s``, without subtracting (no cancellation)."""
+    zero = jnp.zeros((1,), x.dtype)
+    return jnp.concatenate([zero, jnp.cumsum(x[:-1])]) + jnp.concatenate(
+        [jnp.cumsum(x[:0:-1])[::-1], zero]
+    )
+
+
+@jax.custom_vjp
+def _stl_mix(z_p, z_q, entropy):
+    """Identity. Its VJP weights the STL path term of ``log q`` at draw ``s`` by ``c_s``.
+
+    ``z_p`` feeds ``log p``, ``z_q`` the parameter-stopped ``log q``, and
+    ``entropy`` (the closed-form entropy, added as ``h - stop_gradient(h)``)
+    gets the weight ``mean_s(1 - c_s)``. With ``a_s = grad_z log p(z_s)`` and
+    ``b_s = grad_z log q(z_s)`` (read off the two cotangents), ``c_s =
+    clip(sum_{r != s} <a_r, b_r> / sum_{r != s} ||b_r||^2, 0, 1)``: the
+    least-squares weight of ``b`` against ``a`` from the *other* draws, so
+    independent of draw ``s``. The path term's expectation is ``grad H``, so
+    ``c_s * (path term) + (1 - c_s) * grad H`` is unbiased. At a Gaussian
+    posterior ``a_s = b_s`` and ``c_s = 1``: plain STL, as when S = 1.
+    """
+    return z_p, z_q, entropy
+
+
+def _stl_mix_fwd(z_p, z_q, entropy):
+    return (z_p, z_q, entropy), None
+
+
+def _stl_mix_bwd(_, cts):
+    ct_p, ct_q, ct_h = cts
+    leaves_q = jax.tree_util.tree_leaves(ct_q)
+    s = leaves_q[0].shape[0]
+
+    def per_draw(x):
+        return jnp.sum(jnp.reshape(x, (s, -1)), axis=1)
+
+    pairs = zip(jax.tree_util.tree_leaves(ct_p), leaves_q)
+    num = _sums_of_others(functools.reduce(jnp.add, [per_draw(-p * q) for p, q in pairs]))
+    den = _sums_of_others(functools.reduce(jnp.add, [per_draw(q * q) for q in leaves_q]))
+    ok = den > 0  # else no other draw (S = 1) or no STL cotangent: c = 1
+    c = jnp.where(ok, jnp.clip(num / jnp.where(ok, den, 1.0), 0.0, 1.0), 1.0)
+    ct_q = jax.tree_util.tree_map(
+        lambda t: t * jnp.reshape(c, (s,) + (1,) * (t.ndim - 1)).astype(t.dtype), ct_q
+    )
+    return ct_p, ct_q, ct_h * jnp.mean(1.0 - c).astype(ct_h.dtype)
+
+
+_stl_mix.defvjp(_stl_mix_fwd, _stl_mix_bwd)
+
+
 def draw(
     key: jax.Array,
     params: Any,
@@ -115,15 +170,24 @@ def draw(
     num_samples: int,
     *,
     pathwise: bool,
-) -> tuple[ArrayTree, jax.Array]:
-    """Returns the draws ``z`` and ``log p(x, z_s)`` from one batched call.
+    adaptive: bool = False,
+) -> tuple[ArrayTree, jax.Array, Any]:
+    """Returns the draws ``z``, ``log p(x, z_s)`` from one batched call, and
+    the inputs ``(z_stl, entropy)`` of the ``"adaptive_stl"`` surrogate (None
+    unless ``adaptive``).
 
     With ``pathwise=False`` the draws do not depend on ``params`` (the score
     estimator never differentiates through them or through ``log_joint``).
     """
     z = family.sample(key, params if pathwise else _sg(params), num_samples)
     check_draws(family, z, num_samples)
-    return z, batched_log_joint(log_joint, z, num_samples)
+    if not (pathwise and adaptive):
+        return z, batched_log_joint(log_joint, z, num_samples), None
+    if family.entropy is None and family.to_gaussian is None:
+        # No closed-form entropy: plain STL.
+        return z, batched_log_joint(log_joint, z, num_samples), (z, jnp.zeros(()))
+    z_p, z_stl, entropy = _stl_mix(z, z, entropy_fn(family, "adaptive_stl")(params))
+    return z, batched_log_joint(log_joint, z_p, num_samples), (z_stl, entropy)
 
 
 def surrogates(
@@ -132,6 +196,7 @@ def surrogates(
     z: ArrayTree,
     log_p: jax.Array,
     names: tuple[str, ...],
+    adaptive: Any = None,
 ) -> dict[str, jax.Array]:
     """Returns ``{name: surrogate}`` for names in :data:`GRADIENT_ESTIMATORS`.
 
@@ -161,6 +226,10 @@ def surrogates(
             out[name] = jnp.mean(log_p) + entropy_fn(family, "estimator='closed_entropy'")(params)
         elif name == "stl":
             out[name] = jnp.mean(log_p - log_q_stopped_params())
+        elif name == "adaptive_stl":
+            z_stl, entropy = adaptive
+            lq = batched_log_prob(family, _sg(params), z_stl)
+            out[name] = jnp.mean(log_p - lq) + (entropy - _sg(entropy))
         elif name == "score":
             f = _sg(log_w())
             lq = batched_log_prob(family, params, _sg(z))
@@ -185,8 +254,11 @@ def surrogates(
 
 
 def _objective(key, params, family, log_joint, num_samples, name) -> jax.Array:
-    z, log_p = draw(key, params, family, log_joint, num_samples, pathwise=name != "score")
-    return surrogates(params, family, z, log_p, (name,))[name]
+    z, log_p, adaptive = draw(
+        key, params, family, log_joint, num_samples, pathwise=name != "score",
+        adaptive=name == "adaptive_stl",
+    )
+    return surrogates(params, family, z, log_p, (name,), adaptive)[name]
 
 
 def elbo(
@@ -210,6 +282,21 @@ def elbo(
     * ``"stl"``: sticking the landing (Roeder, Wu and Duvenaud 2017): the
       pathwise gradient with the parameters stopped inside ``log q``; its
       variance vanishes when ``q`` equals the posterior.
+    * ``"adaptive_stl"`` (the default): STL where it helps. Far from the
+      posterior plain STL's path term through ``log q`` carries noise that
+      grows with ``||L^{-1}||``, and Adam, normalizing every coordinate, turns
+      it into a random walk of a full-rank factor's off-diagonal entries that
+      makes the factor exponentially ill-conditioned (a d = 501 item-response
+      model diverged). Here, with a closed-form entropy (``family.entropy``
+      or ``to_gaussian``) and S >= 2, that path term at draw ``s`` is
+      weighted by ``c_s`` in [0, 1] and the rest of its expectation, ``(1 -
+      c_s) grad H``, is added exactly; ``c_s = clip(sum <a_r, b_r> / sum
+      ||b_r||^2, 0, 1)`` over the *other* draws (``a = grad_z log p``, ``b =
+      grad_z log q``), so it is independent of draw ``s`` and the estimator
+      stays unbiased. At a Gaussian posterior ``a = b``, so ``c = 1``: plain
+      STL, whose variance vanishes there; with S = 1 or no closed-form
+      entropy it is plain STL. Not an average of S independent terms, and
+      not forward-mode differentiable (a ``custom_vjp``).
     * ``"score"``: the score-function (REINFORCE) gradient
       ``mean((f_s - b_s) grad log q(z_s))`` with ``f = log p - log q`` and a
       leave-one-out baseline ``b_s`` (mean of the other samples' ``f``) when
@@ -237,10 +324,11 @@ def elbo(
         one latent pytree. It is called once, under ``vmap`` over the draws.
       num_samples: the number of draws S (>= 1).
       estimator: one of ``"reparam"``, ``"closed_entropy"``, ``"stl"``,
-        ``"score"``. The default, ``"stl"``, is unbiased like the others and
-        its noise vanishes as ``q`` approaches a Gaussian posterior, which is
-        what lets Adam settle on it (``python -m benchmarks.parameterization``
-        measures the difference; the README quotes it).
+        ``"adaptive_stl"``, ``"score"``. The default, ``"adaptive_stl"``, is
+        unbiased like the others, its noise vanishes as ``q`` approaches a
+        Gaussian posterior, which is what lets Adam settle on it (``python -m
+        benchmarks.parameterization`` measures the difference for STL), and
+        it does not blow up far from the posterior.
 
     Returns:
       A scalar ELBO estimate (a bound: larger is better).
@@ -267,7 +355,7 @@ def elbo(
       ...     jax.random.key(0), params, family, model.log_joint,
       ...     num_samples=8, estimator="stl")
     """
-    check_estimator(estimator, ELBO_ESTIMATORS)
+    check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     num_samples = _check_common(family, log_joint, num_samples)
     return _objective(key, params, family, log_joint, num_samples, estimator)
 
@@ -476,12 +564,15 @@ def estimator_gradients(
     grads = {}
     if pathwise:
         def objectives(p):
-            z, log_p = draw(key, p, family, log_joint, num_samples, pathwise=True)
-            return surrogates(p, family, z, log_p, pathwise), (_sg(z), _sg(log_p))
+            z, log_p, adaptive = draw(
+                key, p, family, log_joint, num_samples, pathwise=True,
+                adaptive="adaptive_stl" in pathwise,
+            )
+            return surrogates(p, family, z, log_p, pathwise, adaptive), (_sg(z), _sg(log_p))
 
         grads, (z, log_p) = jax.jacrev(objectives, has_aux=True)(params)
     else:
-        z, log_p = draw(key, params, family, log_joint, num_samples, pathwise=False)
+        z, log_p, _ = draw(key, params, family, log_joint, num_samples, pathwise=False)
     if "score" in names:
         # Differentiated apart from the pathwise estimators, which share the
         # backward pass through log_joint: a zero cotangent times a non-finite

@@ -160,8 +160,10 @@ def fit(
         continuing, the number of further steps.
       num_samples: Monte Carlo draws per step (>= 1).
       estimator: the gradient estimator, as in :func:`vijax.elbo` (default
-        ``"stl"``: unbiased, and its noise vanishes near a Gaussian posterior,
-        so Adam settles far closer to it than with ``"reparam"``).
+        ``"adaptive_stl"``: unbiased, its noise vanishes near a Gaussian
+        posterior, so Adam settles far closer to it than with ``"reparam"``,
+        and it stays tame far from it, where plain ``"stl"`` can drive a
+        full-rank factor singular).
       progress: show a tqdm progress bar (a widget in notebooks)
         with the step and running ELBO; ``None`` (default) shows it when
         stderr is a terminal or in a Jupyter kernel.

@@ -15,7 +15,13 @@ import jax.numpy as jnp
 import optax
 
 from vijax import _checks, _tree
-from vijax._objectives import DEFAULT_ESTIMATOR, ELBO_ESTIMATORS, check_estimator, elbo
+from vijax._objectives import (
+    ADAPTIVE_ESTIMATORS,
+    DEFAULT_ESTIMATOR,
+    ELBO_ESTIMATORS,
+    check_estimator,
+    elbo,
+)
 from vijax.families._protocol import VariationalFamily, check_family, entropy_fn
 from vijax.fitting._engine import Algorithm
 from vijax.fitting._types import FitInfo, FitState
@@ -55,7 +61,7 @@ def check_step_config(family, log_joint, optimizer, num_samples, estimator):
         raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
     optimizer = _checks.check_optimizer(optimizer)
     num_samples = _checks.check_positive_int("num_samples", num_samples)
-    check_estimator(estimator, ELBO_ESTIMATORS)
+    check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     if estimator == "closed_entropy":
         entropy_fn(family, "estimator='closed_entropy'")
     return family, log_joint, optimizer, num_samples
@@ -97,7 +103,8 @@ def make_step(
       optimizer: an ``optax.GradientTransformation``; it minimizes -ELBO.
       num_samples: Monte Carlo draws per step (>= 1).
       estimator: the gradient estimator of :func:`vijax.elbo` (default
-        ``"stl"``, sticking the landing; see :func:`vijax.elbo`).
+        ``"adaptive_stl"``, sticking the landing where it helps; see
+        :func:`vijax.elbo`).
 
     Returns:
       ``step(state: FitState) -> (FitState, FitInfo)``.
