@@ -128,6 +128,7 @@ def test_averaging_brings_a_constant_step_fit_closer_to_the_mean_field_optimum(x
     assert avg.mean() < 0.2 * last.mean(), (avg.mean(), last.mean())
 
 
+@pytest.mark.slow
 def test_checkpoint_resume_of_an_averaged_fit_is_bitwise(tmp_path, rng):
     model, *_ = _correlated_blr(rng)
     family = vijax.mean_field()

@@ -49,6 +49,7 @@ def test_update_solves_the_proximal_problem(x64, rng):
     np.testing.assert_allclose(new_mu, want_mu, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_gaussian_target_is_a_fixed_point_for_any_batch(x64, rng):
     d = 5
     m, prec = _gaussian_target(rng, d)
@@ -63,6 +64,7 @@ def test_gaussian_target_is_a_fixed_point_for_any_batch(x64, rng):
         np.testing.assert_allclose(new_tril, tril, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_reaches_the_exact_posterior(x64, rng):
     model = _blr(rng, d=5)
     family = vijax.full_rank()
@@ -113,6 +115,7 @@ def test_stable_on_a_badly_scaled_target(dtype, rng):
     assert float(vijax.exact_kl(result.params, family, model)) < tol
 
 
+@pytest.mark.slow
 def test_skips_steps_with_non_finite_scores_and_recovers(x64, rng):
     model = _blr(rng, d=3)
     post_mean = np.asarray(model.posterior.mean)

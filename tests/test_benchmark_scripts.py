@@ -23,6 +23,7 @@ from benchmarks import fast_vi, fit_speed
 from references import perturb
 
 
+@pytest.mark.slow
 def test_importing_the_scripts_leaves_x64_off():
     # fast_vi runs in float64 but must not switch it on for whoever imports it.
     code = (
@@ -37,6 +38,7 @@ def test_importing_the_scripts_leaves_x64_off():
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family_name", ["mean_field", "full_rank"])
 @pytest.mark.parametrize("estimator", ["stl", "reparam", "closed_entropy"])
 def test_fit_speed_floor_computes_what_fit_computes(x64, family_name, estimator):

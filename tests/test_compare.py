@@ -160,6 +160,7 @@ def test_batch_size_maps_in_chunks_with_the_same_result(x64, rng):
         np.testing.assert_allclose(getattr(chunked, m), getattr(whole, m), rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_zero_variance_and_zero_reference_at_the_posterior(x64, rng):
     x = rng.normal(size=(8, 3))
     model = vijax.models.bayesian_linear_regression(
@@ -186,6 +187,7 @@ def test_zero_variance_and_zero_reference_at_the_posterior(x64, rng):
     assert "stl" in result.to_markdown()
 
 
+@pytest.mark.slow
 def test_table_and_accessors(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()

@@ -146,6 +146,7 @@ def test_full_rank_at_the_posterior(x64, rng, model_name):
     assert float(jnp.max(jnp.abs(g))) < 1e-7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("family_name", FAMILY_NAMES)
 def test_float32(rng, model_name, family_name):

@@ -54,6 +54,7 @@ def test_init_over_pytrees(x64, name, latent, d):
     np.testing.assert_allclose(q.mean, ravel_pytree(latent)[0], rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_init_under_jit_and_vmap_and_in_half_precision(x64, name):
     family = FAMILIES[name]()
@@ -69,6 +70,7 @@ def test_init_under_jit_and_vmap_and_in_half_precision(x64, name):
         np.testing.assert_allclose(scale, 0.1, rtol=1e-2)
 
 
+@pytest.mark.slow
 def test_building_a_model_and_init_compile_nothing():
     # In a fresh process each eager jnp op compiles a small XLA program
     # (5 to 20 ms each); building a model and its initial parameters should
@@ -135,6 +137,7 @@ def test_sample_shapes(name):
     chex.assert_shape(z["c"], (7, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_log_prob_and_entropy_match_scipy(x64, rng, name):
     family = FAMILIES[name]()
@@ -218,6 +221,7 @@ def test_jit_vmap_grad(x64, rng, name):
         np.testing.assert_allclose(g @ direction, fd, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_is_reparameterized(x64, rng, name):
     family = FAMILIES[name]()

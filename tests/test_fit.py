@@ -102,6 +102,7 @@ def test_fit_follows_dtype(dtype):
     assert np.all(np.isfinite(res.trace.grad_norm)) and np.all(res.trace.grad_norm > 0)
 
 
+@pytest.mark.slow
 def test_pytree_latent_and_legacy_key():
     family = vijax.full_rank()
     latent = {"a": jnp.zeros(2), "b": jnp.zeros(())}
@@ -142,6 +143,7 @@ def test_resume_is_bitwise_identical_across_chunk_sizes():
         run(key, family, model.log_joint, first.state, num_steps=1)
 
 
+@pytest.mark.slow
 def test_checkpoint_write_and_resume(tmp_path):
     model = orthogonal_blr(3, dtype=np.float32)
     family = vijax.mean_field()
@@ -180,6 +182,7 @@ def test_checkpoint_every_saves_during_the_run(tmp_path, monkeypatch):
     assert saved == [30, 60, 90, 100]
 
 
+@pytest.mark.slow
 def test_keyboard_interrupt_returns_last_completed_chunk(monkeypatch):
     family = vijax.mean_field()
     params = family.init(jnp.zeros(3))
@@ -285,6 +288,7 @@ def test_nonfinite_update_keeps_params_and_the_optimizers_new_state():
     assert np.all(np.isfinite(np.asarray(s3.params.loc)))
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_raise_with_last_finite_state():
     # The target is at 10 but the log joint is NaN beyond 1: the first SGD step
     # jumps to ~3, where with a tiny scale every later sample is NaN.
@@ -369,6 +373,7 @@ def test_params_that_do_not_match_the_family_raise():
 # Compilation cache.
 
 
+@pytest.mark.slow
 def test_second_fit_does_not_trace_again():
     traces = []
 
@@ -431,6 +436,7 @@ def test_fit_batched_matches_separate_fits(x64):
                           num_steps=1, num_samples=4, progress=False)
 
 
+@pytest.mark.slow
 def test_fit_batched_over_initial_params():
     family = vijax.mean_field()
     inits = jax.vmap(lambda m: family.init(m))(jnp.array([[-3.0, 0.0], [3.0, 1.0]]))
@@ -451,6 +457,7 @@ def test_fit_batched_over_initial_params():
                           optimizer=optax.adam(0.05), num_steps=2, progress=False)
 
 
+@pytest.mark.slow
 def test_make_step_vmaps_over_keys():
     family, opt = vijax.mean_field(), optax.adam(0.1)
     step = vijax.make_step(family, std_normal_log_joint, opt, num_samples=2)
@@ -518,6 +525,7 @@ def _item_response(rng):
     return family, log_joint, family.init(latent)._replace(loc=unravel(loc))
 
 
+@pytest.mark.slow
 def test_default_full_rank_fit_of_an_item_response_model_stays_well_conditioned():
     # Regression: the mean started in U(-2, 2), Adam(1e-2), the default
     # estimator. Plain STL adds -tril(U^{-T} eps eps^T) to the gradient of the

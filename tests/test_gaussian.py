@@ -140,6 +140,7 @@ def test_kl_between_representations_of_one_distribution_is_zero(x64, rng):
     assert abs(float(vijax.gaussian_kl(c, a))) < 1e-10  # same seed, same numbers
 
 
+@pytest.mark.slow
 def test_kl_grad_under_jit_and_vmap(x64, rng):
     q, mq, cq = make_gaussian("low_rank", rng)
     p, mp, cp = make_gaussian("precision", rng)
@@ -156,6 +157,7 @@ def test_kl_grad_under_jit_and_vmap(x64, rng):
     np.testing.assert_allclose(got, want, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_structured_kl_stays_structured():
     # Dense d x d matrices here would need ~ 80 GB; diagonal and low-rank KLs must not form them.
     d = 100_000

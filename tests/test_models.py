@@ -69,6 +69,7 @@ def test_linear_gaussian_posterior_and_evidence(x64, rng):
     np.testing.assert_allclose(model.latent, prob["prior_mean"])
 
 
+@pytest.mark.slow
 def test_linear_gaussian_log_joint_vmap_grad(x64, rng):
     prob = linear_gaussian_problem(rng)
     model = models.linear_gaussian(**prob)
@@ -96,6 +97,7 @@ def test_log_joint_at_posterior_mode_has_zero_gradient(x64, rng):
 
 
 # ----------------------------------------------------- bayesian_linear_regression
+@pytest.mark.slow
 @pytest.mark.parametrize("n,d", [(20, 4), (3, 6)], ids=["n>=d", "n<d"])
 def test_blr_matches_numpy_and_linear_gaussian(x64, rng, n, d):
     x, y, s, t = blr_problem(rng, n, d)
@@ -144,6 +146,7 @@ def test_evidence_grad_through_constructor(x64, rng, n, d):
     np.testing.assert_allclose(gt, (np_log_z(s, t + h) - np_log_z(s, t - h)) / (2 * h), rtol=1e-7)
 
 
+@pytest.mark.slow
 def test_linear_gaussian_traceable_under_jit_and_vmap(x64, rng):
     prob = linear_gaussian_problem(rng)
 
@@ -163,6 +166,7 @@ def test_linear_gaussian_traceable_under_jit_and_vmap(x64, rng):
 
 
 # ------------------------------------------------------------- normal_mean
+@pytest.mark.slow
 def test_normal_mean_closed_form(x64, rng):
     x = rng.normal(loc=2.0, size=8)
     s, m0, t = 0.8, -0.5, 1.7
@@ -230,6 +234,7 @@ def test_logistic_regression_log_joint(x64, rng):
     np.testing.assert_allclose(g, x.T @ (y - p) - ws[0] / tau**2, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_float64_scales_do_not_promote_float32_data(x64, rng):
     x = rng.normal(size=(8, 3)).astype(np.float32)
     y = rng.normal(size=8).astype(np.float32)
@@ -346,6 +351,7 @@ def test_exact_elbo_first_called_inside_jit_then_eagerly(x64, rng, which):
     np.testing.assert_allclose(eager[0] + eager[1], log_z, rtol=1e-10)
 
 
+@pytest.mark.slow
 def test_models_built_from_tracers_are_traceable_and_cache_nothing(x64, rng, monkeypatch):
     calls = count_calls(monkeypatch, "_isotropic_closed_form")
     x, y, _, t = blr_problem(rng, 12, 3)

@@ -170,6 +170,7 @@ def test_one_mean_field_step_sets_the_optimal_variances(x64, rng):
     np.testing.assert_allclose(family.to_gaussian(params).variance, opt_var, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_update_matches_the_natural_parameter_formula(x64, rng):
     # P_new = P - 2 rho dELBO/dSigma and mu_new = mu + rho Sigma_new dELBO/dmu,
     # with the gradients taken directly in (mu, Sigma) by autodiff.
@@ -229,6 +230,7 @@ def test_update_follows_the_dtype(dtype, rng):
     assert 1.0 < growth <= 2.0 * (1 + (1e-4 if dtype == np.float32 else 1e-9))
 
 
+@pytest.mark.slow
 def test_backtracks_when_the_step_is_not_positive_definite(x64, rng):
     # From a very narrow start, P + rho (P_post - P) with rho = 10 is not
     # positive definite: the step halves until it is, and says so.
@@ -298,6 +300,7 @@ def test_non_finite_gradient_gives_non_finite_updates(x64, rng, name):
     chex.assert_trees_all_close(optax.apply_updates(params, updates), params)
 
 
+@pytest.mark.slow
 def test_schedule_and_vmap(x64, rng):
     model, _, _ = _blr(rng, d=3)
     family = vijax.full_rank()

@@ -167,6 +167,7 @@ def test_values_agree_across_estimators_for_one_key(x64, rng):
     np.testing.assert_allclose(values["closed_entropy"], np.mean(log_p) + entropy, rtol=1e-13)
 
 
+@pytest.mark.slow
 def test_reparam_and_closed_entropy_share_gradient_for_invertible_families(x64, rng):
     model = _regression(rng)
     for family in (vijax.mean_field(), vijax.full_rank()):
@@ -196,6 +197,7 @@ def _posterior_full_rank_params(model, x, noise_scale=1.0, prior_scale=1.0):
     return family, params
 
 
+@pytest.mark.slow
 def test_stl_and_dreg_have_zero_variance_at_the_posterior(x64, rng):
     n, d = 8, 3
     x = rng.normal(size=(n, d))
@@ -224,6 +226,7 @@ def test_stl_and_dreg_have_zero_variance_at_the_posterior(x64, rng):
 
 
 # ------------------------------------------------------------------ IWAE
+@pytest.mark.slow
 def test_iwae_with_one_sample_is_the_elbo_and_dreg_is_stl(x64, rng):
     model = _regression(rng)
     for family in (vijax.low_rank(rank=2),):
@@ -273,6 +276,7 @@ def test_iwae_matches_logmeanexp_and_is_at_least_the_elbo_for_every_draw(x64, rn
     assert np.mean(iwae - elbo) > 0.1
 
 
+@pytest.mark.slow
 def test_iwae_grows_with_k_in_expectation_and_stays_below_log_evidence(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()
@@ -354,6 +358,7 @@ def test_dreg_check_has_power(x64, rng):
 
 
 # ------------------------------------------------------------------ Rényi
+@pytest.mark.slow
 def test_renyi_limits_monotonicity_and_gradient(x64, rng):
     model = _regression(rng)
     family = vijax.full_rank()
@@ -390,6 +395,7 @@ def test_renyi_limits_monotonicity_and_gradient(x64, rng):
     chex.assert_trees_all_close(g0, g_iwae, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_multi_sample_bounds_are_stable_for_large_log_weights(x64, rng):
     model = _regression(rng)
     family = vijax.mean_field()
@@ -420,6 +426,7 @@ def test_multi_sample_bounds_are_stable_for_large_log_weights(x64, rng):
 
 
 # ------------------------------------------------------------- same draws
+@pytest.mark.slow
 def test_estimator_gradients_equal_each_objectives_grad_with_the_same_key(x64, rng):
     model = _regression(rng)
     names = ("reparam", "closed_entropy", "stl", "adaptive_stl", "score", "iwae", "dreg")
@@ -510,6 +517,7 @@ def test_estimators_unbiased_on_pytree_latents(x64, rng):
 
 
 # -------------------------------------------------------------- dtypes
+@pytest.mark.slow
 def test_dtypes_follow_params(dtype, rng):
     model = _regression(rng, dtype=dtype)
     family = vijax.mean_field()
@@ -595,6 +603,7 @@ def test_bad_arguments_raise_clear_errors(rng):
 
 
 # ------------------------------------------------------------- adaptive_stl
+@pytest.mark.slow
 def test_adaptive_stl_is_stl_at_the_posterior_and_at_one_draw(x64, rng):
     model = _regression(rng)
     family = vijax.full_rank()
@@ -609,6 +618,7 @@ def test_adaptive_stl_is_stl_at_the_posterior_and_at_one_draw(x64, rng):
                                     grad(key, far, 1, "stl"), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_adaptive_stl_tames_stl_noise_far_from_the_posterior(x64, rng):
     # A full-rank q far from the posterior with an ill-conditioned unit factor:
     # plain STL's path term through log q grows with ||L^{-1}||; adaptive_stl

@@ -77,6 +77,7 @@ def flow_setup():
     return family, params
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ["reparam", "stl", "score"])
 def test_elbo_estimators_run_on_a_protocol_only_family(flow_setup, estimator):
     family, params = flow_setup
@@ -141,6 +142,7 @@ def test_missing_capabilities_raise_errors_that_name_them(flow_setup):
         vijax.natural_gradient(vijax.low_rank(rank=1), 0.1)
 
 
+@pytest.mark.slow
 def test_an_entropy_capability_enables_closed_entropy(flow_setup):
     family, params = flow_setup
     # The quadratic shift has a unit Jacobian: H[q] = sum log_scale + d/2 log(2 pi e).
@@ -193,6 +195,7 @@ def test_sample_with_the_wrong_structure_is_named_before_the_loop():
         _fit(as_dict, params)
 
 
+@pytest.mark.slow
 def test_a_non_scalar_log_prob_is_named_before_the_loop():
     family, params = _broken()
     per_coord = family._replace(log_prob=lambda p, z: jnp.stack([family.log_prob(p, z)] * 2))
