@@ -184,8 +184,8 @@ def draw(
     if not (pathwise and adaptive):
         return z, batched_log_joint(log_joint, z, num_samples), None
     if family.entropy is None and family.to_gaussian is None:
-        # No closed-form entropy: plain STL.
-        return z, batched_log_joint(log_joint, z, num_samples), (z, jnp.zeros(()))
+        # No closed-form entropy: plain STL (no entropy term, no dtype promotion).
+        return z, batched_log_joint(log_joint, z, num_samples), (z, None)
     z_p, z_stl, entropy = _stl_mix(z, z, entropy_fn(family, "adaptive_stl")(params))
     return z, batched_log_joint(log_joint, z_p, num_samples), (z_stl, entropy)
 
@@ -229,7 +229,9 @@ def surrogates(
         elif name == "adaptive_stl":
             z_stl, entropy = adaptive
             lq = batched_log_prob(family, _sg(params), z_stl)
-            out[name] = jnp.mean(log_p - lq) + (entropy - _sg(entropy))
+            out[name] = jnp.mean(log_p - lq)
+            if entropy is not None:
+                out[name] = out[name] + (entropy - _sg(entropy))
         elif name == "score":
             f = _sg(log_w())
             lq = batched_log_prob(family, params, _sg(z))
