@@ -21,7 +21,6 @@ need only the three required functions.
 
 from __future__ import annotations
 
-import collections
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _checks
+from vijax._cache import LRU
 
 ArrayTree = Any
 
@@ -179,8 +179,11 @@ def check_log_prob(family: VariationalFamily, out: Any, num_samples: int) -> jax
     return out
 
 
-def _check_abstract(name: str, params: Any, family: VariationalFamily) -> None:
-    """The checks of :func:`check_params` that depend only on shapes and dtypes."""
+def _check_abstract(name: str, params: Any, family: VariationalFamily) -> bool:
+    """The checks of :func:`check_params` that depend only on shapes and dtypes.
+
+    Returns True (the value cached for a family and params structure that passed).
+    """
     # Two sample counts: a missing sample axis cannot hide behind a leaf whose
     # first dimension happens to equal one of them.
     key = jax.random.key(0)
@@ -206,13 +209,13 @@ def _check_abstract(name: str, params: Any, family: VariationalFamily) -> None:
             f"`family.log_prob` of {describe(family)} must return a scalar for one "
             f"latent; got shape {tuple(getattr(lp, 'shape', ()))}."
         )
+    return True
 
 
 # Families and parameter structures already checked: a repeated fit (the same
 # family, parameters of the same shapes) skips the abstract evaluation, which
 # costs milliseconds of tracing per call.
-_CHECKED: collections.OrderedDict = collections.OrderedDict()
-_CHECKED_SIZE = 64
+_checked = LRU(64)
 
 
 def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
@@ -239,16 +242,7 @@ def check_params(name: str, params: Any, family: VariationalFamily) -> Any:
         jax.tree_util.tree_structure(params),
         tuple((jnp.shape(leaf), jnp.result_type(leaf)) for leaf in leaves),
     )
-    try:
-        hash(signature)
-    except TypeError:  # an unhashable function in the family: check every time
-        signature = None
-    if signature is None or signature not in _CHECKED:
-        _check_abstract(name, params, family)
-        if signature is not None:
-            _CHECKED[signature] = True
-            while len(_CHECKED) > _CHECKED_SIZE:
-                _CHECKED.popitem(last=False)
+    _checked.get(signature, lambda: _check_abstract(name, params, family))
     for leaf in leaves:
         if _checks.is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"`{name}` must be finite; got non-finite entries.")

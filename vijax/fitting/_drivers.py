@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable
 
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from vijax import _checks
+from vijax._cache import LRU
 from vijax._objectives import DEFAULT_ESTIMATOR
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
@@ -20,7 +20,7 @@ from vijax.fitting._engine import (
     resume_state,
     run,
 )
-from vijax.fitting._step import check_step_config, init_fit_state, optax_algorithm
+from vijax.fitting._step import check_step_config, init_fit_state, make_step
 from vijax.fitting._types import FitResult, FitState
 
 ArrayTree = Any
@@ -35,37 +35,35 @@ def _check_params(name: str, params: Any, family: VariationalFamily) -> Any:
     return check_params(name, params, family)
 
 
-@functools.lru_cache(maxsize=32)
-def _compiled_init(optimizer: optax.GradientTransformation, batch: str):
-    """``init_fit_state`` compiled once per optimizer.
+_inits = LRU(32)
+
+
+def _init_state(optimizer, batch: str, key, params) -> FitState:
+    """``init_fit_state``, compiled once per optimizer.
 
     ``batch`` is ``"none"`` (one run), ``"shared"`` (a batch of keys, one set
     of params) or ``"stacked"`` (keys and params batched). Eager, optax's
     ``init`` dispatches one small op per state leaf: about a millisecond per
     fit, which a short fit of a small model notices.
     """
-    def init(key, params):
-        return init_fit_state(key, params, optimizer)
 
-    if batch != "none":
-        init = jax.vmap(init, in_axes=(0, 0 if batch == "stacked" else None))
-    return jax.jit(init)
+    def build():
+        def init(key, params):
+            return init_fit_state(key, params, optimizer)
 
+        if batch != "none":
+            init = jax.vmap(init, in_axes=(0, 0 if batch == "stacked" else None))
+        return jax.jit(init)
 
-def _init_state(optimizer, batch: str, key, params) -> FitState:
-    try:
-        init = _compiled_init(optimizer, batch)
-    except TypeError:  # an unhashable optimizer: compile without caching
-        init = _compiled_init.__wrapped__(optimizer, batch)
-    return init(key, params)
+    return _inits.get((optimizer, batch), build)(key, params)
 
 
 def _run(family, log_joint, optimizer, num_samples, estimator, state, options, batched):
     compiled = compiled_chunk(
         ("fit", family, log_joint, optimizer, num_samples, estimator),
-        lambda: optax_algorithm(
+        lambda: make_step(
             family, log_joint, optimizer, num_samples=num_samples, estimator=estimator
-        ).step,
+        ),
         chunk_size=options.chunk_size,
         max_nonfinite=options.max_nonfinite,
         batched=batched,

@@ -19,7 +19,6 @@ are drivers: they check their arguments, build an algorithm and call
 
 from __future__ import annotations
 
-import collections
 import os
 import warnings
 from typing import Any, Callable, Hashable, NamedTuple, Optional
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _checks, _tree
+from vijax._cache import LRU
 from vijax.fitting._checkpoint import CHECKPOINT_NAME, save_checkpoint
 from vijax.fitting._progress import make_bar, progress_default
 from vijax.fitting._types import FitError, FitInfo, FitResult, FitState
@@ -171,8 +171,7 @@ def make_chunk(step: Callable, chunk_size: int, max_nonfinite: int) -> Callable:
 # Compiled chunks, keyed on everything that changes the traced program except
 # shapes and dtypes (jax.jit's own cache handles those). Families, optax
 # transformations and log joints hash by the identity of their functions.
-_CACHE_SIZE = 32
-_chunk_cache: collections.OrderedDict = collections.OrderedDict()
+_chunks = LRU(32)
 
 
 def compiled_chunk(
@@ -190,23 +189,14 @@ def compiled_chunk(
     unhashable callable inside) compiles without caching. ``batched`` vmaps
     the chunk over a leading axis of the state.
     """
-    full_key = (cache_key, chunk_size, max_nonfinite, batched)
-    try:
-        hash(full_key)
-    except TypeError:
-        full_key = None
-    if full_key is not None and full_key in _chunk_cache:
-        _chunk_cache.move_to_end(full_key)
-        return _chunk_cache[full_key]
-    chunk = make_chunk(make_step(), chunk_size, max_nonfinite)
-    if batched:
-        chunk = jax.vmap(chunk, in_axes=(0, 0, None))
-    compiled = jax.jit(chunk)
-    if full_key is not None:
-        _chunk_cache[full_key] = compiled
-        while len(_chunk_cache) > _CACHE_SIZE:
-            _chunk_cache.popitem(last=False)
-    return compiled
+
+    def build():
+        chunk = make_chunk(make_step(), chunk_size, max_nonfinite)
+        if batched:
+            chunk = jax.vmap(chunk, in_axes=(0, 0, None))
+        return jax.jit(chunk)
+
+    return _chunks.get((cache_key, chunk_size, max_nonfinite, batched), build)
 
 
 # --------------------------------------------------------------------------

@@ -1,9 +1,8 @@
 """The pure step of :func:`vijax.fit`: one guarded optax update on ``-elbo``.
 
 :func:`make_step` and :func:`init_fit_state` are public and pure for those
-who write their own loop; :func:`optax_algorithm` pairs them as the
-:class:`vijax.fitting.Algorithm` that the engine runs for ``fit`` and
-``fit_batched``.
+who write their own loop; the drivers hand ``make_step``'s step to the engine
+(and compile ``init_fit_state`` once per optimizer).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from vijax._objectives import (
     elbo,
 )
 from vijax.families._protocol import VariationalFamily, check_family, entropy_fn
-from vijax.fitting._engine import Algorithm
 from vijax.fitting._types import FitInfo, FitState
 
 ArrayTree = Any
@@ -169,18 +167,3 @@ def make_step(
         return new_state, info
 
     return step
-
-
-def optax_algorithm(
-    family: VariationalFamily,
-    log_joint: Callable[[ArrayTree], jax.Array],
-    optimizer: optax.GradientTransformation,
-    *,
-    num_samples: int,
-    estimator: str,
-) -> Algorithm:
-    """The :class:`Algorithm` ``fit`` runs: :func:`init_fit_state` and :func:`make_step`."""
-    step = make_step(family, log_joint, optimizer, num_samples=num_samples, estimator=estimator)
-    return Algorithm(
-        init=lambda key, params: init_fit_state(key, params, optimizer), step=step
-    )
