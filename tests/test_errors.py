@@ -150,6 +150,33 @@ def test_models_reject_data_of_mixed_dtypes(x64):
         assert model.log_joint(np.zeros(2, dtype)).dtype == dtype
 
 
+def _non_finite_cases():
+    x, y = np.ones((6, 2), F32), np.zeros(6, F32)
+    blr = lambda **kw: models.bayesian_linear_regression(
+        **{"X": x, "y": y, **kw}, noise_scale=1.0, prior_scale=1.0)
+    logistic = lambda **kw: models.logistic_regression(**{"X": x, "y": y, **kw})
+    nm = lambda **kw: models.normal_mean(
+        **{"x": y, "prior_loc": 0.0, **kw}, noise_scale=1.0, prior_scale=1.0)
+    lg = lambda **kw: models.linear_gaussian(**{**lg_args(), **kw})
+    for bad in (np.nan, np.inf):
+        yield blr, "X", x, bad
+        yield blr, "y", y, bad
+        yield logistic, "X", x, bad
+        yield nm, "x", y, bad
+        yield nm, "prior_loc", np.float32(0.0), bad
+        for name, value in lg_args().items():
+            yield lg, name, value, bad
+
+
+@pytest.mark.parametrize("build, name, value, bad", list(_non_finite_cases()))
+def test_models_reject_non_finite_data(build, name, value, bad):
+    # NaN or inf data would come back as a NaN log evidence, silently.
+    value = np.array(value, copy=True)
+    value.reshape(-1)[-1] = bad
+    with raises(ValueError, f"`{name}` must be finite", "1 NaN" if np.isnan(bad) else "1 infinite"):
+        build(**{name: value})
+
+
 # ----------------------------------------------------------------- families
 FAMILY_MAKERS = {
     "mean_field": vijax.mean_field,

@@ -172,11 +172,26 @@ def check_positive_float(name: str, x: Any, *, also: str = "") -> float:
 
 
 def check_finite(name: str, x: Any) -> None:
+    """Raises ``ValueError`` naming ``name`` when concrete ``x`` holds NaN or inf."""
     if not is_concrete(x):
         return
     a = np.asarray(x)
-    if not np.all(np.isfinite(a)):
-        raise ValueError(f"`{name}` must be finite; got non-finite entries.")
+    finite = np.isfinite(a)
+    if not np.all(finite):
+        first = np.argwhere(~finite)[0]
+        where = f" (the first at index {tuple(int(i) for i in first)})" if a.ndim else ""
+        raise ValueError(
+            f"`{name}` must be finite; got {int(np.isnan(a).sum())} NaN and "
+            f"{int(np.isinf(a).sum())} infinite entries{where}. Remove or impute them "
+            "before building the model."
+        )
+
+
+def as_data(name: str, x: Any) -> jax.Array:
+    """A floating-point, finite data array (:func:`as_float_array` + :func:`check_finite`)."""
+    x = as_float_array(name, x)
+    check_finite(name, x)
+    return x
 
 
 def check_positive_int(name: str, x: Any, *, minimum: int = 1) -> int:

@@ -157,11 +157,11 @@ def linear_gaussian(
       ValueError: shapes disagree, or a covariance is not square, symmetric or
         (when known eagerly) positive definite.
     """
-    m0 = _checks.as_float_array("prior_mean", prior_mean)
-    s0 = _checks.as_float_array("prior_cov", prior_cov)
-    h = _checks.as_float_array("design", design)
-    y = _checks.as_float_array("observations", observations)
-    r = _checks.as_float_array("noise_cov", noise_cov)
+    m0 = _checks.as_data("prior_mean", prior_mean)
+    s0 = _checks.as_data("prior_cov", prior_cov)
+    h = _checks.as_data("design", design)
+    y = _checks.as_data("observations", observations)
+    r = _checks.as_data("noise_cov", noise_cov)
     _checks.check_same_dtype(
         {"prior_mean": m0, "prior_cov": s0, "design": h, "observations": y, "noise_cov": r}
     )
@@ -280,8 +280,8 @@ def bayesian_linear_regression(X, y, *, noise_scale, prior_scale) -> Model:
       >>> model.posterior.mean.shape
       (3,)
     """
-    x = _checks.as_float_array("X", X)
-    y = _checks.as_float_array("y", y)
+    x = _checks.as_data("X", X)
+    y = _checks.as_data("y", y)
     _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
@@ -314,13 +314,13 @@ def normal_mean(x, *, noise_scale, prior_loc, prior_scale) -> Model:
     Returns:
       A conjugate :class:`Model` whose latent is a scalar.
     """
-    x = _checks.as_float_array("x", x)
+    x = _checks.as_data("x", x)
     _checks.check_ndim("x", x, 1)
     if x.shape[0] < 1:
         raise ValueError("`x` must hold at least one observation; got shape (0,).")
     noise_scale = _scalar("noise_scale", noise_scale, x.dtype)
     prior_scale = _scalar("prior_scale", prior_scale, x.dtype)
-    loc = _checks.as_float_array("prior_loc", prior_loc)
+    loc = _checks.as_data("prior_loc", prior_loc)
     if loc.ndim != 0:
         raise ValueError(f"`prior_loc` must be a scalar; got shape {tuple(loc.shape)}.")
     design = jnp.ones((x.shape[0], 1), x.dtype)

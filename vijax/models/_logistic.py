@@ -36,8 +36,8 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
       ValueError: shapes disagree, a label is not 0 or 1, or ``prior_scale``
         is not positive.
     """
-    x = _checks.as_float_array("X", X)
-    y = _checks.as_float_array("y", y)
+    x = _checks.as_data("X", X)
+    y = _checks.as_data("y", y)
     _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))

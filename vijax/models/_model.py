@@ -4,13 +4,41 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import math
+
 import jax
+import jax.numpy as jnp
 
 from vijax._gaussian import Gaussian
 
 ArrayTree = Any
 
 _PENDING = object()  # a posterior or log evidence that `Model._exact` computes on first access
+
+
+def _batch_shape(z: ArrayTree, latent: ArrayTree) -> tuple:
+    """The leading axes of ``z`` in front of the latent's leaf shapes (checked)."""
+    z_leaves, z_def = jax.tree_util.tree_flatten(z)
+    l_leaves, l_def = jax.tree_util.tree_flatten(latent)
+    if z_def != l_def:
+        raise ValueError(
+            f"`z` must have the model's latent structure {l_def}; got {z_def}."
+        )
+    batch = None
+    for path, zl, ll in zip(
+        (p for p, _ in jax.tree_util.tree_flatten_with_path(latent)[0]), z_leaves, l_leaves
+    ):
+        zs, ls = tuple(jnp.shape(zl)), tuple(jnp.shape(ll))
+        lead = len(zs) - len(ls)
+        if lead < 0 or zs[lead:] != ls or (batch is not None and zs[:lead] != batch):
+            raise ValueError(
+                f"`z{jax.tree_util.keystr(path)}` must have shape (*batch, *{ls}) with "
+                f"the same batch axes on every leaf"
+                + (f" ({batch})" if batch is not None else "")
+                + f"; got shape {zs}."
+            )
+        batch = zs[:lead]
+    return batch
 
 
 def _has_tracer(tree: Any) -> bool:
@@ -102,11 +130,18 @@ class Model:
         ``None``. Computed from the log joint's quadratic form, not from the
         posterior, so ``exact_elbo + exact_kl == log_evidence`` is a real check.
       name: a short name for tables.
+      constrain: ``model.constrain(z)`` maps latent draws (one latent, or
+        any number of leading batch axes) to the model's natural space: the
+        identity for an unconstrained model; for a constrained model
+        (:func:`vijax.models.constrained`, the zoo, the NumPyro and TFP
+        adapters) each leaf through its bijector, plus any derived
+        (deterministic) quantities the model defines. Built from a function
+        of one latent given as ``constrain=`` (``None``: the identity).
     """
 
     __slots__ = (
         "log_joint", "latent", "_posterior", "_log_evidence", "expected_log_joint", "name",
-        "_exact",
+        "_exact", "_constrain",
     )
 
     def __init__(
@@ -117,11 +152,14 @@ class Model:
         log_evidence: Optional[jax.Array] = None,
         expected_log_joint: Optional[Callable[[Gaussian], jax.Array]] = None,
         name: str = "model",
+        constrain: Optional[Callable[[ArrayTree], ArrayTree]] = None,
     ):
+        if constrain is not None and not callable(constrain):
+            raise TypeError(f"`constrain` must be None or a callable; got {type(constrain).__name__}.")
         for slot, value in (
             ("log_joint", log_joint), ("latent", latent), ("_posterior", posterior),
             ("_log_evidence", log_evidence), ("expected_log_joint", expected_log_joint),
-            ("name", name), ("_exact", None),
+            ("name", name), ("_exact", None), ("_constrain", constrain),
         ):
             object.__setattr__(self, slot, value)
 
@@ -157,7 +195,30 @@ class Model:
             "log_joint": self.log_joint, "latent": self.latent,
             "posterior": self._posterior, "log_evidence": self._log_evidence,
             "expected_log_joint": self.expected_log_joint, "name": self.name,
+            "constrain": self._constrain,
         }
+
+    @property
+    def is_constrained(self) -> bool:
+        """Whether ``constrain`` is more than the identity."""
+        return self._constrain is not None
+
+    def constrain(self, z: ArrayTree) -> ArrayTree:
+        """``z`` (one latent, or draws with leading batch axes) on the natural space.
+
+        Every leaf of ``z`` must have the latent leaf's shape after the same
+        number of leading axes; the result has those axes in front of every
+        leaf. The identity (``z`` itself) when the model has no ``constrain``.
+        """
+        if self._constrain is None:
+            return z
+        batch = _batch_shape(z, self.latent)
+        if not batch:
+            return self._constrain(z)
+        size = math.prod(batch)
+        flat = jax.tree_util.tree_map(lambda x: x.reshape((size,) + x.shape[len(batch):]), z)
+        out = jax.vmap(self._constrain)(flat)
+        return jax.tree_util.tree_map(lambda x: x.reshape(batch + x.shape[1:]), out)
 
     def _replace(self, **changes: Any) -> "Model":
         """Returns a copy with ``changes`` (field names as in ``__init__``) applied."""
