@@ -8,7 +8,11 @@ module                         owns
 ``vijax._gaussian``            :class:`Gaussian` and its scales, :func:`gaussian_kl`
 ``vijax.families._protocol``   :class:`VariationalFamily`: the open family protocol and its capabilities
 ``vijax.families._gaussian``   :func:`mean_field`, :func:`full_rank`, :func:`low_rank` and their params
-``vijax.models``               models (:func:`vijax.models.bayesian_linear_regression`, ...)
+``vijax.models``               models (:func:`vijax.models.bayesian_linear_regression`, the zoo, :func:`vijax.models.constrained`, ...)
+``vijax.bijectors``            bijectors for constrained latents (:func:`vijax.bijectors.exp`, ...)
+``vijax.interop``              adapters: :func:`vijax.interop.from_numpyro`, :func:`vijax.interop.from_tfp`
+``vijax.diagnostics._summary`` :func:`summary`, :class:`Summary` (q on the natural space)
+``vijax.interop._arviz``       :func:`to_arviz` (optional extra ``arviz``)
 ``vijax._exact``               :func:`exact_kl`, :func:`exact_elbo`
 ``vijax._objectives``          :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
 ``vijax._compare``             :func:`compare_gradients`, :class:`GradientComparison`
@@ -22,6 +26,8 @@ module                         owns
 =============================  ==========================================
 """
 
+from vijax import bijectors
+from vijax import interop
 from vijax import models
 from vijax._compare import GradientComparison
 from vijax._compare import compare_gradients
@@ -29,6 +35,9 @@ from vijax._exact import exact_elbo
 from vijax._exact import exact_kl
 from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
+from vijax.diagnostics._summary import Summary
+from vijax.diagnostics._summary import summary
+from vijax.interop._arviz import to_arviz
 from vijax.families._gaussian import FullRankParams
 from vijax.families._gaussian import LowRankParams
 from vijax.families._gaussian import MeanFieldParams
@@ -80,9 +89,11 @@ __all__ = [
     "MeanFieldParams",
     "NaturalGradientState",
     "PrecisionScale",
+    "Summary",
     "VariationalFamily",
     "averaged_params",
     "batch_and_match",
+    "bijectors",
     "compare_gradients",
     "elbo",
     "estimator_gradients",
@@ -93,6 +104,7 @@ __all__ = [
     "full_rank",
     "gaussian_kl",
     "init_fit_state",
+    "interop",
     "iterate_average",
     "iwae_bound",
     "load_checkpoint",
@@ -104,4 +116,6 @@ __all__ = [
     "natural_gradient",
     "renyi_bound",
     "save_checkpoint",
+    "summary",
+    "to_arviz",
 ]

@@ -1,0 +1,109 @@
+"""Draws from a fitted q on the model's natural space, with a chain axis.
+
+Shared by :func:`vijax.summary` and :func:`vijax.to_arviz`: ``q``'s draws go
+through ``model.constrain`` (bijectors and deterministic quantities), and
+parameters from :func:`vijax.fit_batched` (a leading member axis on every
+leaf) give one chain per member.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vijax import _checks
+from vijax.families import _protocol as _family
+from vijax.fitting._types import FitResult, FitState
+
+ArrayTree = Any
+
+
+def _unwrap(params: Any) -> Any:
+    if isinstance(params, (FitResult, FitState)):
+        return params.params
+    return params
+
+
+def is_batched(params: Any, family, model) -> bool:
+    """Whether ``params`` carry one leading member axis over ``family.init(model.latent)``."""
+    single = jax.eval_shape(family.init, model.latent)
+    s_leaves, s_def = jax.tree_util.tree_flatten(single)
+    p_leaves, p_def = jax.tree_util.tree_flatten(params)
+    if s_def != p_def:
+        raise ValueError(
+            f"`params` do not match {_family.describe(family)} on the model's latent: "
+            f"expected the structure of family.init(model.latent), {s_def}; got {p_def}."
+        )
+    shapes = [(tuple(s.shape), tuple(np.shape(p))) for s, p in zip(s_leaves, p_leaves)]
+    if all(s == p for s, p in shapes):
+        return False
+    if all(len(p) == len(s) + 1 and p[1:] == s for s, p in shapes) and len(
+        {p[0] for _, p in shapes}
+    ) == 1:
+        return True
+    raise ValueError(
+        "`params` must have the shapes of family.init(model.latent), or those with one "
+        f"leading member axis (from vijax.fit_batched); got leaf shapes "
+        f"{[p for _, p in shapes]} for {[s for s, _ in shapes]}."
+    )
+
+
+def constrained_draws(
+    key: jax.Array, params: Any, family, model, num_samples: int,
+    batched: Optional[bool] = None,
+) -> dict:
+    """``{name: array (chains, num_samples, *shape)}`` of q's draws on the natural space.
+
+    ``name`` is the leaf's path in the constrained pytree (a dict key for dict
+    latents, ``"z"`` for a single-array latent).
+    """
+    from vijax.models._model import Model
+
+    key = _checks.typed_key("key", key)
+    family = _family.check_family(family)
+    if not isinstance(model, Model):
+        raise TypeError(
+            "`model` must be a vijax.models.Model (for a bare log joint: "
+            f"vijax.models.Model(log_joint=..., latent=...)); got {type(model).__name__}."
+        )
+    num_samples = _checks.check_positive_int("num_samples", num_samples)
+    params = _unwrap(params)
+    if batched is None:
+        batched = is_batched(params, family, model)
+    elif not isinstance(batched, bool):
+        raise TypeError(f"`batched` must be None, True or False; got {batched!r}.")
+
+    def one(k, p):
+        return model.constrain(family.sample(k, p, num_samples))
+
+    if batched:
+        members = jax.tree_util.tree_leaves(params)[0].shape[0]
+        draws = jax.jit(jax.vmap(one))(jax.random.split(key, members), params)
+    else:
+        draws = jax.tree_util.tree_map(lambda x: x[None], jax.jit(one)(key, params))
+    return named_leaves(draws)
+
+
+def named_leaves(tree: ArrayTree) -> dict:
+    """``{readable path: leaf}``: ``"tau"``, ``"a.b"``, ``"z"`` for a lone array."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return {"z": leaves[0][1]}
+    out = {}
+    for path, leaf in leaves:
+        out[".".join(_key_name(k) for k in path)] = leaf
+    return out
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def as_numpy(draws: dict) -> dict:
+    return {name: np.asarray(jnp.asarray(v)) for name, v in draws.items()}
