@@ -217,7 +217,6 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     n >= d, and the n x n matrix ``s^2 I + t^2 X X^T`` when n < d.
     """
     n, d = x.shape
-    dtype = x.dtype
     _, unravel = ravel_pytree(latent)
     s2 = _square(noise_scale)
     t2 = _square(prior_scale)
