@@ -389,7 +389,7 @@ def test_model_record_keywords_replace_and_repr():
     assert repr(model) == (
         "Model(log_joint=<function test_model_record_keywords_replace_and_repr.<locals>."
         "log_joint>, latent=float32[2], posterior=None, log_evidence=None, "
-        "expected_log_joint=None, name='toy')")
+        "expected_log_joint=None, name='toy', constrain=None)")
     other = model._replace(latent={"w": jnp.zeros(3)}, name="renamed")
     assert (other.name, model.name) == ("renamed", "toy")
     assert other.log_joint is log_joint and repr(other.latent) != repr(model.latent)
