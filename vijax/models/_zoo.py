@@ -37,6 +37,7 @@ from jax.scipy import stats
 from jax.scipy.special import gammaln
 
 from vijax import _checks
+from vijax import bijectors
 from vijax.models._constrained import constrained
 from vijax.models._model import Model
 
@@ -50,14 +51,6 @@ _EIGHT_SCHOOLS_SIGMA = (15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0)
 # the unit square, with a fixed lengthscale and a small jitter on the diagonal.
 LGCP_LENGTHSCALE = 0.2
 LGCP_JITTER = 1e-6
-
-
-def _bijectors():
-    # Imported at call time: the models' data generators (used by the
-    # benchmarks) need no bijector.
-    from vijax import bijectors
-
-    return bijectors
 
 
 # ------------------------------------------------------------------ data
@@ -270,7 +263,7 @@ def eight_schools(*, centered: bool = False, y: Any = None, sigma: Any = None) -
     _checks.check_shape("sigma", sigma, y.shape)
     _checks.check_positive("sigma", sigma)
     num_schools, dtype = y.shape[0], y.dtype
-    exp = _bijectors().exp()
+    exp = bijectors.exp()
 
     def prior(mu, tau):
         return stats.norm.logpdf(mu, 0.0, 5.0) + _half_cauchy(tau, 5.0)
@@ -386,7 +379,7 @@ def hierarchical_logistic(
 
     return constrained(
         log_density,
-        {"w": None, "mu_a": None, "sigma_a": _bijectors().exp(), "a": None},
+        {"w": None, "mu_a": None, "sigma_a": bijectors.exp(), "a": None},
         {"w": jnp.zeros((num_features,), dtype), "mu_a": jnp.zeros((), dtype),
          "sigma_a": jnp.ones((), dtype), "a": jnp.zeros((num_groups,), dtype)},
         deterministic=lambda v: {"alpha": alpha(v)},
@@ -459,7 +452,6 @@ def stochastic_volatility(
     _checks.check_ndim("returns", y, 1)
     _optional_size("num_steps", num_steps, y.shape[0])
     dtype = y.dtype
-    bij = _bijectors()
 
     def log_volatility(v):
         # The recursion runs on g = h - mu: g_1 = e_1 / sqrt(1 - phi^2) (the
@@ -486,7 +478,7 @@ def stochastic_volatility(
 
     return constrained(
         log_density,
-        {"mu": None, "phi": bij.interval(-1.0, 1.0), "sigma": bij.exp(), "h_std": None},
+        {"mu": None, "phi": bijectors.interval(-1.0, 1.0), "sigma": bijectors.exp(), "h_std": None},
         {"mu": jnp.zeros((), dtype), "phi": jnp.zeros((), dtype),
          "sigma": jnp.ones((), dtype), "h_std": jnp.zeros(y.shape, dtype)},
         deterministic=lambda v: {"h": log_volatility(v)},
@@ -641,7 +633,7 @@ def item_response(
 
     return constrained(
         log_density,
-        {"ability": None, "difficulty": None, "sigma_d": _bijectors().exp()},
+        {"ability": None, "difficulty": None, "sigma_d": bijectors.exp()},
         {"ability": jnp.zeros((y.shape[0],), dtype),
          "difficulty": jnp.zeros((y.shape[1],), dtype), "sigma_d": jnp.ones((), dtype)},
         name="item_response",
@@ -711,7 +703,7 @@ def log_gaussian_cox(*, counts: Any = None, seed: int = 0, grid: Optional[int] =
 
     return constrained(
         log_density,
-        {"mu": None, "sigma": _bijectors().exp(), "u": None},
+        {"mu": None, "sigma": bijectors.exp(), "u": None},
         {"mu": jnp.zeros((), dtype), "sigma": jnp.ones((), dtype),
          "u": jnp.zeros((g * g,), dtype)},
         deterministic=lambda v: {"f": log_intensity(v).reshape(g, g)},
