@@ -129,6 +129,18 @@ METHODS = (
 )
 
 
+def installed_methods() -> list:
+    """``METHODS`` whose peer library is importable (NumPyro and Blackjax are extras)."""
+    import importlib.util
+
+    def has(lib: str) -> bool:
+        return importlib.util.find_spec(lib) is not None
+
+    return [m for m in METHODS
+            if not (m.startswith("NumPyro") and not has("numpyro"))
+            and not (m.startswith("Blackjax") and not has("blackjax"))]
+
+
 class Fitted(NamedTuple):
     """What one method returns: element names with q's mean and sd, and how the fit went."""
 
@@ -709,10 +721,13 @@ def main(argv=None) -> dict:
     unknown = [m for m in models if m not in _zoo.ZOO]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {list(_zoo.ZOO)}")
-    methods = _csv(args.methods) or list(METHODS)
+    methods = _csv(args.methods) or installed_methods()
     unknown = [m for m in methods if m not in RUNNERS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+    missing = [m for m in METHODS if m not in methods and not args.methods]
+    if missing:
+        print(f"skipped (peer not installed; pip install -e '.[compare]'): {', '.join(missing)}")
     seeds = _csv(args.seeds, int) or list(QUICK_SEEDS if args.quick else SEEDS)
     budget = args.budget or (QUICK_BUDGET if args.quick else BUDGET)
 
