@@ -187,6 +187,16 @@ def check_finite(name: str, x: Any) -> None:
         )
 
 
+def check_binary(name: str, y: Any) -> None:
+    """Raises ``ValueError`` naming the first entry of concrete ``y`` that is not 0 or 1."""
+    if not is_concrete(y):
+        return
+    a = np.asarray(y)
+    ok = (a == 0) | (a == 1)
+    if not np.all(ok):
+        raise ValueError(f"`{name}` must hold 0.0 or 1.0; got {a[~ok].ravel()[0].item()!r}.")
+
+
 def as_data(name: str, x: Any) -> jax.Array:
     """A floating-point, finite data array (:func:`as_float_array` + :func:`check_finite`)."""
     x = as_float_array(name, x)

@@ -6,7 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vijax import _checks
 from vijax.models._model import Model
@@ -41,8 +40,7 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
     _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    if _checks.is_concrete(y) and not np.all((np.asarray(y) == 0) | (np.asarray(y) == 1)):
-        raise ValueError("`y` must hold labels 0.0 or 1.0; got other values.")
+    _checks.check_binary("y", y)
     tau = _checks.as_float_array("prior_scale", prior_scale)
     if tau.ndim != 0:
         raise ValueError(f"`prior_scale` must be a scalar; got shape {tuple(tau.shape)}.")

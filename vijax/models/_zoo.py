@@ -157,8 +157,7 @@ def _float_data(given: dict, defaults) -> dict:
     out = {}
     for name, value in given.items():
         if value is not None:
-            out[name] = _checks.as_float_array(name, value)
-            _checks.check_finite(name, out[name])
+            out[name] = _checks.as_data(name, value)
     if out:
         _checks.check_same_dtype(out)
         dtype = next(iter(out.values())).dtype
@@ -181,14 +180,6 @@ def _all_or_none(names: dict) -> None:
             f"synthetic default); got {', '.join(f'`{k}`' for k in passed)} without "
             f"{', '.join(f'`{k}`' for k in absent)}."
         )
-
-
-def _check_binary(name: str, y: jax.Array) -> None:
-    if _checks.is_concrete(y):
-        a = np.asarray(y)
-        if not np.all((a == 0) | (a == 1)):
-            bad = a[~((a == 0) | (a == 1))].ravel()[0].item()
-            raise ValueError(f"`{name}` must hold 0.0 or 1.0; got {bad!r}.")
 
 
 def _check_counts(name: str, y: jax.Array) -> None:
@@ -357,7 +348,7 @@ def hierarchical_logistic(
     x, y = data["x"], data["y"]
     _checks.check_ndim("x", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    _check_binary("y", y)
+    _checks.check_binary("y", y)
     group = _group_index(group, x.shape[0])
     if num_groups is None:
         num_groups = int(np.max(group)) + 1 if group.size else 1
@@ -619,7 +610,7 @@ def item_response(
         data = _float_data({"y": y}, None)
     y = data["y"]
     _checks.check_ndim("y", y, 2)
-    _check_binary("y", y)
+    _checks.check_binary("y", y)
     _optional_size("num_students", num_students, y.shape[0])
     _optional_size("num_items", num_items, y.shape[1])
     dtype = y.dtype
