@@ -18,6 +18,7 @@ import numpy as np
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
+from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
 
 
@@ -33,16 +34,6 @@ def _dim_from_length(name: str, n: int, strict: bool) -> int:
             f"for a (d, d) output ({examples}); got length {n}."
         )
     return d
-
-
-def _vector_leaf(name: str, method: str, x) -> jax.Array:
-    x = as_leaf(x)
-    if x.ndim < 1:
-        raise ValueError(
-            f"The {name!r} bijector's `{method}` needs a vector (its last axis holds "
-            f"the free entries); got shape {tuple(x.shape)}."
-        )
-    return x
 
 
 def _matrix_leaf(name: str, y) -> jax.Array:
@@ -118,12 +109,12 @@ def corr_cholesky() -> Bijector:
     name = "corr_cholesky"
 
     def forward(x):
-        x = _vector_leaf(name, "forward", x)
+        x = vector_leaf(name, "forward", x)
         _dim_from_length(name, x.shape[-1], strict=True)  # the error, before tracing
         return _corr_forward(x)
 
     def log_det(x):
-        x = _vector_leaf(name, "forward_log_det_jacobian", x)
+        x = vector_leaf(name, "forward_log_det_jacobian", x)
         _dim_from_length(name, x.shape[-1], strict=True)
         return _corr_log_det(x)
 
@@ -190,12 +181,12 @@ def lower_cholesky() -> Bijector:
     name = "lower_cholesky"
 
     def forward(x):
-        x = _vector_leaf(name, "forward", x)
+        x = vector_leaf(name, "forward", x)
         _dim_from_length(name, x.shape[-1], strict=False)  # the error, before tracing
         return _lower_forward(x)
 
     def log_det(x):
-        x = _vector_leaf(name, "forward_log_det_jacobian", x)
+        x = vector_leaf(name, "forward_log_det_jacobian", x)
         d = _dim_from_length(name, x.shape[-1], strict=False)
         return jnp.sum(x[..., _diag_positions(d)])
 

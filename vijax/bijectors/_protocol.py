@@ -97,6 +97,17 @@ def as_leaf(x: Any) -> jax.Array:
     return x
 
 
+def vector_leaf(name: str, method: str, x) -> jax.Array:
+    """``x`` as a leaf with at least one axis (the vector and matrix bijectors act on the last)."""
+    x = as_leaf(x)
+    if x.ndim < 1:
+        raise ValueError(
+            f"The {name!r} bijector's `{method}` acts on the last axis and needs an "
+            f"array with at least 1 dimension; got shape {tuple(x.shape)}."
+        )
+    return x
+
+
 def support_tolerance(dtype) -> float:
     """Slack for the equality constraints of a support (sums, norms) in ``dtype``.
 

@@ -12,19 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax.bijectors._protocol import Bijector
-from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
+from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
-
-
-def _vector_leaf(name: str, method: str, x) -> jax.Array:
-    x = as_leaf(x)
-    if x.ndim < 1:
-        raise ValueError(
-            f"The {name!r} bijector's `{method}` acts on the last axis and needs an "
-            f"array with at least 1 dimension; got shape {tuple(x.shape)}."
-        )
-    return x
 
 
 def _exclusive_cumsum(a: jax.Array) -> jax.Array:
@@ -63,13 +53,13 @@ def ordered() -> Bijector:
     """
 
     def forward(x):
-        return _ordered_forward(_vector_leaf("ordered", "forward", x))
+        return _ordered_forward(vector_leaf("ordered", "forward", x))
 
     def inverse(y):
-        return _ordered_inverse(_vector_leaf("ordered", "inverse", y))
+        return _ordered_inverse(vector_leaf("ordered", "inverse", y))
 
     def in_support(y):
-        y = np.asarray(_vector_leaf("ordered", "inverse", y))
+        y = np.asarray(vector_leaf("ordered", "inverse", y))
         # One flag per entry (the first is free) so the message names the
         # first entry that is not above its predecessor.
         first = np.isfinite(y[..., :1])
@@ -77,7 +67,7 @@ def ordered() -> Bijector:
                               axis=-1)
 
     def log_det(x):
-        return jnp.sum(_vector_leaf("ordered", "forward_log_det_jacobian", x)[..., 1:])
+        return jnp.sum(vector_leaf("ordered", "forward_log_det_jacobian", x)[..., 1:])
 
     return Bijector(
         forward,
@@ -123,16 +113,16 @@ def simplex() -> Bijector:
     """
 
     def forward(x):
-        return _simplex_forward(_vector_leaf("simplex", "forward", x))
+        return _simplex_forward(vector_leaf("simplex", "forward", x))
 
     def inverse(y):
-        return _simplex_inverse(_vector_leaf("simplex", "inverse", y))
+        return _simplex_inverse(vector_leaf("simplex", "inverse", y))
 
     def log_det(x):
-        return _simplex_log_det(_vector_leaf("simplex", "forward_log_det_jacobian", x))
+        return _simplex_log_det(vector_leaf("simplex", "forward_log_det_jacobian", x))
 
     def in_support(y):
-        y = np.asarray(_vector_leaf("simplex", "inverse", y))
+        y = np.asarray(vector_leaf("simplex", "inverse", y))
         nonneg = (y >= 0) & np.isfinite(y)
         if not nonneg.all():
             return nonneg  # element-wise: the message names the first bad entry
