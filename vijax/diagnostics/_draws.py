@@ -17,6 +17,7 @@ import numpy as np
 from vijax import _checks
 from vijax.families import _protocol as _family
 from vijax.fitting._types import FitResult, FitState
+from vijax.models._model import Model
 
 ArrayTree = Any
 
@@ -60,8 +61,6 @@ def constrained_draws(
     ``name`` is the leaf's path in the constrained pytree (a dict key for dict
     latents, ``"z"`` for a single-array latent).
     """
-    from vijax.models._model import Model
-
     key = _checks.typed_key("key", key)
     family = _family.check_family(family)
     if not isinstance(model, Model):

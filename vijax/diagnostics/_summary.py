@@ -7,6 +7,8 @@ from typing import Any, NamedTuple, Optional
 import jax
 import numpy as np
 
+from vijax import _checks
+
 from vijax.diagnostics._draws import as_numpy, constrained_draws
 
 ArrayTree = Any
@@ -118,9 +120,7 @@ def summary(
       ...                    optimizer=optax.adam(1e-2), num_steps=2000)
       >>> print(vijax.summary(key, result, family, model))  # doctest: +SKIP
     """
-    if isinstance(num_samples, (int, np.integer)) and not isinstance(num_samples, bool) \
-            and num_samples < 2:
-        raise ValueError(f"`num_samples` must be an int >= 2 (an sd needs two); got {num_samples}.")
+    num_samples = _checks.check_positive_int("num_samples", num_samples, minimum=2)  # an sd needs two
     draws = as_numpy(constrained_draws(key, params, family, model, num_samples, batched))
     names, cols = [], {c: [] for c in COLUMNS}
     num_chains = next(iter(draws.values())).shape[0]
