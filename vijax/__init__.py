@@ -12,6 +12,9 @@ module                         owns
 ``vijax.bijectors``            bijectors for constrained latents (:func:`vijax.bijectors.exp`, ...)
 ``vijax.interop``              adapters: :func:`vijax.interop.from_numpyro`, :func:`vijax.interop.from_tfp`
 ``vijax.diagnostics._summary`` :func:`summary`, :class:`Summary` (q on the natural space)
+``vijax.diagnostics._psis``    :func:`psis` (Pareto-smoothed importance sampling, k-hat)
+``vijax.diagnostics._diagnose`` :func:`diagnose`, :class:`Diagnosis` (is my fit good?)
+``vijax.diagnostics._plots``   :func:`plot_trace`, :func:`plot_marginals` (optional extra ``plots``)
 ``vijax.interop._arviz``       :func:`to_arviz` (optional extra ``arviz``)
 ``vijax._exact``               :func:`exact_kl`, :func:`exact_elbo`
 ``vijax._objectives``          :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
@@ -27,6 +30,7 @@ module                         owns
 """
 
 from vijax import bijectors
+from vijax import diagnostics
 from vijax import interop
 from vijax import models
 from vijax._compare import GradientComparison
@@ -35,6 +39,11 @@ from vijax._exact import exact_elbo
 from vijax._exact import exact_kl
 from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
+from vijax.diagnostics._diagnose import Diagnosis
+from vijax.diagnostics._diagnose import diagnose
+from vijax.diagnostics._plots import plot_marginals
+from vijax.diagnostics._plots import plot_trace
+from vijax.diagnostics._psis import psis
 from vijax.diagnostics._summary import Summary
 from vijax.diagnostics._summary import summary
 from vijax.interop._arviz import to_arviz
@@ -75,6 +84,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CholeskyScale",
+    "Diagnosis",
     "DiagonalScale",
     "FitError",
     "FitInfo",
@@ -95,6 +105,8 @@ __all__ = [
     "batch_and_match",
     "bijectors",
     "compare_gradients",
+    "diagnose",
+    "diagnostics",
     "elbo",
     "estimator_gradients",
     "exact_elbo",
@@ -114,6 +126,9 @@ __all__ = [
     "mean_field",
     "models",
     "natural_gradient",
+    "plot_marginals",
+    "plot_trace",
+    "psis",
     "renyi_bound",
     "save_checkpoint",
     "summary",

@@ -583,3 +583,34 @@ def estimator_gradients(
             lambda p: surrogates(p, family, z, log_p, ("score",))["score"]
         )(params)
     return {name: grads[name] for name in names}
+
+
+def draws_and_log_weights(
+    key: jax.Array,
+    params: Any,
+    family: VariationalFamily,
+    log_joint: Callable[[ArrayTree], jax.Array],
+    num_samples: int,
+    *,
+    block_size: int | None = None,
+) -> tuple[ArrayTree, jax.Array]:
+    """``(z, log p(x, z_s) - log q(z_s))``: draws from q and their log importance weights.
+
+    ``block_size`` evaluates ``log_joint`` and ``log_prob`` over blocks of
+    that many draws (``lax.map``), bounding the memory of large draws; the
+    values do not depend on it. Pure: jit and vmap it as you like.
+    """
+    z = family.sample(key, params, num_samples)
+    if block_size is None or block_size >= num_samples:
+        return z, batched_log_joint(log_joint, z, num_samples) - batched_log_prob(family, params, z)
+
+    def one(zi):
+        return jnp.asarray(log_joint(zi)) - jnp.asarray(family.log_prob(params, zi))
+
+    lw = jax.lax.map(one, z, batch_size=block_size)
+    if lw.shape != (num_samples,):
+        raise ValueError(
+            "`log_joint` and `family.log_prob` must return a scalar for one latent; got "
+            f"output shape {tuple(lw.shape[1:])} per sample."
+        )
+    return z, lw

@@ -239,6 +239,7 @@ def run(
     batched: bool,
     desc: str = "vijax.fit",
     failure: tuple[str, str] = DEFAULT_FAILURE,
+    stopper: Any = None,
 ) -> FitResult:
     """Runs ``options.num_steps`` steps of a compiled chunk from ``state``; returns the result.
 
@@ -250,6 +251,10 @@ def run(
       desc: the progress bar's label and the name in messages.
       failure: ``(what, hint)`` for the :class:`FitError` message: what the
         skipped steps had ("had a non-finite ...") and what to check.
+      stopper: an optional host-side rule with ``next_check(step) -> step``,
+        ``check(state) -> bool`` (True stops the run) and ``select(state) ->
+        params`` (the parameters to return); chunks end at its checks. Only
+        for unbatched runs (:class:`vijax.fitting._stopping.AutoStop`).
 
     Raises:
       FitError: ``options.max_nonfinite`` consecutive skipped steps; the
@@ -272,6 +277,7 @@ def run(
     stopped_early = interrupted = False
 
     def result(st, **flags):
+        params = st.params if stopper is None else stopper.select(st)
         trace = _concat(parts, step_axis)
         if trace is None:
             shape = (state.step.shape[0], 0) if batched else (0,)
@@ -281,7 +287,7 @@ def run(
             )
         skipped = trace.skipped.sum(axis=-1)
         return FitResult(
-            params=st.params,
+            params=params,
             state=st,
             trace=trace,
             num_skipped=skipped if batched else int(skipped),
@@ -295,16 +301,22 @@ def run(
 
     # Chunks are dispatched one ahead: while chunk k+1 runs, the host reads
     # chunk k's trace, updates the bar, tests the rules and writes checkpoints.
-    pending = compiled(state, nonfinite, min(chunk_size, num_steps))
+    def size(done_before: int) -> int:
+        """Steps in the chunk that starts after ``done_before`` steps of this call."""
+        n = min(chunk_size, num_steps - done_before)
+        if stopper is not None:
+            here = start_step + done_before
+            n = min(n, stopper.next_check(here) - here)
+        return n
+
+    pending = compiled(state, nonfinite, size(0))
     try:
         while True:
             new_state, new_nonfinite, infos = pending
-            active = min(chunk_size, num_steps - done)
+            active = size(done)
             ahead = None
             if done + active < num_steps:
-                ahead = compiled(
-                    new_state, new_nonfinite, min(chunk_size, num_steps - done - active)
-                )
+                ahead = compiled(new_state, new_nonfinite, size(done + active))
             nf = np.asarray(new_nonfinite)  # waits for chunk k
             steps_now = np.asarray(new_state.step)
             infos = jax.tree_util.tree_map(np.asarray, infos)
@@ -339,6 +351,15 @@ def run(
             ):
                 save(state)
                 last_saved = start_step + done
+            if (
+                stopper is not None
+                and taken == active
+                and start_step + done == stopper.next_check(start_step + done - active)
+                and stopper.check(state)
+                and done < num_steps
+            ):
+                stopped_early = True
+                break
             if tol is not None:
                 trace = _concat(parts[-(window // chunk_size + 2):], step_axis)
                 if trace.elbo.shape[-1] >= window:

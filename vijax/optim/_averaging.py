@@ -23,6 +23,9 @@ References:
 
   F. Bach and E. Moulines. Non-strongly-convex smooth stochastic
   approximation with convergence rate O(1/n). NeurIPS 2013.
+
+  O. Shamir and T. Zhang. Stochastic gradient descent for non-smooth
+  optimization: convergence results and optimal averaging schemes. ICML 2013.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class IterateAverageState(NamedTuple):
 
 
 def iterate_average(
-    optimizer: optax.GradientTransformation, *, start: int
+    optimizer: optax.GradientTransformation, *, start: int, eta: float = 0.0
 ) -> optax.GradientTransformation:
     """Wraps an optax optimizer to keep the running mean of its iterates.
 
@@ -83,6 +86,14 @@ def iterate_average(
     the last iterate converges on its own, and averaging only adds the
     burn-in's bias.
 
+    ``eta > 0`` gives polynomial-decay averaging (Shamir and Zhang 2013):
+    the ``n``-th averaged iterate enters with weight ``(1 + eta) / (n + eta)``
+    instead of ``1 / n``, so iterate ``s`` carries a weight growing like
+    ``s**eta`` and the burn-in is forgotten polynomially fast, at the price of
+    fewer effective iterates (about ``(2 eta + 1) / (eta + 1)**2`` of them
+    per step: 44% for ``eta = 3``). With it, ``start = 0`` needs no tuning;
+    :func:`vijax.fit`'s ``auto_stop`` uses ``start=0, eta=3``.
+
     ``start`` counts calls of ``update``. A step that ``vijax.fit`` skips
     for a non-finite loss or gradient does not call the optimizer, so it is
     not counted. A step whose new parameters are not all finite (one
@@ -95,6 +106,8 @@ def iterate_average(
       start: the number of updates (an int, 0 <= start < 2**31) before
         averaging begins; the average holds the iterates after updates
         ``start + 1, start + 2, ...``.
+      eta: the polynomial-decay weight (a float >= 0); 0 (the default) is the
+        plain running mean.
 
     Returns:
       An ``optax.GradientTransformation`` whose ``update`` requires
@@ -103,7 +116,7 @@ def iterate_average(
     Raises:
       TypeError: ``optimizer`` is not an ``optax.GradientTransformation`` or
         ``start`` is not an int.
-      ValueError: ``start`` out of range; and, from ``update``, missing
+      ValueError: ``start`` out of range or ``eta`` negative; and, from ``update``, missing
         ``params``.
 
     Example:
@@ -122,6 +135,7 @@ def iterate_average(
     """
     optimizer = _checks.check_optimizer(optimizer)
     start = _checks.check_positive_int("start", start, minimum=0)
+    eta = _check_eta(eta)
     if start > _INT32_MAX:
         raise ValueError(
             f"`start` must be an int in [0, {_INT32_MAX}] (the update count is "
@@ -157,7 +171,8 @@ def iterate_average(
 
         def fold(avg, new):
             new = new.astype(avg.dtype)
-            weight = 1.0 / jnp.maximum(num, 1).astype(avg.dtype)
+            n = jnp.maximum(num, 1).astype(avg.dtype)
+            weight = (1.0 + eta) / (n + eta)
             return jnp.where(averaging, avg + weight * (new - avg), new)
 
         folded = jax.tree_util.tree_map(fold, state.average, new_params)
@@ -165,6 +180,12 @@ def iterate_average(
         return updates, IterateAverageState(inner_state, count, num, average)
 
     return optax.GradientTransformation(init, update)
+
+
+def _check_eta(eta: Any) -> float:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
+        raise ValueError(f"`eta` must be a finite float >= 0; got {eta!r}.")
+    return float(eta)
 
 
 def averaged_params(state: Any) -> Any:
