@@ -58,3 +58,10 @@ def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     assert gap < 1e-8
     mu, tau = map(float, re.search(r"schools: mu (\S+), tau (\S+)", out).groups())
     assert abs(mu - 4.4) < 1.0 and 1.5 < tau < 5.0
+    # Diagnostics: the rule stopped the schools fit well before the ceiling,
+    # and the diagnosis printed a finite k-hat and a verdict.
+    stop = int(re.search(r"auto_stop: stopped at step (\d+) of at most 20000", out).group(1))
+    assert 50 <= stop < 20000
+    khat = float(re.search(r"diagnosis: k-hat (\S+)", out).group(1))
+    assert 0 < khat < 1.0
+    assert "verdict: " in out
