@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -249,9 +250,11 @@ def psis(log_weights: Any) -> tuple[jax.Array, jax.Array]:
     **Values.** A log weight of -inf is a zero weight: it is allowed, never
     in the tail, and returned as -inf. NaN and +inf have no meaning: eager
     (concrete) input with any raises ``ValueError``; under ``jit`` or
-    ``vmap`` a row with any gives NaN smoothed weights and a NaN k-hat. A row
-    whose weights are all zero (every entry -inf) raises ``ValueError`` when
-    concrete; traced, it is returned unchanged (all -inf) with a NaN k-hat.
+    ``vmap`` a row with any gives NaN smoothed weights and a NaN k-hat, and a
+    ``RuntimeWarning`` says how many rows (never a silent finite number). A
+    row whose weights are all zero (every entry -inf) raises ``ValueError``
+    when concrete; traced, it is returned unchanged (all -inf) with a NaN
+    k-hat and the warning.
 
     Works under ``jit`` and ``vmap`` (shapes are static: the tail and the
     fit's grid are masked to their data-dependent sizes). The output is not
@@ -312,4 +315,22 @@ def psis(log_weights: Any) -> tuple[jax.Array, jax.Array]:
             f"got {num_draws}."
         )
     _check_values(x)
-    return _psis_batched(x)
+    out = _psis_batched(x)
+    if not _checks.is_concrete(x):
+        # Traced: no error can be raised, so a warning says which k-hats are NaN.
+        bad_rows = jnp.sum(jnp.any(jnp.isnan(x) | (x == jnp.inf), axis=-1))
+        dead_rows = jnp.sum(jnp.all(x == -jnp.inf, axis=-1))
+        jax.debug.callback(_warn_traced, bad_rows, dead_rows)
+    return out
+
+
+def _warn_traced(bad_rows, dead_rows) -> None:
+    bad_rows, dead_rows = int(np.sum(bad_rows)), int(np.sum(dead_rows))
+    if bad_rows or dead_rows:
+        warnings.warn(
+            f"vijax.psis under jit/vmap: {bad_rows} row(s) of `log_weights` hold NaN or "
+            f"+inf and {dead_rows} row(s) are all -inf; their k-hat is NaN (and the "
+            "smoothed weights of the first kind are NaN).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
