@@ -3,10 +3,12 @@
 Timing is not tested (it belongs in ``benchmarks/``). What is tested: the
 hand-written floor of ``benchmarks/fit_speed.py`` computes exactly what
 ``vijax.fit`` computes per step (so the speed ratio compares the same work),
-and ``benchmarks/fast_vi.py``'s runners and report work on a tiny problem.
+``benchmarks/fast_vi.py``'s runners and report work on a tiny problem, and
+``benchmarks/stopping.py --quick`` writes its table.
 """
 
 import argparse
+import json
 import math
 import os
 import pathlib
@@ -19,7 +21,7 @@ import numpy as np
 import pytest
 
 import vijax
-from benchmarks import fast_vi, fit_speed
+from benchmarks import fast_vi, fit_speed, stopping
 from references import perturb
 
 
@@ -176,3 +178,32 @@ def test_fast_vi_ratios_round_lower_bounds_down():
     assert fast_vi._ratio({"evals": 128000}, [36592, 10**6]) == "3.5x"
     assert fast_vi._ratio({"evals": 18800}, [300]) == "63x"
     assert fast_vi._ratio({"evals": 18800}, []) == "—"
+
+
+@pytest.mark.slow
+def test_stopping_quick_run_writes_its_table(tmp_path):
+    # One small BLR case, one key, no zoo: about 10 s, into tmp_path (the
+    # recorded results stay as they are).
+    results = stopping.main(["--quick", "--out", str(tmp_path)])
+    with open(tmp_path / "stopping_quick.json") as f:
+        stored = json.load(f)
+    md = (tmp_path / "stopping_quick.md").read_text()
+    assert stored == json.loads(json.dumps(results))
+    assert stored["settings"]["quick"] is True and stored["zoo"] == {}
+    assert "cpu" in stored["machine"] and stored["total_wall_s"] > 0
+    (label,) = stored["blr"]
+    (run,) = stored["blr"][label]["runs"]
+    assert run["key"] == stopping.QUICK_KEYS[0] and run["stopped_early"]
+    assert 0 < run["stop"] < stopping.MAX_STEPS
+    # The rule's cost was read off a run identical to fit's.
+    assert run["counted_matches_fit"] and run["rule_evals"] > 0
+    assert run["step_evals"] == run["stop"] * stopping.NUM_SAMPLES
+    # The gaps are consistent: what fit returned is one of the candidates the
+    # replay scored at the stop, so its gap is at least the best one's.
+    assert run["gap"] >= run["best_gap_at_stop"] - 1e-9
+    if run["needed"] is not None:
+        assert run["ratio"] == round(run["stop"] / run["needed"], 3)
+    summary = stored["blr"][label]["summary"]
+    assert summary["runs"] == 1 and summary["stops"] == [run["stop"]]
+    assert "## Summary" in md and "## Failures" in md and "## Every BLR run" in md
+    assert f"| {label} | 1 | {run['stop']} |" in md

@@ -57,7 +57,9 @@ class FitResult(NamedTuple):
     """The outcome of a fit.
 
     Attributes:
-      params: the fitted parameters (``state.params``); never non-finite.
+      params: the fitted parameters, never non-finite: ``state.params``, or
+        with ``fit(..., auto_stop=True)`` the better of the last iterate and
+        the iterate average kept in the optimizer state.
       state: the final :class:`FitState`; pass it as ``init_state=`` to
         continue the run.
       trace: a :class:`FitInfo` whose fields have a leading axis over the
@@ -65,7 +67,8 @@ class FitResult(NamedTuple):
       num_skipped: the number of skipped steps in ``trace`` (an int).
       interrupted: True when a ``KeyboardInterrupt`` stopped the fit; the
         result then holds the last completed chunk.
-      stopped_early: True when the early-stopping rule ended the fit.
+      stopped_early: True when a stopping rule (``tol`` or ``auto_stop``)
+        ended the fit before ``num_steps``.
     """
 
     params: Any
