@@ -96,7 +96,9 @@ def test_stops_after_the_kl_is_within_a_tenth_and_within_twice_the_steps(x64, d,
     assert needed is not None and needed <= stop <= 2 * needed, (needed, stop)
 
 
-ZOO_CASES = [("eight_schools", "mean_field", 3e-2), ("poisson_glm", "full_rank", 1e-2)]
+# One zoo case keeps the suite short; benchmarks/stopping.py runs four zoo
+# models over three keys each (Poisson GLM full-rank among them).
+ZOO_CASES = [("eight_schools", "mean_field", 3e-2)]
 
 
 @pytest.mark.parametrize("model_name, name, lr", ZOO_CASES)
