@@ -9,9 +9,10 @@ module                  owns
 ``_checkpoint``         :func:`save_checkpoint`, :func:`load_checkpoint` (data only)
 ``_progress``           the tqdm progress bar
 ``_drivers``            :func:`fit`, :func:`fit_batched`
+``_stopping``           the tuning-free rule of ``fit(..., auto_stop=True)`` (host side)
 ======================  ==========================================================
 
-Data flows one way: drivers -> step -> engine -> checkpoint/progress -> types.
+Data flows one way: drivers -> step/stopping -> engine -> checkpoint/progress -> types.
 An algorithm (:func:`vijax.batch_and_match`, ...) is an :class:`Algorithm`
 ``(init, step)`` pair handed to the engine; optax transformations
 (:mod:`vijax.optim`) never import this package.
