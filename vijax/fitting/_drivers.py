@@ -145,7 +145,8 @@ def fit(
     wrapped in a polynomial-decay iterate average (``vijax.iterate_average(
     optimizer, start=0, eta=3)``, unless it holds one already), and at steps
     growing by 5% the better of the average and the last iterate is scored
-    on one fixed noise. The fit stops when the ELBO gained over the last
+    against earlier candidates on common draws (fresh at each check, more of
+    them while the decision is in doubt). The fit stops when the ELBO gained over the last
     third of the steps, and the gap to the optimum extrapolated from the last
     two such gains, are below 0.05 nats (with a margin of 2 standard
     errors; see :mod:`vijax.fitting._stopping`). ``result.params`` is then
