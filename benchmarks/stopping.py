@@ -71,7 +71,7 @@ import argparse
 import os
 import statistics
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ k-hat stays below the sample-size-dependent threshold.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
