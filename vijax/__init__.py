@@ -10,6 +10,7 @@ module                         owns
 ``vijax.families._gaussian``   :func:`mean_field`, :func:`full_rank`, :func:`low_rank` and their params
 ``vijax.models``               models (:func:`vijax.models.bayesian_linear_regression`, the zoo, :func:`vijax.models.constrained`, ...)
 ``vijax.bijectors``            bijectors for constrained latents (:func:`vijax.bijectors.exp`, ...)
+``vijax.flows``                normalizing-flow families (:func:`vijax.flows.spline_coupling`, ...)
 ``vijax.interop``              adapters: :func:`vijax.interop.from_numpyro`, :func:`vijax.interop.from_tfp`
 ``vijax.diagnostics._summary`` :func:`summary`, :class:`Summary` (q on the natural space)
 ``vijax.diagnostics._psis``    :func:`psis` (Pareto-smoothed importance sampling, k-hat)
@@ -31,6 +32,7 @@ module                         owns
 
 from vijax import bijectors
 from vijax import diagnostics
+from vijax import flows
 from vijax import interop
 from vijax import models
 from vijax._compare import GradientComparison
@@ -113,6 +115,7 @@ __all__ = [
     "exact_kl",
     "fit",
     "fit_batched",
+    "flows",
     "full_rank",
     "gaussian_kl",
     "init_fit_state",

@@ -30,6 +30,7 @@ from vijax.families._protocol import (
     check_draws,
     check_family,
     check_log_prob,
+    describe,
     entropy_fn,
 )
 
@@ -124,14 +125,19 @@ def _stl_mix(z_p, z_q, entropy):
     """Identity. Its VJP weights the STL path term of ``log q`` at draw ``s`` by ``c_s``.
 
     ``z_p`` feeds ``log p``, ``z_q`` the parameter-stopped ``log q``, and
-    ``entropy`` (the closed-form entropy, added as ``h - stop_gradient(h)``)
-    gets the weight ``mean_s(1 - c_s)``. With ``a_s = grad_z log p(z_s)`` and
-    ``b_s = grad_z log q(z_s)`` (read off the two cotangents), ``c_s =
-    clip(sum_{r != s} <a_r, b_r> / sum_{r != s} ||b_r||^2, 0, 1)``: the
-    least-squares weight of ``b`` against ``a`` from the *other* draws, so
-    independent of draw ``s``. The path term's expectation is ``grad H``, so
-    ``c_s * (path term) + (1 - c_s) * grad H`` is unbiased. At a Gaussian
-    posterior ``a_s = b_s`` and ``c_s = 1``: plain STL, as when S = 1.
+    ``entropy`` an unbiased term for the entropy's gradient, added as ``h -
+    stop_gradient(h)``: either the closed-form entropy (a scalar), which gets
+    the weight ``mean_s(1 - c_s)``, or the per-draw ``log q(z_s)`` of the
+    draws, differentiable in the parameters directly and through ``z`` (a
+    vector, from ``sample_and_log_prob``), whose entry ``s`` gets the weight
+    ``1 - c_s``. With ``a_s = grad_z log p(z_s)`` and ``b_s = grad_z log
+    q(z_s)`` (read off the two cotangents), ``c_s = clip(sum_{r != s} <a_r,
+    b_r> / sum_{r != s} ||b_r||^2, 0, 1)``: the least-squares weight of ``b``
+    against ``a`` from the *other* draws, so independent of draw ``s``. The
+    path term's expectation is ``grad H``, as is either entropy term's, so
+    ``c_s * (path term) + (1 - c_s) * (entropy term)`` is unbiased. At a
+    Gaussian posterior (a posterior in the family) ``a_s = b_s`` and ``c_s =
+    1``: plain STL, as when S = 1.
     """
     return z_p, z_q, entropy
 
@@ -156,10 +162,33 @@ def _stl_mix_bwd(_, cts):
     ct_q = jax.tree_util.tree_map(
         lambda t: t * jnp.reshape(c, (s,) + (1,) * (t.ndim - 1)).astype(t.dtype), ct_q
     )
-    return ct_p, ct_q, ct_h * jnp.mean(1.0 - c).astype(ct_h.dtype)
+    if jnp.ndim(ct_h) == 0:  # the closed-form entropy
+        return ct_p, ct_q, ct_h * jnp.mean(1.0 - c).astype(ct_h.dtype)
+    return ct_p, ct_q, ct_h * (1.0 - c).astype(ct_h.dtype)  # per-draw log q
 
 
 _stl_mix.defvjp(_stl_mix_fwd, _stl_mix_bwd)
+
+
+def sample_with_log_prob(
+    key: jax.Array, params: Any, family: VariationalFamily, num_samples: int
+) -> tuple[ArrayTree, Any]:
+    """``(z, log q(z_s))`` from ``family.sample_and_log_prob`` where the family
+    has it, else ``(z, None)`` from ``family.sample`` (``log q`` is then
+    computed by ``log_prob`` where needed). The draws are checked."""
+    if family.sample_and_log_prob is None:
+        z = family.sample(key, params, num_samples)
+        check_draws(family, z, num_samples)
+        return z, None
+    z, log_q = family.sample_and_log_prob(key, params, num_samples)
+    check_draws(family, z, num_samples)
+    log_q = jnp.asarray(log_q)
+    if log_q.shape != (num_samples,):
+        raise ValueError(
+            f"`family.sample_and_log_prob` of {describe(family)} must return one log "
+            f"density per draw, shape ({num_samples},); got {tuple(log_q.shape)}."
+        )
+    return z, log_q
 
 
 def draw(
@@ -171,23 +200,31 @@ def draw(
     *,
     pathwise: bool,
     adaptive: bool = False,
-) -> tuple[ArrayTree, jax.Array, Any]:
-    """Returns the draws ``z``, ``log p(x, z_s)`` from one batched call, and
-    the inputs ``(z_stl, entropy)`` of the ``"adaptive_stl"`` surrogate (None
-    unless ``adaptive``).
+) -> tuple[ArrayTree, jax.Array, Any, Any]:
+    """Returns the draws ``z``, ``log p(x, z_s)`` from one batched call, the
+    inputs ``(z_stl, entropy)`` of the ``"adaptive_stl"`` surrogate (None
+    unless ``adaptive``), and ``log q(z_s)`` where the family computes it
+    while sampling (``sample_and_log_prob``; else None).
 
     With ``pathwise=False`` the draws do not depend on ``params`` (the score
     estimator never differentiates through them or through ``log_joint``).
     """
-    z = family.sample(key, params if pathwise else _sg(params), num_samples)
-    check_draws(family, z, num_samples)
+    z, log_q = sample_with_log_prob(
+        key, params if pathwise else _sg(params), family, num_samples
+    )
     if not (pathwise and adaptive):
-        return z, batched_log_joint(log_joint, z, num_samples), None
-    if family.entropy is None and family.to_gaussian is None:
-        # No closed-form entropy: plain STL (no entropy term, no dtype promotion).
-        return z, batched_log_joint(log_joint, z, num_samples), (z, None)
-    z_p, z_stl, entropy = _stl_mix(z, z, entropy_fn(family, "adaptive_stl")(params))
-    return z, batched_log_joint(log_joint, z_p, num_samples), (z_stl, entropy)
+        return z, batched_log_joint(log_joint, z, num_samples), None, log_q
+    if family.entropy is not None or family.to_gaussian is not None:
+        z_p, z_stl, entropy = _stl_mix(z, z, entropy_fn(family, "adaptive_stl")(params))
+    elif log_q is not None:
+        # No closed form, but log q of the draws came with them (a flow): the
+        # Monte Carlo entropy -mean(log q) is the unbiased alternative.
+        z_p, z_stl, mixed = _stl_mix(z, z, log_q)
+        entropy = -jnp.mean(mixed)
+    else:
+        # Neither: plain STL (no entropy term, no dtype promotion).
+        return z, batched_log_joint(log_joint, z, num_samples), (z, None), log_q
+    return z, batched_log_joint(log_joint, z_p, num_samples), (z_stl, entropy), log_q
 
 
 def surrogates(
@@ -197,11 +234,14 @@ def surrogates(
     log_p: jax.Array,
     names: tuple[str, ...],
     adaptive: Any = None,
+    sampled_log_q: Any = None,
 ) -> dict[str, jax.Array]:
     """Returns ``{name: surrogate}`` for names in :data:`GRADIENT_ESTIMATORS`.
 
-    ``z`` and ``log_p`` come from :func:`draw`; only the ``log q`` variants
-    the requested estimators need are computed. The value of each surrogate
+    ``z``, ``log_p``, ``adaptive`` and ``sampled_log_q`` come from
+    :func:`draw`; only the ``log q`` variants the requested estimators need
+    are computed (``sampled_log_q``, when given, is ``log q`` of the draws,
+    differentiable in ``params`` directly and through ``z``). The value of each surrogate
     is the objective's estimate; its gradient with respect to ``params`` is
     the estimator. Arguments are assumed checked.
     """
@@ -209,6 +249,8 @@ def surrogates(
 
     @functools.cache
     def log_q():  # differentiable in params, directly and through z
+        if sampled_log_q is not None:
+            return sampled_log_q
         return batched_log_prob(family, params, z)
 
     @functools.cache
@@ -256,11 +298,11 @@ def surrogates(
 
 
 def _objective(key, params, family, log_joint, num_samples, name) -> jax.Array:
-    z, log_p, adaptive = draw(
+    z, log_p, adaptive, log_q = draw(
         key, params, family, log_joint, num_samples, pathwise=name != "score",
         adaptive=name == "adaptive_stl",
     )
-    return surrogates(params, family, z, log_p, (name,), adaptive)[name]
+    return surrogates(params, family, z, log_p, (name,), adaptive, log_q)[name]
 
 
 def elbo(
@@ -289,16 +331,21 @@ def elbo(
       grows with ``||L^{-1}||``, and Adam, normalizing every coordinate, turns
       it into a random walk of a full-rank factor's off-diagonal entries that
       makes the factor exponentially ill-conditioned (a d = 501 item-response
-      model diverged). Here, with a closed-form entropy (``family.entropy``
-      or ``to_gaussian``) and S >= 2, that path term at draw ``s`` is
-      weighted by ``c_s`` in [0, 1] and the rest of its expectation, ``(1 -
-      c_s) grad H``, is added exactly; ``c_s = clip(sum <a_r, b_r> / sum
-      ||b_r||^2, 0, 1)`` over the *other* draws (``a = grad_z log p``, ``b =
-      grad_z log q``), so it is independent of draw ``s`` and the estimator
-      stays unbiased. At a Gaussian posterior ``a = b``, so ``c = 1``: plain
-      STL, whose variance vanishes there; with S = 1 or no closed-form
-      entropy it is plain STL. Not an average of S independent terms, and
-      not forward-mode differentiable (a ``custom_vjp``).
+      model diverged); on a spline flow fitting Neal's funnel it stalls the
+      fit. Here, with S >= 2, that path term at draw ``s`` is weighted by
+      ``c_s`` in [0, 1] and the rest of its expectation, ``(1 - c_s) grad
+      H``, is added exactly with a closed-form entropy (``family.entropy`` or
+      ``to_gaussian``), or as ``(1 - c_s)`` times the reparameterized
+      gradient of ``-log q(z_s)`` where the family samples with its log
+      density (``sample_and_log_prob``, as the flows do); ``c_s = clip(sum
+      <a_r, b_r> / sum ||b_r||^2, 0, 1)`` over the *other* draws (``a =
+      grad_z log p``, ``b = grad_z log q``), so it is independent of draw
+      ``s`` and the estimator stays unbiased. At a posterior inside the
+      family ``a = b``, so ``c = 1``: plain STL, whose variance vanishes
+      there; with S = 1, or with neither a closed-form entropy nor
+      ``sample_and_log_prob``, it is plain STL. Not an average of S
+      independent terms, and not forward-mode differentiable (a
+      ``custom_vjp``).
     * ``"score"``: the score-function (REINFORCE) gradient
       ``mean((f_s - b_s) grad log q(z_s))`` with ``f = log p - log q`` and a
       leave-one-out baseline ``b_s`` (mean of the other samples' ``f``) when
@@ -497,9 +544,10 @@ def renyi_bound(
     """
     alpha = _check_alpha(alpha)
     num_samples = _check_common(family, log_joint, num_samples)
-    z = family.sample(key, params, num_samples)
-    check_draws(family, z, num_samples)
-    log_w = batched_log_joint(log_joint, z, num_samples) - batched_log_prob(family, params, z)
+    z, log_q = sample_with_log_prob(key, params, family, num_samples)
+    if log_q is None:
+        log_q = batched_log_prob(family, params, z)
+    log_w = batched_log_joint(log_joint, z, num_samples) - log_q
     if alpha == 1.0:
         return jnp.mean(log_w)
     one_minus = 1.0 - alpha
@@ -566,15 +614,16 @@ def estimator_gradients(
     grads = {}
     if pathwise:
         def objectives(p):
-            z, log_p, adaptive = draw(
+            z, log_p, adaptive, log_q = draw(
                 key, p, family, log_joint, num_samples, pathwise=True,
                 adaptive="adaptive_stl" in pathwise,
             )
-            return surrogates(p, family, z, log_p, pathwise, adaptive), (_sg(z), _sg(log_p))
+            out = surrogates(p, family, z, log_p, pathwise, adaptive, log_q)
+            return out, (_sg(z), _sg(log_p))
 
         grads, (z, log_p) = jax.jacrev(objectives, has_aux=True)(params)
     else:
-        z, log_p, _ = draw(key, params, family, log_joint, num_samples, pathwise=False)
+        z, log_p, _, _ = draw(key, params, family, log_joint, num_samples, pathwise=False)
     if "score" in names:
         # Differentiated apart from the pathwise estimators, which share the
         # backward pass through log_joint: a zero cotangent times a non-finite
@@ -600,14 +649,21 @@ def draws_and_log_weights(
     that many draws (``lax.map``), bounding the memory of large draws; the
     values do not depend on it. Pure: jit and vmap it as you like.
     """
-    z = family.sample(key, params, num_samples)
+    z, log_q = sample_with_log_prob(key, params, family, num_samples)
     if block_size is None or block_size >= num_samples:
-        return z, batched_log_joint(log_joint, z, num_samples) - batched_log_prob(family, params, z)
+        if log_q is None:
+            log_q = batched_log_prob(family, params, z)
+        return z, batched_log_joint(log_joint, z, num_samples) - log_q
 
-    def one(zi):
-        return jnp.asarray(log_joint(zi)) - jnp.asarray(family.log_prob(params, zi))
+    if log_q is None:
+        def one(zi):
+            return jnp.asarray(log_joint(zi)) - jnp.asarray(family.log_prob(params, zi))
 
-    lw = jax.lax.map(one, z, batch_size=block_size)
+        lw = jax.lax.map(one, z, batch_size=block_size)
+    else:  # log q came with the draws: only log_joint is blocked
+        lw = jax.lax.map(lambda zi: jnp.asarray(log_joint(zi)), z, batch_size=block_size)
+        if lw.shape == (num_samples,):
+            lw = lw - log_q
     if lw.shape != (num_samples,):
         raise ValueError(
             "`log_joint` and `family.log_prob` must return a scalar for one latent; got "

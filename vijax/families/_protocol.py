@@ -12,7 +12,10 @@ capability                used by
 ``to_gaussian``           :func:`vijax.exact_kl`, :func:`vijax.exact_elbo`,
                           :func:`vijax.natural_gradient`, ``closed_entropy``
                           (when ``entropy`` is absent)
-``from_gaussian``         :func:`vijax.natural_gradient`
+``from_gaussian``         :func:`vijax.natural_gradient`; flows (start at a
+                          fitted Gaussian)
+``sample_and_log_prob``   every objective (``log q`` of the draws computed
+                          while sampling: one pass through a flow)
 ========================  ===============================================
 
 Every Monte Carlo objective, :func:`vijax.fit` and :func:`vijax.fit_batched`
@@ -32,7 +35,7 @@ from vijax._cache import LRU
 
 ArrayTree = Any
 
-OPTIONAL = ("entropy", "to_gaussian", "from_gaussian")
+OPTIONAL = ("entropy", "to_gaussian", "from_gaussian", "sample_and_log_prob")
 
 
 class VariationalFamily(NamedTuple):
@@ -68,6 +71,14 @@ class VariationalFamily(NamedTuple):
         ``gaussian`` (a flat :class:`vijax.Gaussian`), shaped after
         ``latent``. Example: ``family.from_gaussian(model.posterior,
         model.latent)`` puts ``q`` on a conjugate posterior.
+      sample_and_log_prob: optional; ``sample_and_log_prob(key, params,
+        num_samples) -> (z, log_q)``: the draws of ``sample`` (the same
+        values for the same key) and ``log q(z_s)`` for each, differentiable
+        in ``params`` both directly and through ``z``. Where inverting the
+        sampling map is dear (a flow), objectives use it instead of
+        ``log_prob`` at the draws (``"reparam"``, ``iwae_bound``,
+        ``renyi_bound``, :func:`vijax.diagnose`). The path estimators
+        (``"stl"``, ``"dreg"``) still call ``log_prob``.
 
     Example:
       A family of your own (here a Gaussian with a learned diagonal, written
@@ -92,6 +103,7 @@ class VariationalFamily(NamedTuple):
     to_gaussian: Optional[Callable[[Any], Any]] = None
     name: Optional[str] = None
     from_gaussian: Optional[Callable[[Any, ArrayTree], Any]] = None
+    sample_and_log_prob: Optional[Callable[..., Any]] = None
 
 
 def describe(family: VariationalFamily) -> str:
