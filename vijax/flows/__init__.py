@@ -13,8 +13,8 @@ factory                    layer                                                
                            conditioned on those before it (MADE)
 =========================  ===================================================  ====================
 
-``q`` is the law of ``z = m + L T(eps)``: a base Gaussian (``vijax.full_rank()``
-by default, or ``vijax.mean_field()``) after the flow's layers ``T``, which
+``q`` is the law of ``z = m + L T(eps)``: a base Gaussian
+(``vijax.full_rank(init_scale=1.0)`` by default, or ``vijax.mean_field()``) after the flow's layers ``T``, which
 start as the identity. ``family.from_gaussian(gaussian, latent)`` starts a
 flow at a fitted Gaussian. Parameters are :class:`FlowParams`. See
 :mod:`vijax.flows._family` for the construction and costs.

@@ -62,8 +62,9 @@ def affine_coupling(
         ``[32, 512]``.
       hidden_layers: hidden layers per conditioner (>= 1).
       activation: the hidden activation (default ``jax.nn.tanh``).
-      base: the base Gaussian family, ``vijax.full_rank()`` (the default) or
-        ``vijax.mean_field()``; its mean and scale are learned with the layers.
+      base: the base Gaussian family, ``vijax.full_rank(init_scale=1.0)``
+        (the default) or another ``full_rank``/``mean_field``; its mean and
+        scale are learned with the layers.
       seed: seeds the networks' initial weights and the layers' permutations.
 
     Returns:
@@ -121,7 +122,8 @@ def spline_coupling(
         ``[32, 512]``.
       hidden_layers: hidden layers per conditioner (>= 1).
       activation: the hidden activation (default ``jax.nn.tanh``).
-      base: ``vijax.full_rank()`` (default) or ``vijax.mean_field()``.
+      base: ``vijax.full_rank(init_scale=1.0)`` (default), or another
+        ``full_rank``/``mean_field``.
       seed: seeds the initial weights and the permutations.
 
     Returns:
@@ -178,7 +180,8 @@ def autoregressive(
         coordinate see all the others).
       hidden_layers: hidden layers per MADE (>= 1).
       activation: the hidden activation (default ``jax.nn.tanh``).
-      base: ``vijax.full_rank()`` (default) or ``vijax.mean_field()``.
+      base: ``vijax.full_rank(init_scale=1.0)`` (default), or another
+        ``full_rank``/``mean_field``.
       seed: seeds the initial weights and the permutations.
 
     Returns:
