@@ -316,3 +316,25 @@ def test_a_base_whose_dimension_does_not_match_the_layers():
         family.from_gaussian(vijax.Gaussian.diagonal(jnp.zeros(3), jnp.ones(3)), jnp.zeros(4))
     with pytest.raises(TypeError, match="FlowParams"):
         family.sample(jax.random.key(0), params3.base, 2)
+
+
+def test_a_malformed_sample_and_log_prob_is_named():
+    def init(latent):
+        return {"loc": jnp.zeros_like(latent)}
+
+    def sample(key, params, n):
+        return params["loc"][None, :] + jax.random.normal(key, (n,) + params["loc"].shape)
+
+    def log_prob(params, z):
+        return -0.5 * jnp.sum((z - params["loc"]) ** 2)
+
+    with pytest.raises(TypeError, match="sample_and_log_prob"):
+        vijax.elbo(jax.random.key(0), {"loc": jnp.zeros(2)},
+                   vijax.VariationalFamily(init, sample, log_prob, sample_and_log_prob=3),
+                   lambda z: -jnp.sum(z**2), num_samples=2)
+    bad = vijax.VariationalFamily(
+        init, sample, log_prob,
+        sample_and_log_prob=lambda k, p, n: (sample(k, p, n), jnp.zeros((n, 2))))
+    with pytest.raises(ValueError, match=r"sample_and_log_prob.*one log density per draw"):
+        vijax.elbo(jax.random.key(0), {"loc": jnp.zeros(2)}, bad, lambda z: -jnp.sum(z**2),
+                   num_samples=2, estimator="reparam")

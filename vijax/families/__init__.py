@@ -2,7 +2,8 @@
 
 ``vijax.VariationalFamily(init=, sample=, log_prob=)`` is a family; entropy and
 the Gaussian view are optional capabilities (see :mod:`vijax.families._protocol`).
-The Gaussian families live in :mod:`vijax.families._gaussian`.
+The Gaussian families live in :mod:`vijax.families._gaussian`; the flow
+families, built on this protocol, in :mod:`vijax.flows`.
 """
 
 from vijax.families._gaussian import FullRankParams
