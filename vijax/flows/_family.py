@@ -298,7 +298,7 @@ def make_flow(
     def sample_and_log_prob(key, params, num_samples):
         num_samples = _checks.check_positive_int("num_samples", num_samples)
         g, layer, perms, inverse = unpack(params)
-        apply, _, log_det_l = gaussian_parts(params.base)
+        apply, _, log_det_l = _affine_parts(g, name)  # the view unpack built
         dtype = g.mean.dtype
         eps = jax.random.normal(key, (num_samples, g.dim), dtype=dtype)
         u, ld = jax.vmap(lambda e: push(layer, params.layers, perms, inverse, e))(eps)
@@ -322,7 +322,7 @@ def make_flow(
                 f"`z` must flatten to shape {g.mean.shape} (one latent, no sample "
                 f"axis); got {flat.shape}. vmap over samples."
             )
-        _, solve, log_det_l = gaussian_parts(params.base)
+        _, solve, log_det_l = _affine_parts(g, name)
         eps, ld = pull(layer, params.layers, perms, inverse, solve(flat - g.mean))
         log_base = -0.5 * (jnp.sum(jnp.square(eps)) + g.dim * _LOG_2PI)
         return log_base + ld - log_det_l
