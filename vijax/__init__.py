@@ -9,6 +9,7 @@ module                         owns
 ``vijax.families._protocol``   :class:`VariationalFamily`: the open family protocol and its capabilities
 ``vijax.families._gaussian``   :func:`mean_field`, :func:`full_rank`, :func:`low_rank` and their params
 ``vijax.models``               models (:func:`vijax.models.bayesian_linear_regression`, the zoo, :func:`vijax.models.constrained`, ...)
+``vijax.data``                 minibatches, :class:`JointParams`, the data ELBO, sharded data
 ``vijax.bijectors``            bijectors for constrained latents (:func:`vijax.bijectors.exp`, ...)
 ``vijax.flows``                normalizing-flow families (:func:`vijax.flows.spline_coupling`, ...)
 ``vijax.interop``              adapters: :func:`vijax.interop.from_numpyro`, :func:`vijax.interop.from_tfp`
@@ -31,6 +32,7 @@ module                         owns
 """
 
 from vijax import bijectors
+from vijax import data
 from vijax import diagnostics
 from vijax import flows
 from vijax import interop
@@ -38,6 +40,7 @@ from vijax import models
 from vijax._compare import GradientComparison
 from vijax._compare import compare_gradients
 from vijax._exact import exact_elbo
+from vijax.data._objective import JointParams
 from vijax._exact import exact_kl
 from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
@@ -96,6 +99,7 @@ __all__ = [
     "Gaussian",
     "GradientComparison",
     "IterateAverageState",
+    "JointParams",
     "LowRankParams",
     "LowRankScale",
     "MeanFieldParams",
@@ -107,6 +111,7 @@ __all__ = [
     "batch_and_match",
     "bijectors",
     "compare_gradients",
+    "data",
     "diagnose",
     "diagnostics",
     "elbo",

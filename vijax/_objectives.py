@@ -282,7 +282,11 @@ def surrogates(
                 baseline = (jnp.sum(f) - f) / (s - 1)
             else:
                 baseline = jnp.zeros_like(f)
-            out[name] = jnp.mean(f) + jnp.mean((f - baseline) * (lq - _sg(lq)))
+            # The draws do not depend on params, so the last term's gradient is
+            # only that of parameters log_joint closes over (a data model's
+            # theta): E_q[grad_theta log p], which f, stopped, would drop.
+            out[name] = (jnp.mean(f) + jnp.mean((f - baseline) * (lq - _sg(lq)))
+                         + jnp.mean(log_p - _sg(log_p)))
         elif name == "iwae":
             out[name] = jax.nn.logsumexp(log_w()) - math.log(s)
         elif name == "dreg":

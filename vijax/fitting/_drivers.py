@@ -20,7 +20,8 @@ from vijax.fitting._engine import (
     resume_state,
     run,
 )
-from vijax.fitting._step import check_step_config, init_fit_state, make_step
+from vijax.fitting._step import check_step_config, init_fit_state, make_data_step, make_step
+from vijax.models._data import DataModel
 from vijax.fitting._stopping import AutoStop, averaging
 from vijax.fitting._types import FitResult, FitState
 
@@ -109,6 +110,9 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
     auto_stop: bool = False,
+    batch_size: int | None = None,
+    batching: str = "epoch",
+    local_family: Any = None,
 ) -> FitResult:
     """Returns the result of maximizing the ELBO over ``family`` with ``optimizer``.
 
@@ -165,6 +169,31 @@ def fit(
 
     For many seeds at once, in one compiled loop, see :func:`fit_batched`.
 
+    Data models (``log_joint`` a :class:`vijax.models.DataModel`, from
+    :func:`vijax.models.data_model`): the model's data is an argument of the
+    compiled loop (one compilation for any data of the same shapes), and
+
+    * ``batch_size=B`` draws a minibatch of ``B`` rows per step inside the
+      loop (``batching="epoch"``: without replacement within each epoch of
+      ``n // B`` steps, through a keyed pseudo-random permutation that never
+      builds an ``n``-sized array; ``"with_replacement"``: ``B`` uniform
+      draws) and scales the likelihood by ``n / B``, so the gradient is
+      unbiased for every family and estimator and ``trace.elbo`` holds
+      unbiased estimates of the *full-data* ELBO (noisier than full-batch
+      ones). ``batch_size=None`` uses all the data every step;
+    * model parameters ``theta`` are learned with q: pass
+      ``init_params=vijax.data.JointParams(q=family.init(model.latent),
+      theta=model.theta)``; ``optimizer`` is one optax transformation for
+      all, or a dict with one per group (``{"q": ..., "theta": ...}``);
+    * local latents take ``local_family=`` (an amortized family,
+      :func:`vijax.families.amortized`) with its encoder's parameters in
+      ``JointParams.encoder``; ``family`` is ``None`` when the model has no
+      global latent (a VAE);
+    * data sharded over a mesh (:func:`vijax.data.shard`) is used where it
+      lies: the state is replicated on the mesh and XLA partitions the sum.
+
+    ``auto_stop`` is not available for data models yet (use ``tol``).
+
     Args:
       key: the run's PRNG key (typed or legacy uint32); ``None`` when
         continuing from a :class:`FitState`.
@@ -203,6 +232,11 @@ def fit(
       auto_stop: stop automatically when converged (see above); not
         together with ``tol``. Continue such a run with ``auto_stop=True``
         too (the optimizer state holds the average).
+      batch_size: data models only: rows per step (``1 <= B <= n``), or
+        ``None`` for the full data.
+      batching: data models only: ``"epoch"`` or ``"with_replacement"``.
+      local_family: data models with local latents only: the amortized
+        family of ``q(z_i | x_i)``.
 
     Returns:
       A :class:`FitResult`: ``params``, ``state`` (to continue), ``trace``
@@ -230,6 +264,25 @@ def fit(
       >>> more = vijax.fit(None, family, model.log_joint, result.state,
       ...     optimizer=optax.adam(1e-2), num_steps=500, progress=False)
     """
+    run_options = dict(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, tol=tol, window=window, patience=patience,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+    )
+    if isinstance(log_joint, DataModel):
+        return _fit_data(
+            key, family, log_joint, init_params, optimizer=optimizer, num_samples=num_samples,
+            estimator=estimator, run_options=run_options, auto_stop=auto_stop,
+            batch_size=batch_size, batching=batching, local_family=local_family,
+        )
+    for name, value, default in (("batch_size", batch_size, None),
+                                 ("local_family", local_family, None),
+                                 ("batching", batching, "epoch")):
+        if value is not default:
+            raise ValueError(
+                f"`{name}` is for data models (`log_joint` a vijax.models.DataModel, from "
+                f"vijax.models.data_model); got {name}={value!r} with a plain log joint."
+            )
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
@@ -260,6 +313,87 @@ def fit(
     stopper = AutoStop(family, log_joint, state.key) if auto_stop else None
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
                 stopper)
+
+
+_groups = LRU(32)
+
+
+def group_optimizer(optimizer: Any, params: Any) -> optax.GradientTransformation:
+    """One optax transformation, or a dict of one per JointParams group (multi_transform)."""
+    from vijax.data._objective import GROUPS, JointParams
+
+    if not isinstance(optimizer, dict):
+        return _checks.check_optimizer(optimizer)
+    if not isinstance(params, JointParams):
+        raise TypeError(
+            "`optimizer` as a dict (one per group) needs `init_params` to be "
+            f"vijax.data.JointParams; got {type(params).__name__}."
+        )
+    present = tuple(g for g in GROUPS if getattr(params, g) is not None)
+    if set(optimizer) != set(present):
+        raise ValueError(
+            f"`optimizer` as a dict must have one entry per group of `init_params`: "
+            f"{sorted(present)}; got {sorted(map(str, optimizer))}."
+        )
+    items = tuple((g, _checks.check_optimizer(optimizer[g], f"optimizer[{g!r}]"))
+                  for g in present)
+    labels = JointParams(*(g if g in present else None for g in GROUPS))
+    return _groups.get(items, lambda: optax.multi_transform(dict(items), labels))
+
+
+def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estimator,
+              run_options, auto_stop, batch_size, batching, local_family) -> FitResult:
+    """:func:`fit` on a :class:`vijax.models.DataModel`."""
+    from vijax.data._batching import check_batch_size, check_batching
+    from vijax.data._objective import check_setup
+    from vijax.data._sharding import data_mesh, replicate
+    from vijax._objectives import ADAPTIVE_ESTIMATORS, ELBO_ESTIMATORS, check_estimator
+
+    if not isinstance(auto_stop, bool):
+        raise TypeError(f"`auto_stop` must be a bool; got {auto_stop!r}.")
+    if auto_stop:
+        raise ValueError(
+            "`auto_stop=True` is not available for data models yet; stop with `tol` or "
+            "`num_steps`."
+        )
+    resuming = isinstance(init_params, FitState)
+    name = "init_params.params" if resuming else "init_params"
+    params = init_params.params if resuming else init_params
+    family, local_family = check_setup(family, model, local_family, params, name)
+    optimizer = group_optimizer(optimizer, params)
+    num_samples = _checks.check_positive_int("num_samples", num_samples)
+    check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
+    batch_size = check_batch_size(batch_size, model.num_data)
+    batching = check_batching(batching)
+    options = check_run_options(**run_options)
+    if resuming:
+        check_resume_key("key", key)
+        want = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
+        if want != jax.tree_util.tree_structure(init_params.opt_state):
+            raise ValueError(
+                "`init_params.opt_state` does not match `optimizer`: continue a run with the "
+                "optimizer it was started with."
+            )
+        state = resume_state(init_params, False)
+    else:
+        key = _checks.typed_key("key", key)
+        state = _init_state(optimizer, "none", key, params)
+    mesh = data_mesh(model.data)
+    if mesh is not None:
+        state = replicate(state, mesh)
+    compiled = compiled_chunk(
+        ("fit_data", family, local_family, model.log_lik, model.log_prior, model.num_data,
+         model.latent is None, model.theta is None, model.local_latent is None,
+         optimizer, num_samples, estimator, batch_size, batching),
+        lambda: make_data_step(
+            family, model, optimizer, num_samples=num_samples, estimator=estimator,
+            batch_size=batch_size, batching=batching, local_family=local_family,
+        ),
+        chunk_size=options.chunk_size,
+        max_nonfinite=options.max_nonfinite,
+        batched=False,
+    )
+    return run(compiled, state, options, batched=False, args=(model.data,))
 
 
 def fit_batched(
@@ -328,6 +462,10 @@ def fit_batched(
       >>> res.trace.elbo.shape
       (4, 500)
     """
+    if isinstance(log_joint, DataModel):
+        raise TypeError(
+            "`fit_batched` does not take a DataModel yet; run `vijax.fit` once per key."
+        )
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )

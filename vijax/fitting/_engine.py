@@ -124,7 +124,10 @@ def resume_state(state: FitState, batched: bool) -> FitState:
 
 
 def make_chunk(step: Callable, chunk_size: int, max_nonfinite: int) -> Callable:
-    """Returns ``chunk(state, nonfinite, num_active) -> (state, nonfinite, infos)``.
+    """Returns ``chunk(state, nonfinite, num_active, *args) -> (state, nonfinite, infos)``.
+
+    ``args`` (the data of a data model) are handed to every ``step(state,
+    *args)`` unchanged: arguments of the compiled loop, never constants in it.
 
     Runs up to ``num_active <= chunk_size`` steps and stacks their infos into
     arrays of length ``chunk_size``. This is ``lax.scan``'s own lowering (a
@@ -138,7 +141,7 @@ def make_chunk(step: Callable, chunk_size: int, max_nonfinite: int) -> Callable:
     True``; the host drops them.
     """
 
-    def chunk(state, nonfinite, num_active):
+    def chunk(state, nonfinite, num_active, *args):
         dtype = _tree.float_dtype(state.params)
         buffers = FitInfo(
             elbo=jnp.full((chunk_size,), jnp.nan, dtype),
@@ -152,7 +155,7 @@ def make_chunk(step: Callable, chunk_size: int, max_nonfinite: int) -> Callable:
 
         def body(carry):
             i, state, nonfinite, buffers = carry
-            state, info = step(state)
+            state, info = step(state, *args)
             nonfinite = jnp.where(info.skipped, nonfinite + 1, 0)
             buffers = jax.tree_util.tree_map(
                 lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0),
@@ -240,6 +243,7 @@ def run(
     desc: str = "vijax.fit",
     failure: tuple[str, str] = DEFAULT_FAILURE,
     stopper: Any = None,
+    args: tuple = (),
 ) -> FitResult:
     """Runs ``options.num_steps`` steps of a compiled chunk from ``state``; returns the result.
 
@@ -255,6 +259,7 @@ def run(
         ``check(state) -> bool`` (True stops the run) and ``select(state) ->
         params`` (the parameters to return); chunks end at its checks. Only
         for unbatched runs (:class:`vijax.fitting._stopping.AutoStop`).
+      args: extra arguments of every step (a data model's data).
 
     Raises:
       FitError: ``options.max_nonfinite`` consecutive skipped steps; the
@@ -309,14 +314,14 @@ def run(
             n = min(n, stopper.next_check(here) - here)
         return n
 
-    pending = compiled(state, nonfinite, size(0))
+    pending = compiled(state, nonfinite, size(0), *args)
     try:
         while True:
             new_state, new_nonfinite, infos = pending
             active = size(done)
             ahead = None
             if done + active < num_steps:
-                ahead = compiled(new_state, new_nonfinite, size(done + active))
+                ahead = compiled(new_state, new_nonfinite, size(done + active), *args)
             nf = np.asarray(new_nonfinite)  # waits for chunk k
             steps_now = np.asarray(new_state.step)
             infos = jax.tree_util.tree_map(np.asarray, infos)

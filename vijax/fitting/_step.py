@@ -65,6 +65,44 @@ def check_step_config(family, log_joint, optimizer, num_samples, estimator):
     return family, log_joint, optimizer, num_samples
 
 
+def guarded_update(optimizer, state: FitState, loss, grads) -> tuple[FitState, FitInfo]:
+    """The optax update of ``state`` by ``grads``, skipped when anything is non-finite.
+
+    Shared by every gradient step (:func:`make_step`, the data step): see
+    :func:`make_step` for the two ways a step is skipped.
+    """
+    dtype = _tree.float_dtype(state.params)
+    # A non-finite gradient entry makes the norm non-finite, so one
+    # reduction serves as the gradient check and the reported norm.
+    grad_norm = _tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(_):
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ok = _tree.all_finite(params)
+        # The optimizer's new state is kept as it returned it: restoring
+        # the old one too keeps both states alive and copies them every
+        # step, measured at 7 to 10% of a full-rank step on CPU.
+        return _tree.where(ok, params, state.params), opt_state, ok
+
+    def keep(_):
+        return state.params, state.opt_state, jnp.array(False)
+
+    # ``cond`` (not a select after the fact) skips the optimizer update of
+    # a step that is already known to be bad; measured slightly cheaper.
+    params, opt_state, ok = jax.lax.cond(finite, update, keep, None)
+    new_state = FitState(
+        params=params, opt_state=opt_state, step=state.step + 1, key=state.key
+    )
+    info = FitInfo(
+        elbo=(-loss).astype(dtype),
+        grad_norm=grad_norm.astype(dtype),
+        skipped=jnp.logical_not(ok),
+    )
+    return new_state, info
+
+
 def make_step(
     family: VariationalFamily,
     log_joint: Callable[[ArrayTree], jax.Array],
@@ -133,37 +171,47 @@ def make_step(
     loss_and_grad = jax.value_and_grad(neg_elbo)
 
     def step(state: FitState) -> tuple[FitState, FitInfo]:
-        dtype = _tree.float_dtype(state.params)
         key = jax.random.fold_in(state.key, state.step)
         loss, grads = loss_and_grad(state.params, key)
-        # A non-finite gradient entry makes the norm non-finite, so one
-        # reduction serves as the gradient check and the reported norm.
-        grad_norm = _tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        return guarded_update(optimizer, state, loss, grads)
 
-        def update(_):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            ok = _tree.all_finite(params)
-            # The optimizer's new state is kept as it returned it: restoring
-            # the old one too keeps both states alive and copies them every
-            # step, measured at 7 to 10% of a full-rank step on CPU.
-            return _tree.where(ok, params, state.params), opt_state, ok
+    return step
 
-        def keep(_):
-            return state.params, state.opt_state, jnp.array(False)
 
-        # ``cond`` (not a select after the fact) skips the optimizer update of
-        # a step that is already known to be bad; measured slightly cheaper.
-        params, opt_state, ok = jax.lax.cond(finite, update, keep, None)
-        new_state = FitState(
-            params=params, opt_state=opt_state, step=state.step + 1, key=state.key
-        )
-        info = FitInfo(
-            elbo=(-loss).astype(dtype),
-            grad_norm=grad_norm.astype(dtype),
-            skipped=jnp.logical_not(ok),
-        )
-        return new_state, info
+def make_data_step(
+    family,
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    num_samples: int,
+    estimator: str,
+    batch_size,
+    batching: str,
+    local_family=None,
+) -> Callable:
+    """Returns ``step(state, data) -> (state, info)`` for a :class:`vijax.models.DataModel`.
+
+    As :func:`make_step`, on :func:`vijax.data.data_elbo`'s surrogate: step
+    ``t`` draws q's noise from ``fold_in(state.key, t)`` and its minibatch
+    (when ``batch_size`` is set) from the batch stream of ``state.key``
+    (:func:`vijax.data._objective.step_keys`), and ``info.elbo`` is the
+    unbiased estimate of the full-data ELBO. ``state.params`` are the
+    family's parameters or a :class:`vijax.data.JointParams`. ``data`` is
+    the model's data, passed in (never closed over) so that it can be large
+    and sharded. Arguments are assumed checked (:func:`vijax.fit` does).
+    """
+    from vijax.data._objective import as_joint, batch_elbo, select, step_keys
+
+    def neg_elbo(params, key, batch, scale):
+        return -batch_elbo(key, as_joint(params), family, local_family, model, batch, scale,
+                           num_samples=num_samples, estimator=estimator)
+
+    loss_and_grad = jax.value_and_grad(neg_elbo)
+
+    def step(state: FitState, data) -> tuple[FitState, FitInfo]:
+        mc_key, batch_key = step_keys(state.key, state.step)
+        batch, scale = select(batch_key, state.step, model, batch_size, batching, data)
+        loss, grads = loss_and_grad(state.params, mc_key, batch, scale)
+        return guarded_update(optimizer, state, loss, grads)
 
     return step

@@ -12,6 +12,8 @@ module                          owns
 ``vijax.models._conjugate``     ``linear_gaussian``, ``bayesian_linear_regression``, ``normal_mean``
 ``vijax.models._logistic``      ``logistic_regression``
 ``vijax.models._constrained``   ``constrained``: a natural-space log density plus bijectors
+``vijax.models._data``          :class:`DataModel`, ``data_model``: prior + sum over data (minibatches,
+                                theta, local latents; see :mod:`vijax.data`)
 ``vijax.models._zoo``           the zoo: ``eight_schools``, ``hierarchical_logistic``,
                                 ``stochastic_volatility``, ``neals_funnel``, ``poisson_glm``,
                                 ``item_response``, ``log_gaussian_cox`` (long-NUTS references
@@ -23,6 +25,8 @@ from vijax.models._conjugate import bayesian_linear_regression
 from vijax.models._conjugate import linear_gaussian
 from vijax.models._conjugate import normal_mean
 from vijax.models._constrained import constrained
+from vijax.models._data import DataModel
+from vijax.models._data import data_model
 from vijax.models._logistic import logistic_regression
 from vijax.models._model import Model
 from vijax.models._zoo import eight_schools
@@ -34,9 +38,11 @@ from vijax.models._zoo import poisson_glm
 from vijax.models._zoo import stochastic_volatility
 
 __all__ = [
+    "DataModel",
     "Model",
     "bayesian_linear_regression",
     "constrained",
+    "data_model",
     "eight_schools",
     "hierarchical_logistic",
     "item_response",
