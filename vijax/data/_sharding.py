@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 
 def shard(data: Any, mesh: Mesh, axis: str = "data") -> Any:
@@ -51,7 +51,33 @@ def shard(data: Any, mesh: Mesh, axis: str = "data") -> Any:
             f"of data n = {n}: drop the last {n % size} rows or add {size - n % size} "
             "(vijax does not pad, since padded rows would enter the likelihood sum)."
         )
-    return jax.device_put(data, NamedSharding(mesh, PartitionSpec(axis)))
+    return jax.device_put(data, NamedSharding(auto_mesh(mesh), PartitionSpec(axis)))
+
+
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """``mesh`` with every axis in Auto mode (the SPMD partitioner decides the layouts).
+
+    ``jax.make_mesh`` makes Explicit axes, under which every intermediate
+    carries its sharding in its type; the fit loop, written for one device,
+    lets XLA place its intermediates instead.
+    """
+    if all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+def as_auto(data: Any) -> Any:
+    """``data`` with each NamedSharding moved onto the Auto version of its mesh (no copy)."""
+
+    def move(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding):
+            mesh = auto_mesh(sharding.mesh)
+            if mesh is not sharding.mesh:
+                return jax.device_put(leaf, NamedSharding(mesh, sharding.spec))
+        return leaf
+
+    return jax.tree_util.tree_map(move, data)
 
 
 def data_mesh(data: Any) -> Optional[Mesh]:

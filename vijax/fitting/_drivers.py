@@ -346,7 +346,7 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     """:func:`fit` on a :class:`vijax.models.DataModel`."""
     from vijax.data._batching import check_batch_size, check_batching
     from vijax.data._objective import check_setup
-    from vijax.data._sharding import data_mesh, replicate
+    from vijax.data._sharding import as_auto, data_mesh, replicate
     from vijax._objectives import ADAPTIVE_ESTIMATORS, ELBO_ESTIMATORS, check_estimator
 
     if not isinstance(auto_stop, bool):
@@ -378,8 +378,11 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     else:
         key = _checks.typed_key("key", key)
         state = _init_state(optimizer, "none", key, params)
-    mesh = data_mesh(model.data)
+    data = model.data
+    mesh = data_mesh(data)
     if mesh is not None:
+        data = as_auto(data)
+        mesh = data_mesh(data)
         state = replicate(state, mesh)
     compiled = compiled_chunk(
         ("fit_data", family, local_family, model.log_lik, model.log_prior, model.num_data,
@@ -393,7 +396,7 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
         max_nonfinite=options.max_nonfinite,
         batched=False,
     )
-    return run(compiled, state, options, batched=False, args=(model.data,))
+    return run(compiled, state, options, batched=False, args=(data,))
 
 
 def fit_batched(
