@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import jax
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -54,6 +55,11 @@ def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     flow, flow_khat = map(float, re.search(
         r"autoregressive flow: ELBO (\S+) \(log Z = 0\), k-hat (\S+)", out).groups())
     assert flow > -0.1 and flow - gaussian > 0.1 and flow_khat < 0.7
+    # Empirical Bayes on minibatches: the learned scales match the exact
+    # type-II maximum likelihood (to the step's noise floor).
+    got, want = (np.array(list(map(float, g.split()))) for g in re.search(
+        r"learned \[(.*?)\] type-II ML \[(.*?)\]", out).groups())
+    np.testing.assert_allclose(got, want, rtol=0.02)
     # Eight schools: the hand-written constrained model and the NumPyro one
     # are one density; the fit lands near the long-NUTS posterior means
     # (mu 4.4, tau 3.6, each with a posterior sd above 3).
