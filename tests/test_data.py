@@ -293,6 +293,25 @@ def test_data_fit_resumes_bitwise_and_full_batch_is_deterministic(rng):
     np.testing.assert_array_equal(whole.trace.elbo[45:], rest.trace.elbo)
 
 
+def test_fit_batched_on_a_data_model_matches_separate_fits(rng):
+    x, y = blr_data(rng)
+    model = blr_theta_model(x.astype(np.float32), y.astype(np.float32))
+    family = vijax.mean_field()
+    init = vijax.JointParams(q=family.init(model.latent), theta=model.theta)
+    keys = jax.random.split(jax.random.key(5), 3)
+    kw = dict(optimizer=optax.adam(1e-2), num_steps=60, batch_size=8, num_samples=2,
+              progress=False)
+    batch = vijax.fit_batched(keys, family, model, init, **kw)
+    assert batch.trace.elbo.shape == (3, 60)
+    for b in range(3):
+        one = vijax.fit(keys[b], family, model, init, **kw)
+        for a, c in zip(jax.tree_util.tree_leaves(one.params),
+                        jax.tree_util.tree_leaves(batch.params)):
+            np.testing.assert_allclose(a, c[b], rtol=1e-4, atol=1e-5)
+    more = vijax.fit_batched(None, family, model, batch.state, **{**kw, "num_steps": 5})
+    assert more.trace.elbo.shape == (3, 5)
+
+
 def test_plain_family_params_and_minibatch_fit_find_the_posterior(x64, rng):
     """No theta, no local latents: init_params are the family's own; minibatch ADVI with a
     decaying step lands on the exact conjugate posterior."""
@@ -382,8 +401,10 @@ def test_fit_argument_errors(rng):
     with pytest.raises(ValueError, match="`batch_size` is for data models"):
         vijax.fit(jax.random.key(0), family, lambda z: -jnp.sum(z**2), family.init(jnp.zeros(2)),
                   batch_size=4, **kw)
-    with pytest.raises(TypeError, match="fit_batched"):
-        vijax.fit_batched(jax.random.split(jax.random.key(0), 2), family, model, init, **kw)
+    with pytest.raises(ValueError, match="leading batch axis of size 2"):
+        vijax.fit_batched(jax.random.split(jax.random.key(0), 2), family, model,
+                          jax.tree_util.tree_map(lambda a: jnp.stack([a] * 3), init),
+                          params_batched=True, **kw)
     with pytest.raises(ValueError, match=r"one entry per group.*\['q', 'theta'\]"):
         vijax.fit(jax.random.key(0), family, model, init,
                   **{**kw, "optimizer": {"q": optax.adam(1e-2)}})

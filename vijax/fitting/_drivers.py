@@ -192,7 +192,8 @@ def fit(
     * data sharded over a mesh (:func:`vijax.data.shard`) is used where it
       lies: the state is replicated on the mesh and XLA partitions the sum.
 
-    ``auto_stop`` is not available for data models yet (use ``tol``).
+    ``auto_stop`` is not available for data models yet (use ``tol``);
+    :func:`fit_batched` takes them (the data shared by every member).
 
     Args:
       key: the run's PRNG key (typed or legacy uint32); ``None`` when
@@ -342,8 +343,9 @@ def group_optimizer(optimizer: Any, params: Any) -> optax.GradientTransformation
 
 
 def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estimator,
-              run_options, auto_stop, batch_size, batching, local_family) -> FitResult:
-    """:func:`fit` on a :class:`vijax.models.DataModel`."""
+              run_options, auto_stop, batch_size, batching, local_family,
+              batched=False, params_batched=False) -> FitResult:
+    """:func:`fit` (and, with ``batched``, :func:`fit_batched`) on a :class:`vijax.models.DataModel`."""
     from vijax.data._batching import check_batch_size, check_batching
     from vijax.data._objective import check_setup
     from vijax.data._sharding import as_auto, data_mesh, replicate
@@ -359,6 +361,16 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     resuming = isinstance(init_params, FitState)
     name = "init_params.params" if resuming else "init_params"
     params = init_params.params if resuming else init_params
+    stacked = batched and (resuming or params_batched)
+    if stacked:
+        sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+                 for leaf in jax.tree_util.tree_leaves(params)}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                f"`{name}` must have one leading batch axis on every leaf; got sizes "
+                f"{sorted(map(str, sizes))}."
+            )
+        params = jax.tree_util.tree_map(lambda a: a[0], params)
     family, local_family = check_setup(family, model, local_family, params, name)
     optimizer = group_optimizer(optimizer, params)
     num_samples = _checks.check_positive_int("num_samples", num_samples)
@@ -366,18 +378,27 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     batch_size = check_batch_size(batch_size, model.num_data)
     batching = check_batching(batching)
     options = check_run_options(**run_options)
+    key_name = "keys" if batched else "key"
     if resuming:
-        check_resume_key("key", key)
+        check_resume_key(key_name, key)
         want = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
         if want != jax.tree_util.tree_structure(init_params.opt_state):
             raise ValueError(
                 "`init_params.opt_state` does not match `optimizer`: continue a run with the "
                 "optimizer it was started with."
             )
-        state = resume_state(init_params, False)
+        state = resume_state(init_params, batched)
     else:
-        key = _checks.typed_key("key", key)
-        state = _init_state(optimizer, "none", key, params)
+        key = _checks.typed_key(key_name, key, 1 if batched else 0)
+        if stacked:
+            size = jax.tree_util.tree_leaves(init_params)[0].shape[0]
+            if size != key.shape[0]:
+                raise ValueError(
+                    f"`init_params` must have a leading batch axis of size {key.shape[0]} "
+                    f"(the number of keys); got {size}."
+                )
+        mode = ("stacked" if stacked else "shared") if batched else "none"
+        state = _init_state(optimizer, mode, key, init_params)
     data = model.data
     mesh = data_mesh(data)
     if mesh is not None:
@@ -394,9 +415,10 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
         ),
         chunk_size=options.chunk_size,
         max_nonfinite=options.max_nonfinite,
-        batched=False,
+        batched=batched,
+        num_args=1,
     )
-    return run(compiled, state, options, batched=False, args=(data,))
+    return run(compiled, state, options, batched=batched, args=(data,))
 
 
 def fit_batched(
@@ -418,6 +440,9 @@ def fit_batched(
     patience: int = 3,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
+    batch_size: int | None = None,
+    batching: str = "epoch",
+    local_family: Any = None,
 ) -> FitResult:
     """Returns the results of one fit per key, run together in one compiled loop.
 
@@ -440,7 +465,9 @@ def fit_batched(
         batched :class:`FitState`.
       family, log_joint, optimizer, num_steps, num_samples, estimator,
         progress, chunk_size, max_nonfinite, tol, window, patience,
-        checkpoint_dir, checkpoint_every: as in :func:`fit`.
+        checkpoint_dir, checkpoint_every, batch_size, batching,
+        local_family: as in :func:`fit` (a data model's data is shared by
+        every member; each member draws its own minibatches).
       init_params: the initial parameters shared by every member, or (with
         ``params_batched=True``) stacked along a leading axis of size B, or a
         batched :class:`FitState` to continue.
@@ -466,9 +493,25 @@ def fit_batched(
       (4, 500)
     """
     if isinstance(log_joint, DataModel):
-        raise TypeError(
-            "`fit_batched` does not take a DataModel yet; run `vijax.fit` once per key."
+        if not isinstance(params_batched, bool):
+            raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
+        return _fit_data(
+            keys, family, log_joint, init_params, optimizer=optimizer, num_samples=num_samples,
+            estimator=estimator, run_options=dict(
+                num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+                progress=progress, tol=tol, window=window, patience=patience,
+                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every),
+            auto_stop=False, batch_size=batch_size, batching=batching,
+            local_family=local_family, batched=True, params_batched=params_batched,
         )
+    for name, value, default in (("batch_size", batch_size, None),
+                                 ("local_family", local_family, None),
+                                 ("batching", batching, "epoch")):
+        if value is not default:
+            raise ValueError(
+                f"`{name}` is for data models (`log_joint` a vijax.models.DataModel, from "
+                f"vijax.models.data_model); got {name}={value!r} with a plain log joint."
+            )
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )

@@ -184,22 +184,25 @@ def compiled_chunk(
     chunk_size: int,
     max_nonfinite: int,
     batched: bool,
+    num_args: int = 0,
 ) -> Callable:
     """The ``jit``-compiled chunk of ``make_step()``'s step, cached on ``cache_key``.
 
     ``cache_key`` must identify the algorithm and its settings (the drivers
     use a tuple starting with the driver's name); an unhashable key (an
     unhashable callable inside) compiles without caching. ``batched`` vmaps
-    the chunk over a leading axis of the state.
+    the chunk over a leading axis of the state; ``num_args`` extra arguments
+    of the step (unbatched) follow the chunk's own three.
     """
 
     def build():
         chunk = make_chunk(make_step(), chunk_size, max_nonfinite)
         if batched:
-            chunk = jax.vmap(chunk, in_axes=(0, 0, None))
+            # The extra arguments (a data model's data) are shared by every member.
+            chunk = jax.vmap(chunk, in_axes=(0, 0, None) + (None,) * num_args)
         return jax.jit(chunk)
 
-    return _chunks.get((cache_key, chunk_size, max_nonfinite, batched), build)
+    return _chunks.get((cache_key, chunk_size, max_nonfinite, batched, num_args), build)
 
 
 # --------------------------------------------------------------------------
