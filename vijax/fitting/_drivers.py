@@ -276,14 +276,7 @@ def fit(
             estimator=estimator, run_options=run_options, auto_stop=auto_stop,
             batch_size=batch_size, batching=batching, local_family=local_family,
         )
-    for name, value, default in (("batch_size", batch_size, None),
-                                 ("local_family", local_family, None),
-                                 ("batching", batching, "epoch")):
-        if value is not default:
-            raise ValueError(
-                f"`{name}` is for data models (`log_joint` a vijax.models.DataModel, from "
-                f"vijax.models.data_model); got {name}={value!r} with a plain log joint."
-            )
+    _no_data_options(batch_size, batching, local_family)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
@@ -314,6 +307,18 @@ def fit(
     stopper = AutoStop(family, log_joint, state.key) if auto_stop else None
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
                 stopper)
+
+
+def _no_data_options(batch_size, batching, local_family) -> None:
+    """Raises when a data-model option is given with a plain log joint."""
+    for name, value, default in (("batch_size", batch_size, None),
+                                 ("local_family", local_family, None),
+                                 ("batching", batching, "epoch")):
+        if value is not default:
+            raise ValueError(
+                f"`{name}` is for data models (`log_joint` a vijax.models.DataModel, from "
+                f"vijax.models.data_model); got {name}={value!r} with a plain log joint."
+            )
 
 
 _groups = LRU(32)
@@ -504,14 +509,7 @@ def fit_batched(
             auto_stop=False, batch_size=batch_size, batching=batching,
             local_family=local_family, batched=True, params_batched=params_batched,
         )
-    for name, value, default in (("batch_size", batch_size, None),
-                                 ("local_family", local_family, None),
-                                 ("batching", batching, "epoch")):
-        if value is not default:
-            raise ValueError(
-                f"`{name}` is for data models (`log_joint` a vijax.models.DataModel, from "
-                f"vijax.models.data_model); got {name}={value!r} with a plain log joint."
-            )
+    _no_data_options(batch_size, batching, local_family)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )

@@ -287,6 +287,23 @@ def data_model(
     return model
 
 
+def _check_scalar(fn: Callable, args: list, signature: str, what: str) -> None:
+    """Traces ``fn(*args)`` (abstract values, nothing runs); raises unless it gives a scalar."""
+    name = signature.split("(")[0]
+    try:
+        out = jax.eval_shape(lambda *a: fn(*a), *args)
+    except TypeError as e:
+        raise TypeError(
+            f"`{name}` is called as {signature} for this model (arguments in brackets of "
+            f"the docstring are passed only when the model has them); calling it failed: {e}"
+        ) from e
+    if getattr(out, "shape", None) != ():
+        raise ValueError(
+            f"`{name}` must return a scalar{what} ({signature}); got "
+            f"{getattr(out, 'shape', type(out).__name__)}."
+        )
+
+
 def _check_signatures(model: DataModel) -> None:
     """Traces ``log_lik`` on one datum (and ``log_prior``) to check they return scalars."""
     row = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), model.data)
@@ -296,25 +313,9 @@ def _check_signatures(model: DataModel) -> None:
     names = (["z"] if model.latent is not None else []) + (
         ["theta"] if model.theta is not None else []) + ["x_i"] + (
         ["z_i"] if model.local_latent is not None else [])
-    signature = f"log_lik({', '.join(names)})"
-    try:
-        out = jax.eval_shape(lambda *a: model.log_lik(*a), *model._lik_args(z, theta, row, zl))
-    except TypeError as e:
-        raise TypeError(
-            f"`log_lik` is called as {signature} for this model (arguments in brackets of "
-            f"the docstring are passed only when the model has them); calling it failed: {e}"
-        ) from e
-    if getattr(out, "shape", None) != ():
-        raise ValueError(
-            f"`log_lik` must return a scalar for one datum ({signature}); got "
-            f"{getattr(out, 'shape', type(out).__name__)}."
-        )
+    _check_scalar(model.log_lik, model._lik_args(z, theta, row, zl),
+                  f"log_lik({', '.join(names)})", " for one datum")
     if model.log_prior is not None:
         args = [z] + ([theta] if model.theta is not None else [])
-        psig = "log_prior(z, theta)" if model.theta is not None else "log_prior(z)"
-        try:
-            out = jax.eval_shape(lambda *a: model.log_prior(*a), *args)
-        except TypeError as e:
-            raise TypeError(f"`log_prior` is called as {psig} for this model; calling it failed: {e}") from e
-        if getattr(out, "shape", None) != ():
-            raise ValueError(f"`log_prior` must return a scalar ({psig}); got {getattr(out, 'shape', out)}.")
+        _check_scalar(model.log_prior, args,
+                      "log_prior(z, theta)" if model.theta is not None else "log_prior(z)", "")
