@@ -514,3 +514,20 @@ def test_eight_device_sharded_fit_equals_one_device_fit():
     proc = subprocess.run([sys.executable, "-c", SHARDED], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_checkpoint_of_a_data_fit_with_per_group_optimizers_resumes_bitwise(rng, tmp_path):
+    x, y = blr_data(rng)
+    model = blr_theta_model(x.astype(np.float32), y.astype(np.float32))
+    family = vijax.mean_field()
+    init = vijax.JointParams(q=family.init(model.latent), theta=model.theta)
+    kw = dict(optimizer={"q": optax.adam(1e-2), "theta": optax.sgd(1e-3)}, batch_size=10,
+              progress=False)
+    first = vijax.fit(jax.random.key(0), family, model, init, num_steps=40,
+                      checkpoint_dir=tmp_path, **kw)
+    loaded = vijax.load_checkpoint(tmp_path / "fit_state.npz")
+    assert isinstance(loaded.params, vijax.JointParams)
+    a = vijax.fit(None, family, model, loaded, num_steps=10, **kw)
+    b = vijax.fit(None, family, model, first.state, num_steps=10, **kw)
+    for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(u, v)
