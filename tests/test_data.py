@@ -531,3 +531,18 @@ def test_checkpoint_of_a_data_fit_with_per_group_optimizers_resumes_bitwise(rng,
     b = vijax.fit(None, family, model, first.state, num_steps=10, **kw)
     for u, v in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
         np.testing.assert_array_equal(u, v)
+
+
+def test_data_elbo_under_jit_with_params_closed_over_or_passed(rng):
+    x, w, mu, s = ppca_problem(rng)
+    model = ppca_model(x.astype(np.float32), 2, s, w.astype(np.float32), mu.astype(np.float32))
+    local = vijax.families.amortized(linear_encoder, vijax.mean_field())
+    params = vijax.JointParams(theta=model.theta, encoder={
+        "a": jnp.zeros((2, 4)), "b": jnp.zeros(2), "raw": jnp.zeros(2)})
+    key = jax.random.key(0)
+    closed = jax.jit(lambda k: vijax.data.data_elbo(k, params, None, model, num_samples=2,
+                                                    local_family=local, batch_size=8))(key)
+    passed = jax.jit(lambda k, p: vijax.data.data_elbo(k, p, None, model, num_samples=2,
+                                                       local_family=local, batch_size=8))(key, params)
+    np.testing.assert_allclose(closed, passed, rtol=1e-6)
+    assert np.isfinite(closed)

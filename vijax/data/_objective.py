@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vijax import _checks
 from vijax._objectives import (
@@ -210,7 +211,7 @@ def _check_floats(p: JointParams, name: Optional[str]) -> None:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"`{where}` must hold floating-point arrays; got dtype {dtype}.")
         dtypes.add(dtype)
-        if _checks.is_concrete(leaf) and not bool(jnp.all(jnp.isfinite(leaf))):
+        if _checks.is_concrete(leaf) and not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"`{where}` must be finite; got non-finite entries.")
     if len(dtypes) != 1:
         raise TypeError(
