@@ -52,9 +52,14 @@ def test_big_data_quick_run_writes_its_table(tmp_path):
         assert r["runs"][0]["peak_reset"] in (True, False)
 
     dev = stored["devices"]
-    assert set(dev) == {"1", "2"}
-    assert [dev[k]["runs"][0]["devices_seen"] for k in ("1", "2")] == [1, 2]
-    assert all(math.isfinite(d["median_steps_per_s"]) for d in dev.values())
+    assert set(dev) == {"vijax", "lean"}
+    for per_k in dev.values():
+        assert set(per_k) == {"1", "2"}
+        assert [per_k[k]["runs"][0]["devices_seen"] for k in ("1", "2")] == [1, 2]
+        assert all(math.isfinite(d["median_steps_per_s"]) for d in per_k.values())
+        # Sharding the rows changes where the work runs, not what is computed.
+        one, two = per_k["1"]["loc_round0"], per_k["2"]["loc_round0"]
+        assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
 
     v = stored["verdict"]["per_n"][str(N)]
     assert v["numpyro_best"] == "numpyro_scan"
