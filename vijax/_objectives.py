@@ -95,9 +95,24 @@ def check_estimator_names(
     return names
 
 
+def _map_draws(fn: Callable, z: ArrayTree, num_samples: int) -> Any:
+    """``vmap(fn)(z)``; with one draw, ``fn`` on it with the axis put back.
+
+    A ``vmap`` over an axis of size 1 is not free on XLA CPU: measured 30%
+    of a cheap minibatch step (60.6 against 41.6 us at d = 100, B = 1024),
+    where the batched matrix products it leaves behind are slower than plain
+    ones.
+    """
+    if num_samples == 1:
+        return jax.tree_util.tree_map(
+            lambda a: jnp.expand_dims(jnp.asarray(a), 0),
+            fn(jax.tree_util.tree_map(lambda a: a[0], z)))
+    return jax.vmap(fn)(z)
+
+
 def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> jax.Array:
     """``vmap(log_joint)(z)`` with a check that each call returns a scalar."""
-    out = jnp.asarray(jax.vmap(log_joint)(z))
+    out = jnp.asarray(_map_draws(log_joint, z, num_samples))
     if out.shape != (num_samples,):
         raise ValueError(
             "`log_joint` must return a scalar for one latent; got output shape "
@@ -108,8 +123,9 @@ def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> ja
 
 def batched_log_prob(family: VariationalFamily, params, z: ArrayTree) -> jax.Array:
     """``log q(z_s)`` for every sample ``z_s`` along the leading axis of ``z``."""
-    out = jax.vmap(functools.partial(family.log_prob, params))(z)
-    return check_log_prob(family, out, jax.tree_util.tree_leaves(z)[0].shape[0])
+    num_samples = jax.tree_util.tree_leaves(z)[0].shape[0]
+    out = _map_draws(functools.partial(family.log_prob, params), z, num_samples)
+    return check_log_prob(family, out, num_samples)
 
 
 def _sums_of_others(x: jax.Array) -> jax.Array:
