@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax import _checks, _tree
+from vijax import _blas, _checks, _tree
 from vijax._cache import LRU
 from vijax.fitting._checkpoint import CHECKPOINT_NAME, save_checkpoint
 from vijax.fitting._progress import make_bar, progress_default
@@ -317,6 +317,10 @@ def run(
             n = min(n, stopper.next_check(here) - here)
         return n
 
+    # One BLAS thread while the chunks run (vijax/_blas.py): OpenBLAS's own
+    # threading collapses under load on the small LAPACK calls of a step.
+    blas = _blas.limited()
+    blas.__enter__()
     pending = compiled(state, nonfinite, size(0), *args)
     try:
         while True:
@@ -392,6 +396,7 @@ def run(
             stacklevel=3,
         )
     finally:
+        blas.__exit__(None, None, None)
         if bar is not None:
             bar.close()
     if checkpoint_dir is not None and start_step + done > last_saved:
