@@ -207,3 +207,77 @@ def test_errors(rng):
         )
     assert err.value.step == 4
     chex.assert_trees_all_close(err.value.state.params, init)
+
+
+def test_kl_between_matches_the_closed_form_in_numpy(x64, rng):
+    from vijax.algorithms._bam import kl_between
+
+    d = 4
+    la = np.tril(rng.normal(size=(d, d))) + 3 * np.eye(d)
+    lb = np.tril(rng.normal(size=(d, d))) + 2 * np.eye(d)
+    ma, mb = rng.normal(size=d), rng.normal(size=d)
+    sa, sb = la @ la.T, lb @ lb.T
+    sb_inv = np.linalg.inv(sb)  # the reference only
+    want = 0.5 * (np.trace(sb_inv @ sa) + (mb - ma) @ sb_inv @ (mb - ma) - d
+                  + np.log(np.linalg.det(sb) / np.linalg.det(sa)))
+    got = kl_between(jnp.asarray(ma), jnp.asarray(la), jnp.asarray(mb), jnp.asarray(lb))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+
+
+def test_trust_region_caps_the_step_kl(x64, rng):
+    from vijax.algorithms._bam import kl_between, trust_region
+
+    d = 5
+    mu, tril = jnp.zeros(d), jnp.eye(d)
+    new_mu = jnp.asarray(rng.normal(size=d))
+    new_tril = jnp.asarray(np.tril(0.1 * rng.normal(size=(d, d))) + 1.3 * np.eye(d))
+    full = float(kl_between(new_mu, new_tril, mu, tril))
+    # Inside the region: untouched.
+    m, t, alpha = trust_region(mu, tril, new_mu, new_tril, 2 * full)
+    assert float(alpha) == 1.0 and np.array_equal(m, new_mu)
+    # Outside: shrunk to about the radius (the KL is nearly quadratic here).
+    radius = full / 25
+    m, t, alpha = trust_region(mu, tril, new_mu, new_tril, radius)
+    assert 0 < float(alpha) < 1
+    assert np.all(np.diagonal(t) > 0)
+    np.testing.assert_allclose(float(kl_between(m, t, mu, tril)), radius, rtol=0.3)
+
+
+def test_trust_region_keeps_bam_finite_where_plain_bam_failed():
+    """Stochastic volatility (d = 103, B = 32): plain BaM jumped to a mean of 3e10 on its
+    third step and raised FitError; with the default trust region no step is skipped."""
+    model = vijax.models.stochastic_volatility()
+    family = vijax.full_rank()
+    kw = dict(num_steps=40, batch_size=32, progress=False, chunk_size=40)
+    with pytest.raises(vijax.FitError):
+        vijax.batch_and_match(jax.random.key(0), model.log_joint, family.init(model.latent),
+                              max_kl=None, **kw)
+    result = vijax.batch_and_match(jax.random.key(0), model.log_joint,
+                                   family.init(model.latent), **kw)
+    assert result.num_skipped == 0
+    assert np.all(np.isfinite(result.trace.elbo))
+    assert result.trace.elbo[-5:].mean() > result.trace.elbo[:5].mean()
+
+
+def test_an_overflowing_update_is_rejected_without_a_nan_reaching_a_decomposition(rng):
+    """float32 scores of 1e30 overflow W = M^T M: the matrix is zeroed before eigh and the
+    step rejected; the parameters stay finite."""
+    family = vijax.full_rank(init_scale=1.0)
+
+    def log_joint(z):
+        return -1e30 * jnp.sum(z)  # finite values and scores whose squares overflow
+
+    result = vijax.batch_and_match(jax.random.key(0), log_joint,
+                                   family.init(jnp.zeros(3, jnp.float32)), num_steps=3,
+                                   batch_size=4, progress=False, max_nonfinite=10)
+    assert result.num_skipped == 3
+    for leaf in jax.tree_util.tree_leaves(result.params):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def test_max_kl_is_checked(rng):
+    model = _blr(rng, d=3, dtype=np.float32)
+    with pytest.raises(ValueError, match="`max_kl` must be positive"):
+        vijax.batch_and_match(jax.random.key(0), model.log_joint,
+                              vijax.full_rank().init(model.latent), num_steps=1,
+                              batch_size=4, max_kl=0.0, progress=False)
