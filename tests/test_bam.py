@@ -210,7 +210,7 @@ def test_errors(rng):
 
 
 def test_kl_between_matches_the_closed_form_in_numpy(x64, rng):
-    from vijax.algorithms._bam import kl_between
+    from vijax.algorithms._score import kl_between
 
     d = 4
     la = np.tril(rng.normal(size=(d, d))) + 3 * np.eye(d)
@@ -225,7 +225,7 @@ def test_kl_between_matches_the_closed_form_in_numpy(x64, rng):
 
 
 def test_trust_region_caps_the_step_kl(x64, rng):
-    from vijax.algorithms._bam import kl_between, trust_region
+    from vijax.algorithms._score import kl_between, trust_region
 
     d = 5
     mu, tril = jnp.zeros(d), jnp.eye(d)

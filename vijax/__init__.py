@@ -28,6 +28,7 @@ module                         owns
 ``vijax.optim._natural``       :func:`natural_gradient` (an optax transformation), :class:`NaturalGradientState`
 ``vijax.optim._averaging``     :func:`iterate_average` (wraps any optax optimizer), :func:`averaged_params`
 ``vijax.algorithms._bam``      :func:`batch_and_match`, :func:`make_bam_step`
+``vijax.algorithms._gsm``      :func:`gaussian_score_matching`, :func:`make_gsm_step`
 =============================  ==========================================
 """
 
@@ -44,6 +45,8 @@ from vijax.data._objective import JointParams
 from vijax._exact import exact_kl
 from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
+from vijax.algorithms._gsm import gaussian_score_matching
+from vijax.algorithms._gsm import make_gsm_step
 from vijax.diagnostics._diagnose import Diagnosis
 from vijax.diagnostics._diagnose import diagnose
 from vijax.diagnostics._plots import plot_marginals
@@ -123,6 +126,7 @@ __all__ = [
     "flows",
     "full_rank",
     "gaussian_kl",
+    "gaussian_score_matching",
     "init_fit_state",
     "interop",
     "iterate_average",
@@ -130,6 +134,7 @@ __all__ = [
     "load_checkpoint",
     "low_rank",
     "make_bam_step",
+    "make_gsm_step",
     "make_step",
     "mean_field",
     "models",

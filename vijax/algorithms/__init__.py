@@ -1,7 +1,26 @@
-"""Fitting algorithms other than optax on the ELBO, each an ``(init, step)`` pair run by the engine."""
+"""Fitting algorithms other than optax on the ELBO, each an ``(init, step)`` pair run by the engine.
+
+======================  ==========================================================
+module                  owns
+======================  ==========================================================
+``_score``              the guarded score-based step, the KL trust region, the shared driver
+``_bam``                :func:`batch_and_match` (Cai et al. 2024)
+``_gsm``                :func:`gaussian_score_matching` (Modi et al. 2023)
+======================  ==========================================================
+"""
 
 from vijax.algorithms._bam import bam_algorithm
 from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
+from vijax.algorithms._gsm import gaussian_score_matching
+from vijax.algorithms._gsm import gsm_algorithm
+from vijax.algorithms._gsm import make_gsm_step
 
-__all__ = ["bam_algorithm", "batch_and_match", "make_bam_step"]
+__all__ = [
+    "bam_algorithm",
+    "batch_and_match",
+    "gaussian_score_matching",
+    "gsm_algorithm",
+    "make_bam_step",
+    "make_gsm_step",
+]

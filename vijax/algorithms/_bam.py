@@ -53,26 +53,23 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
-from vijax._gaussian import CholeskyScale, Gaussian
-from vijax.families._gaussian import FullRankParams, full_rank
-from vijax.families._protocol import check_params
-from vijax.fitting._engine import (
-    Algorithm,
-    check_resume_key,
-    check_run_options,
-    compiled_chunk,
-    resume_state,
-    run,
+from vijax.algorithms._score import (
+    DEFAULT_MAX_KL,
+    algorithm_of,
+    check_common,
+    check_max_kl,
+    finite_or_zero,
+    run_score_algorithm,
+    score_step,
 )
+from vijax.families._gaussian import FullRankParams
+from vijax.fitting._engine import Algorithm
 from vijax.fitting._types import FitInfo, FitResult, FitState
 
 ArrayTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
-
-_FAMILY = full_rank()
 
 
 def _lower_from_qr(a: jax.Array) -> jax.Array:
@@ -80,41 +77,6 @@ def _lower_from_qr(a: jax.Array) -> jax.Array:
     r = jnp.linalg.qr(a, mode="r")
     sign = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(r.dtype)
     return (r * sign[:, None]).T
-
-
-def _finite_or_zero(a: jax.Array) -> jax.Array:
-    """``a`` if every entry is finite, else zeros (so a decomposition never sees inf or nan)."""
-    return jnp.where(jnp.all(jnp.isfinite(a)), a, jnp.zeros_like(a))
-
-
-def kl_between(mu_a, tril_a, mu_b, tril_b) -> jax.Array:
-    """``KL(N(mu_a, L_a L_a^T) || N(mu_b, L_b L_b^T))`` with triangular solves (no inverse)."""
-    d = mu_a.shape[0]
-    a = jax.scipy.linalg.solve_triangular(tril_b, tril_a, lower=True)
-    delta = jax.scipy.linalg.solve_triangular(tril_b, mu_a - mu_b, lower=True)
-    log_det = jnp.sum(jnp.log(jnp.diagonal(tril_b))) - jnp.sum(jnp.log(jnp.diagonal(tril_a)))
-    return 0.5 * (jnp.sum(jnp.square(a)) + jnp.sum(jnp.square(delta)) - d) + log_det
-
-
-def trust_region(mu, tril, new_mu, new_tril, radius):
-    """The BaM step shrunk towards ``(mu, tril)`` until ``KL(new || old) <~ radius``.
-
-    One shot, no loop: with ``k = KL(new || old)`` both the mean and the
-    Cholesky factor move by ``alpha = min(1, sqrt(radius / k))`` of the way
-    (a convex combination of two lower-triangular factors with positive
-    diagonals is one too, so q stays a valid Gaussian). For a small step the
-    KL is quadratic in ``alpha``, so the shrunk step's KL is about
-    ``radius``. A KL that is not finite gives ``alpha = nan`` and a
-    non-finite step (rejected by the caller). Returns ``(mu, tril, alpha)``.
-    """
-    kl = kl_between(new_mu, new_tril, mu, tril)
-    alpha = jnp.where(
-        jnp.isfinite(kl) & (kl > radius), jnp.sqrt(radius / jnp.where(kl > 0, kl, 1.0)), 1.0
-    )
-    # A KL that is not finite (an overflow, or a non-finite step) makes the
-    # step non-finite, so the caller rejects it.
-    alpha = jnp.where(jnp.isfinite(kl), alpha, jnp.nan).astype(mu.dtype)
-    return mu + alpha * (new_mu - mu), tril + alpha * (new_tril - tril), alpha
 
 
 def bam_update(mu, tril, z, scores, lam):
@@ -157,13 +119,13 @@ def bam_update(mu, tril, z, scores, lam):
     # LAPACK in a futex wait): a zero matrix instead, and the mean returned
     # is then nan, so the caller rejects the step.
     w_ok = jnp.all(jnp.isfinite(w_mat))
-    w_mat = _finite_or_zero(w_mat)
+    w_mat = finite_or_zero(w_mat)
     w, vecs = jnp.linalg.eigh(w_mat)
     w = jnp.maximum(w, 0.0)
     t = 2.0 / (1.0 + jnp.sqrt(1.0 + 4.0 * w))
     f = (r @ vecs) * jnp.sqrt(t)[None, :]  # Sigma_new = F F^T
     f_ok = jnp.all(jnp.isfinite(f))
-    new_tril = _lower_from_qr(_finite_or_zero(f.T))
+    new_tril = _lower_from_qr(finite_or_zero(f.T))
     sigma_g = new_tril @ (new_tril.T @ g_bar)
     new_mu = mu / (1.0 + lam) + shrink * (sigma_g + z_bar)
     # A zeroed matrix gave a wrong step: make it non-finite, so it is rejected.
@@ -177,30 +139,6 @@ def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
     return _checks.check_positive_float(
         "learning_rate", learning_rate,
         also=", None or a schedule (a callable of the step)",
-    )
-
-
-DEFAULT_MAX_KL = 1.0
-
-
-def _check_max_kl(max_kl) -> Optional[float]:
-    if max_kl is None:
-        return None
-    return _checks.check_positive_float("max_kl", max_kl, also=" or None")
-
-
-def _check_init_params(init_params) -> FullRankParams:
-    if isinstance(init_params, FullRankParams):
-        return check_params("init_params", init_params, _FAMILY)
-    if isinstance(init_params, FitState):
-        raise TypeError(
-            "`init_params` must be FullRankParams; got a FitState. To continue a "
-            "run, pass it as `init_params` with `key=None`."
-        )
-    raise ValueError(
-        "batch_and_match supports the full-rank Gaussian family only: `init_params` "
-        "must be FullRankParams (from vijax.full_rank().init(latent)); got "
-        f"{type(init_params).__name__}."
     )
 
 
@@ -241,68 +179,20 @@ def make_bam_step(
         raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     learning_rate = _check_learning_rate(learning_rate)
-    max_kl = _check_max_kl(max_kl)
+    max_kl = check_max_kl(max_kl)
 
-    def step(state: FitState) -> tuple[FitState, FitInfo]:
-        params = state.params
-        q = _FAMILY.to_gaussian(params)
-        mu, tril = q.mean, jnp.tril(q.scale.tril)
-        dtype = mu.dtype
-        d = mu.shape[0]
-        radius = None if max_kl is None else jnp.asarray(max_kl * d, dtype)
-        unravel = ravel_pytree(params.loc)[1]
-        key = jax.random.fold_in(state.key, state.step)
-        z = q.sample(key, (batch_size,))
-
-        def flat_log_joint(x):
-            out = log_joint(unravel(x))
-            if jnp.shape(out) != ():
-                raise ValueError(
-                    "`log_joint` must return a scalar for one latent; got shape "
-                    f"{jnp.shape(out)}."
-                )
-            return out
-
-        log_p, scores = jax.vmap(jax.value_and_grad(flat_log_joint))(z)
+    def update(mu, tril, z, scores, step):
         if learning_rate is None:
-            lam = 100.0 * batch_size * d / (state.step + 1.0)
+            lam = 100.0 * batch_size * mu.shape[0] / (step + 1.0)
         elif callable(learning_rate):
-            lam = learning_rate(state.step)
+            lam = learning_rate(step)
         else:
             lam = learning_rate
-        lam = jnp.asarray(lam, dtype)
-        scores = scores.astype(dtype)
-        inputs_ok = jnp.all(jnp.isfinite(log_p)) & jnp.all(jnp.isfinite(scores))
-        # A rejected batch still runs the update (a select, not a branch, so
-        # the step vmaps), on zero scores: no decomposition sees a nan.
-        new_mu, new_tril = bam_update(
-            mu, tril, z, jnp.where(inputs_ok, scores, jnp.zeros_like(scores)), lam)
-        if max_kl is not None:
-            new_mu, new_tril, _ = trust_region(mu, tril, new_mu, new_tril, radius)
-        new_params = _FAMILY.from_gaussian(
-            Gaussian(new_mu, CholeskyScale(new_tril)), params.loc
-        )
-        elbo = jnp.mean(log_p - q.log_prob(z)).astype(dtype)
-        grad_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.mean(scores, axis=0))))
-        ok = (
-            jnp.isfinite(elbo)
-            & inputs_ok
-            & jnp.all(jnp.isfinite(new_mu))
-            & jnp.all(jnp.isfinite(new_tril))
-            & jnp.all(jnp.diagonal(new_tril) > 0)
-            & (lam > 0)
-        )
-        new_params = jax.tree_util.tree_map(
-            lambda a, b: jnp.where(ok, a, b), new_params, params
-        )
-        new_state = FitState(
-            params=new_params, opt_state=state.opt_state, step=state.step + 1,
-            key=state.key,
-        )
-        info = FitInfo(elbo=elbo, grad_norm=grad_norm.astype(dtype), skipped=~ok)
-        return new_state, info
+        lam = jnp.asarray(lam, mu.dtype)
+        new_mu, new_tril = bam_update(mu, tril, z, scores, lam)
+        return new_mu, new_tril, lam > 0
 
-    return step
+    return score_step(log_joint, update, batch_size=batch_size, max_kl=max_kl)
 
 
 def batch_and_match(
@@ -420,40 +310,15 @@ def batch_and_match(
       >>> float(vijax.exact_kl(result.params, vijax.full_rank(), model)) < 1e-3
       True
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
-    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    batch_size, max_kl, options = check_common(
+        log_joint, batch_size, max_kl, num_steps, chunk_size, max_nonfinite, progress,
+        checkpoint_dir, checkpoint_every)
     learning_rate = _check_learning_rate(learning_rate)
-    options = check_run_options(
-        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
-        progress=progress, checkpoint_dir=checkpoint_dir,
-        checkpoint_every=checkpoint_every,
-    )
-    max_kl = _check_max_kl(max_kl)
     algorithm = bam_algorithm(
         log_joint, batch_size=batch_size, learning_rate=learning_rate, max_kl=max_kl)
-    if isinstance(init_params, FitState):
-        check_resume_key("key", key)
-        _check_init_params(init_params.params)
-        state = resume_state(init_params, batched=False)
-    else:
-        params = _check_init_params(init_params)
-        state = algorithm.init(_checks.typed_key("key", key), params)
-    compiled = compiled_chunk(
-        ("batch_and_match", log_joint, batch_size, learning_rate, max_kl),
-        lambda: algorithm.step,
-        chunk_size=options.chunk_size,
-        max_nonfinite=options.max_nonfinite,
-        batched=False,
-    )
-    return run(
-        compiled, state, options, batched=False, desc="batch_and_match",
-        failure=(
-            "had non-finite log densities or scores (grad log_joint) at the "
-            "sampled latents, or a non-finite update",
-            "Check log_joint for regions where it or its gradient is nan/inf.",
-        ),
-    )
+    return run_score_algorithm(
+        "batch_and_match", ("batch_and_match", log_joint, batch_size, learning_rate, max_kl),
+        algorithm, key, init_params, options)
 
 
 def bam_algorithm(
@@ -468,10 +333,5 @@ def bam_algorithm(
     ``init(key, params)`` starts at step 0 with no optimizer state (``()``);
     ``step`` is :func:`make_bam_step`.
     """
-    step = make_bam_step(log_joint, batch_size=batch_size, learning_rate=learning_rate,
-                         max_kl=max_kl)
-
-    def init(key, params):
-        return FitState(params=params, opt_state=(), step=jnp.zeros((), jnp.int32), key=key)
-
-    return Algorithm(init=init, step=step)
+    return algorithm_of(make_bam_step(
+        log_joint, batch_size=batch_size, learning_rate=learning_rate, max_kl=max_kl))

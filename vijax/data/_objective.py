@@ -93,16 +93,17 @@ def _scaled_family(family: Optional[VariationalFamily], local: AmortizedFamily, 
             out = out + family.log_prob(params[0], zg)
         return out
 
-    entropy = None
     local_h = lf.entropy or (lf.to_gaussian and (lambda p: lf.to_gaussian(p).entropy()))
     global_h = None if family is None else (
         family.entropy or (family.to_gaussian and (lambda p: family.to_gaussian(p).entropy())))
-    if local_h and (family is None or global_h):
-        def entropy(params):
-            out = scale * jnp.sum(jax.vmap(local_h)(local_params(params[1])))
-            if family is not None:
-                out = out + global_h(params[0])
-            return out
+
+    def closed_entropy(params):
+        out = scale * jnp.sum(jax.vmap(local_h)(local_params(params[1])))
+        if family is not None:
+            out = out + global_h(params[0])
+        return out
+
+    entropy = closed_entropy if local_h and (family is None or global_h) else None
 
     return VariationalFamily(
         init=lambda latent: None, sample=sample, log_prob=log_prob, entropy=entropy,

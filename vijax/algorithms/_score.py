@@ -1,0 +1,214 @@
+"""What the score-based Gaussian algorithms share: the guarded step, the trust region, the driver.
+
+Batch-and-match (:mod:`vijax.algorithms._bam`) and Gaussian score matching
+(:mod:`vijax.algorithms._gsm`) both draw a batch from the current full-rank
+Gaussian ``q_t``, evaluate ``grad log p`` there and move to a closed-form new
+Gaussian. :func:`score_step` is that loop body, given the closed-form update:
+it guards it (no decomposition sees a non-finite matrix; a step with
+non-finite log densities, scores or results is rejected), caps
+``KL(q_{t+1} || q_t)`` with :func:`trust_region`, and reports the ELBO
+estimate of the batch. :func:`run_score_algorithm` is the driver both
+public functions call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from vijax import _checks
+from vijax._gaussian import CholeskyScale, Gaussian
+from vijax.families._gaussian import FullRankParams, full_rank
+from vijax.families._protocol import check_params
+from vijax.fitting._engine import (
+    Algorithm,
+    check_resume_key,
+    check_run_options,
+    compiled_chunk,
+    resume_state,
+    run,
+)
+from vijax.fitting._types import FitInfo, FitResult, FitState
+
+ArrayTree = Any
+FAMILY = full_rank()
+DEFAULT_MAX_KL = 1.0
+
+
+def finite_or_zero(a: jax.Array) -> jax.Array:
+    """``a`` if every entry is finite, else zeros (so a decomposition never sees inf or nan)."""
+    return jnp.where(jnp.all(jnp.isfinite(a)), a, jnp.zeros_like(a))
+
+
+def kl_between(mu_a, tril_a, mu_b, tril_b) -> jax.Array:
+    """``KL(N(mu_a, L_a L_a^T) || N(mu_b, L_b L_b^T))`` with triangular solves (no inverse)."""
+    d = mu_a.shape[0]
+    a = jax.scipy.linalg.solve_triangular(tril_b, tril_a, lower=True)
+    delta = jax.scipy.linalg.solve_triangular(tril_b, mu_a - mu_b, lower=True)
+    log_det = jnp.sum(jnp.log(jnp.diagonal(tril_b))) - jnp.sum(jnp.log(jnp.diagonal(tril_a)))
+    return 0.5 * (jnp.sum(jnp.square(a)) + jnp.sum(jnp.square(delta)) - d) + log_det
+
+
+def trust_region(mu, tril, new_mu, new_tril, radius):
+    """The step shrunk towards ``(mu, tril)`` until ``KL(new || old) <~ radius``.
+
+    One shot, no loop: with ``k = KL(new || old)`` both the mean and the
+    Cholesky factor move by ``alpha = min(1, sqrt(radius / k))`` of the way
+    (a convex combination of two lower-triangular factors with positive
+    diagonals is one too, so q stays a valid Gaussian). For a small step the
+    KL is quadratic in ``alpha``, so the shrunk step's KL is about
+    ``radius``. A KL that is not finite gives ``alpha = nan`` and a
+    non-finite step (rejected by the caller). Returns ``(mu, tril, alpha)``.
+    """
+    kl = kl_between(new_mu, new_tril, mu, tril)
+    alpha = jnp.where(
+        jnp.isfinite(kl) & (kl > radius), jnp.sqrt(radius / jnp.where(kl > 0, kl, 1.0)), 1.0
+    )
+    # A KL that is not finite (an overflow, or a non-finite step) makes the
+    # step non-finite, so the caller rejects it.
+    alpha = jnp.where(jnp.isfinite(kl), alpha, jnp.nan).astype(mu.dtype)
+    return mu + alpha * (new_mu - mu), tril + alpha * (new_tril - tril), alpha
+
+
+def check_max_kl(max_kl) -> Optional[float]:
+    if max_kl is None:
+        return None
+    return _checks.check_positive_float("max_kl", max_kl, also=" or None")
+
+
+def check_init_params(init_params, name: str) -> FullRankParams:
+    if isinstance(init_params, FullRankParams):
+        return check_params("init_params", init_params, FAMILY)
+    if isinstance(init_params, FitState):
+        raise TypeError(
+            "`init_params` must be FullRankParams; got a FitState. To continue a "
+            "run, pass it as `init_params` with `key=None`."
+        )
+    raise ValueError(
+        f"{name} supports the full-rank Gaussian family only: `init_params` "
+        "must be FullRankParams (from vijax.full_rank().init(latent)); got "
+        f"{type(init_params).__name__}."
+    )
+
+
+# ``update(mu, tril, z, scores, step) -> (new_mu, new_tril, ok)``: the
+# closed-form move from one batch (``z``, ``scores``: (B, d)), ``ok`` a bool
+# scalar that is False when the move is invalid (e.g. a learning rate <= 0).
+Update = Callable[..., tuple]
+
+
+def score_step(
+    log_joint: Callable[[ArrayTree], jax.Array],
+    update: Update,
+    *,
+    batch_size: int,
+    max_kl: Optional[float],
+) -> Callable[[FitState], tuple[FitState, FitInfo]]:
+    """Returns the guarded ``step(state) -> (state, info)`` of a score-based update.
+
+    The contract of :func:`vijax.make_step`: noise from ``fold_in(state.key,
+    state.step)``; a step whose log densities, scores or updated parameters
+    are not finite leaves the parameters unchanged and sets
+    ``info.skipped``; ``opt_state`` is unused. ``info.elbo`` is ``mean_b
+    [log p(z_b) - log q(z_b)]`` and ``info.grad_norm`` the norm of the batch
+    mean score. Arguments are assumed checked.
+    """
+
+    def step(state: FitState) -> tuple[FitState, FitInfo]:
+        params = state.params
+        q = FAMILY.to_gaussian(params)
+        mu, tril = q.mean, jnp.tril(q.scale.tril)
+        dtype = mu.dtype
+        d = mu.shape[0]
+        unravel = ravel_pytree(params.loc)[1]
+        key = jax.random.fold_in(state.key, state.step)
+        z = q.sample(key, (batch_size,))
+
+        def flat_log_joint(x):
+            out = log_joint(unravel(x))
+            if jnp.shape(out) != ():
+                raise ValueError(
+                    "`log_joint` must return a scalar for one latent; got shape "
+                    f"{jnp.shape(out)}."
+                )
+            return out
+
+        log_p, scores = jax.vmap(jax.value_and_grad(flat_log_joint))(z)
+        scores = scores.astype(dtype)
+        inputs_ok = jnp.all(jnp.isfinite(log_p)) & jnp.all(jnp.isfinite(scores))
+        # A rejected batch still runs the update (a select, not a branch, so
+        # the step vmaps), on zero scores: no decomposition sees a nan.
+        new_mu, new_tril, update_ok = update(
+            mu, tril, z, jnp.where(inputs_ok, scores, jnp.zeros_like(scores)), state.step)
+        if max_kl is not None:
+            new_mu, new_tril, _ = trust_region(
+                mu, tril, new_mu, new_tril, jnp.asarray(max_kl * d, dtype))
+        new_params = FAMILY.from_gaussian(Gaussian(new_mu, CholeskyScale(new_tril)), params.loc)
+        elbo = jnp.mean(log_p - q.log_prob(z)).astype(dtype)
+        grad_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.mean(scores, axis=0))))
+        ok = (
+            jnp.isfinite(elbo)
+            & inputs_ok
+            & update_ok
+            & jnp.all(jnp.isfinite(new_mu))
+            & jnp.all(jnp.isfinite(new_tril))
+            & jnp.all(jnp.diagonal(new_tril) > 0)
+        )
+        new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
+        new_state = FitState(
+            params=new_params, opt_state=state.opt_state, step=state.step + 1, key=state.key,
+        )
+        info = FitInfo(elbo=elbo, grad_norm=grad_norm.astype(dtype), skipped=~ok)
+        return new_state, info
+
+    return step
+
+
+def algorithm_of(step) -> Algorithm:
+    """The engine's Algorithm for a score step: no optimizer state (``()``)."""
+
+    def init(key, params):
+        return FitState(params=params, opt_state=(), step=jnp.zeros((), jnp.int32), key=key)
+
+    return Algorithm(init=init, step=step)
+
+
+def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params, options
+                        ) -> FitResult:
+    """The driver of :func:`vijax.batch_and_match` and :func:`vijax.gaussian_score_matching`."""
+    if isinstance(init_params, FitState):
+        check_resume_key("key", key)
+        check_init_params(init_params.params, name)
+        state = resume_state(init_params, batched=False)
+    else:
+        params = check_init_params(init_params, name)
+        state = algorithm.init(_checks.typed_key("key", key), params)
+    compiled = compiled_chunk(
+        cache_key, lambda: algorithm.step, chunk_size=options.chunk_size,
+        max_nonfinite=options.max_nonfinite, batched=False,
+    )
+    return run(
+        compiled, state, options, batched=False, desc=name,
+        failure=(
+            "had non-finite log densities or scores (grad log_joint) at the "
+            "sampled latents, or a non-finite update",
+            "Check log_joint for regions where it or its gradient is nan/inf.",
+        ),
+    )
+
+
+def check_common(log_joint, batch_size, max_kl, num_steps, chunk_size, max_nonfinite, progress,
+                 checkpoint_dir, checkpoint_every):
+    """The checks both drivers share; returns ``(batch_size, max_kl, options)``."""
+    if not callable(log_joint):
+        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    max_kl = check_max_kl(max_kl)
+    options = check_run_options(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+    )
+    return batch_size, max_kl, options
