@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax import _checks
+from vijax import _checks, _tree
 from vijax._objectives import (
     ADAPTIVE_ESTIMATORS,
     DEFAULT_ESTIMATOR,
@@ -115,7 +115,7 @@ def batch_elbo(key, params: JointParams, family, local_family, model: DataModel,
                scale, *, num_samples: int, estimator: str) -> jax.Array:
     """The ELBO surrogate of one batch (rows ``batch``, weight ``scale``); arguments checked."""
     theta = params.theta
-    scale = jnp.asarray(scale, _tree_dtype(params))
+    scale = jnp.asarray(scale, _tree.float_dtype(params))
     if local_family is None:
         def log_joint(z):
             return model.batch_log_joint(z, theta, batch, None, scale)
@@ -130,11 +130,6 @@ def batch_elbo(key, params: JointParams, family, local_family, model: DataModel,
     product = _scaled_family(family, local_family, batch, scale)
     return elbo(key, (params.q, params.encoder), product, log_joint,
                 num_samples=num_samples, estimator=estimator)
-
-
-def _tree_dtype(params):
-    leaves = jax.tree_util.tree_leaves(params)
-    return jnp.result_type(*leaves) if leaves else jnp.float32
 
 
 def take(data: Any, idx: jax.Array) -> Any:

@@ -80,6 +80,12 @@ def _check_state(state: FitState, family, optimizer, batched: bool) -> FitState:
     if batched:
         params = jax.tree_util.tree_map(lambda a: a[0], params)
     _check_params("init_params.params", params, family)
+    _check_opt_state(state, optimizer, params)
+    return resume_state(state, batched)
+
+
+def _check_opt_state(state: FitState, optimizer, params) -> None:
+    """Raises unless ``state.opt_state`` has the structure ``optimizer.init(params)`` gives."""
     want = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
     got = jax.tree_util.tree_structure(state.opt_state)
     if want != got:
@@ -88,7 +94,17 @@ def _check_state(state: FitState, family, optimizer, batched: bool) -> FitState:
             f"structure {want}; got {got}. Continue a run with the optimizer it "
             "was started with."
         )
-    return resume_state(state, batched)
+
+
+def _check_stacked(name: str, params: Any, size: int) -> None:
+    """Raises unless every leaf of ``params`` has a leading batch axis of ``size``."""
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+             for leaf in jax.tree_util.tree_leaves(params)}
+    if sizes != {size}:
+        raise ValueError(
+            f"`{name}` must have a leading batch axis of size {size} "
+            f"(the number of keys) on every leaf; got sizes {sorted(map(str, sizes))}."
+        )
 
 
 def fit(
@@ -280,11 +296,7 @@ def fit(
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
-    options = check_run_options(
-        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
-        progress=progress, tol=tol, window=window, patience=patience,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-    )
+    options = check_run_options(**run_options)
     if not isinstance(auto_stop, bool):
         raise TypeError(f"`auto_stop` must be a bool; got {auto_stop!r}.")
     if auto_stop and options.tol is not None:
@@ -368,13 +380,10 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     params = init_params.params if resuming else init_params
     stacked = batched and (resuming or params_batched)
     if stacked:
-        sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
-                 for leaf in jax.tree_util.tree_leaves(params)}
-        if len(sizes) != 1 or None in sizes:
-            raise ValueError(
-                f"`{name}` must have one leading batch axis on every leaf; got sizes "
-                f"{sorted(map(str, sizes))}."
-            )
+        # The batch size: the keys' (checked below) or, when resuming, the state's.
+        size = (jnp.shape(init_params.step)[0] if resuming
+                else jax.tree_util.tree_leaves(params)[0].shape[0])
+        _check_stacked(name, params, size)
         params = jax.tree_util.tree_map(lambda a: a[0], params)
     family, local_family = check_setup(family, model, local_family, params, name)
     optimizer = group_optimizer(optimizer, params)
@@ -386,22 +395,12 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     key_name = "keys" if batched else "key"
     if resuming:
         check_resume_key(key_name, key)
-        want = jax.tree_util.tree_structure(jax.eval_shape(optimizer.init, params))
-        if want != jax.tree_util.tree_structure(init_params.opt_state):
-            raise ValueError(
-                "`init_params.opt_state` does not match `optimizer`: continue a run with the "
-                "optimizer it was started with."
-            )
+        _check_opt_state(init_params, optimizer, params)
         state = resume_state(init_params, batched)
     else:
         key = _checks.typed_key(key_name, key, 1 if batched else 0)
         if stacked:
-            size = jax.tree_util.tree_leaves(init_params)[0].shape[0]
-            if size != key.shape[0]:
-                raise ValueError(
-                    f"`init_params` must have a leading batch axis of size {key.shape[0]} "
-                    f"(the number of keys); got {size}."
-                )
+            _check_stacked("init_params", init_params, key.shape[0])
         mode = ("stacked" if stacked else "shared") if batched else "none"
         state = _init_state(optimizer, mode, key, init_params)
     data = model.data
@@ -497,16 +496,17 @@ def fit_batched(
       >>> res.trace.elbo.shape
       (4, 500)
     """
+    run_options = dict(
+        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
+        progress=progress, tol=tol, window=window, patience=patience,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+    )
     if isinstance(log_joint, DataModel):
         if not isinstance(params_batched, bool):
             raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
         return _fit_data(
             keys, family, log_joint, init_params, optimizer=optimizer, num_samples=num_samples,
-            estimator=estimator, run_options=dict(
-                num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
-                progress=progress, tol=tol, window=window, patience=patience,
-                checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every),
-            auto_stop=False, batch_size=batch_size, batching=batching,
+            estimator=estimator, run_options=run_options, auto_stop=False, batch_size=batch_size, batching=batching,
             local_family=local_family, batched=True, params_batched=params_batched,
         )
     _no_data_options(batch_size, batching, local_family)
@@ -515,11 +515,7 @@ def fit_batched(
     )
     if not isinstance(params_batched, bool):
         raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
-    options = check_run_options(
-        num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
-        progress=progress, tol=tol, window=window, patience=patience,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-    )
+    options = check_run_options(**run_options)
     if isinstance(init_params, FitState):
         check_resume_key("keys", keys)
         state = _check_state(init_params, family, optimizer, batched=True)
@@ -527,13 +523,7 @@ def fit_batched(
         keys = _checks.typed_key("keys", keys, batch_ndim=1)
         size = keys.shape[0]
         if params_batched:
-            sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
-                     for leaf in jax.tree_util.tree_leaves(init_params)}
-            if sizes != {size}:
-                raise ValueError(
-                    f"`init_params` must have a leading batch axis of size {size} "
-                    f"(the number of keys) on every leaf; got sizes {sorted(map(str, sizes))}."
-                )
+            _check_stacked("init_params", init_params, size)
             _check_params(
                 "init_params", jax.tree_util.tree_map(lambda a: a[0], init_params), family
             )
