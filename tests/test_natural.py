@@ -323,13 +323,14 @@ def test_schedule_and_vmap(x64, rng):
     assert float(vijax.exact_kl(params, family, model)) < 1e-10
 
 
+@pytest.mark.parametrize("rule", ["blr", "iblr"])
 @pytest.mark.parametrize("name", ["mean_field", "full_rank"])
-def test_monte_carlo_natural_gradient_converges(x64, rng, name):
+def test_monte_carlo_natural_gradient_converges(x64, rng, name, rule):
     # A plain optax loop with Monte Carlo gradients (S = 8, sticking the
     # landing) on a conjugate model: the KL to the family optimum ends small.
     model, mean, cov = _blr(rng, d=4)
     family = getattr(vijax, name)()
-    opt = vijax.natural_gradient(family, 0.1)
+    opt = vijax.natural_gradient(family, 0.1, rule=rule)
     run = _monte_carlo_run(opt, family, model, num_samples=8)
     params = run(family.init(model.latent), jax.random.split(jax.random.key(0), 300))
     optimum = 0.0 if name == "full_rank" else _mean_field_optimum_kl(model, mean, cov)
@@ -445,3 +446,94 @@ def test_errors():
         opt.init(vijax.mean_field().init(jnp.zeros(2)))
     with pytest.raises(ValueError, match="structure"):
         opt.update({"a": jnp.zeros(2)}, state, params)
+
+
+# ------------------------------------------------ the improved learning rule
+def _mu_sigma_gradients(model, q):
+    """dELBO/dmu and the symmetric dELBO/dSigma at ``q``, by autodiff in (mu, Sigma)."""
+
+    def elbo_of(mu, sigma):
+        sigma = 0.5 * (sigma + sigma.T)
+        g = vijax.Gaussian.from_cov(mu, sigma)
+        return model.expected_log_joint(g) + g.entropy()
+
+    g_mu, g_sigma = jax.grad(elbo_of, argnums=(0, 1))(q.mean, q.cov)
+    return np.asarray(g_mu), np.asarray(0.5 * (g_sigma + g_sigma.T))
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_iblr_update_matches_the_improved_rule(x64, rng, name):
+    # P_new = P + rho G + rho^2 / 2 G Sigma G with G = -2 dELBO/dSigma (for
+    # mean-field, G's diagonal: the rule in the diagonal natural parameters),
+    # mu_new = mu + rho Sigma_new dELBO/dmu; NumPy inverses as the reference.
+    model, _, _ = _blr(rng, d=4)
+    family = getattr(vijax, name)()
+    params = _perturbed(family.init(model.latent), rng, scale=0.3)
+    q = family.to_gaussian(params)
+    g_mu, g_sigma = _mu_sigma_gradients(model, q)
+    sigma = np.asarray(q.cov)
+    g = -2 * g_sigma
+    if name == "mean_field":
+        g = np.diag(np.diag(g))
+    for rho in (0.3, 1.0, 5.0):
+        new, state = _exact_step(
+            vijax.natural_gradient(family, rho, rule="iblr"), family, model, params
+        )
+        p = np.linalg.inv(sigma)
+        p_new = p + rho * g + 0.5 * rho**2 * g @ sigma @ g
+        sigma_new = np.linalg.inv(p_new)
+        mu_new = np.asarray(q.mean) + rho * sigma_new @ g_mu
+        q_new = family.to_gaussian(new)
+        np.testing.assert_allclose(q_new.cov, sigma_new, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(q_new.mean, mu_new, rtol=1e-8, atol=1e-12)
+        assert float(state.step_size) == rho and int(state.num_backtracks) == 0
+
+
+@pytest.mark.parametrize("name", ["mean_field", "full_rank"])
+def test_iblr_never_more_than_doubles_a_variance(x64, rng, name):
+    # From a start 1e3 times narrower than the posterior, the plain step of
+    # size 10 is not positive definite and the plain step of size 1 grows the
+    # variances some 1e5-fold. The improved rule takes every step as
+    # scheduled (no halving) and never more than doubles a variance
+    # (generalized eigenvalues, SciPy). Near the optimum it moves as the
+    # plain rule does (P - P* shrinks by |1 - rho| per step), so it
+    # converges for rho < 2: at rho = 1 and 0.5 the iterates reach the
+    # family optimum.
+    model, mean, cov = _blr(rng)
+    family = getattr(vijax, name)(init_scale=1e-3)
+    start = family.init(model.latent)
+    optimum = 0.0 if name == "full_rank" else _mean_field_optimum_kl(model, mean, cov)
+    for rho, num_steps in ((10.0, 8), (1.0, 60), (0.5, 100)):
+        opt = vijax.natural_gradient(family, rho, rule="iblr")
+        params, s = start, opt.init(start)
+        step = _stepper(opt, family, model)
+        for _ in range(num_steps):
+            new, s = step(params, s)
+            assert _max_growth(family, params, new) <= 2.0 + 1e-9
+            params = new
+        assert int(s.num_backtracks) == 0 and float(s.step_size) == rho
+        if rho < 2:
+            kl = float(vijax.exact_kl(params, family, model))
+            assert kl - optimum < 1e-8, (rho, kl)
+    free, _ = _exact_step(vijax.natural_gradient(family, 1.0), family, model, start)
+    assert _max_growth(family, start, free) > 100.0
+
+
+def test_iblr_errors_and_dtype(rng):
+    family = vijax.full_rank()
+    for bad in ("IBLR", "adam", 1, None):
+        with pytest.raises(ValueError, match=r'`rule` must be "blr" or "iblr"; got'):
+            vijax.natural_gradient(family, 1.0, rule=bad)
+    x = jnp.asarray(rng.normal(size=(20, 3)), jnp.float32)
+    model = vijax.models.bayesian_linear_regression(
+        x, x @ jnp.ones(3), noise_scale=1.0, prior_scale=1.0
+    )
+    opt = vijax.natural_gradient(family, 1.0, rule="iblr")
+    params, state = family.init(model.latent), None
+    state = opt.init(params)
+    step = _stepper(opt, family, model)
+    for _ in range(30):
+        params, state = step(params, state)
+    for leaf in jax.tree_util.tree_leaves(params) + [state.step_size]:
+        assert leaf.dtype == jnp.float32
+    assert float(vijax.exact_kl(params, family, model)) < 1e-3
