@@ -29,6 +29,7 @@ module                         owns
 ``vijax.optim._averaging``     :func:`iterate_average` (wraps any optax optimizer), :func:`averaged_params`
 ``vijax.algorithms._bam``      :func:`batch_and_match`, :func:`make_bam_step`
 ``vijax.algorithms._gsm``      :func:`gaussian_score_matching`, :func:`make_gsm_step`
+``vijax.algorithms._pbam``     :func:`patched_batch_and_match`, :func:`make_pbam_step`
 =============================  ==========================================
 """
 
@@ -47,6 +48,8 @@ from vijax.algorithms._bam import batch_and_match
 from vijax.algorithms._bam import make_bam_step
 from vijax.algorithms._gsm import gaussian_score_matching
 from vijax.algorithms._gsm import make_gsm_step
+from vijax.algorithms._pbam import make_pbam_step
+from vijax.algorithms._pbam import patched_batch_and_match
 from vijax.diagnostics._diagnose import Diagnosis
 from vijax.diagnostics._diagnose import diagnose
 from vijax.diagnostics._plots import plot_marginals
@@ -135,10 +138,12 @@ __all__ = [
     "low_rank",
     "make_bam_step",
     "make_gsm_step",
+    "make_pbam_step",
     "make_step",
     "mean_field",
     "models",
     "natural_gradient",
+    "patched_batch_and_match",
     "plot_marginals",
     "plot_trace",
     "psis",

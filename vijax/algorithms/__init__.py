@@ -6,6 +6,7 @@ module                  owns
 ``_score``              the guarded score-based step, the KL trust region, the shared driver
 ``_bam``                :func:`batch_and_match` (Cai et al. 2024)
 ``_gsm``                :func:`gaussian_score_matching` (Modi et al. 2023)
+``_pbam``               :func:`patched_batch_and_match` (Modi, Cai and Saul 2025)
 ======================  ==========================================================
 """
 
@@ -15,6 +16,9 @@ from vijax.algorithms._bam import make_bam_step
 from vijax.algorithms._gsm import gaussian_score_matching
 from vijax.algorithms._gsm import gsm_algorithm
 from vijax.algorithms._gsm import make_gsm_step
+from vijax.algorithms._pbam import make_pbam_step
+from vijax.algorithms._pbam import patched_batch_and_match
+from vijax.algorithms._pbam import pbam_algorithm
 
 __all__ = [
     "bam_algorithm",
@@ -23,4 +27,7 @@ __all__ = [
     "gsm_algorithm",
     "make_bam_step",
     "make_gsm_step",
+    "make_pbam_step",
+    "patched_batch_and_match",
+    "pbam_algorithm",
 ]

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 
 from vijax import _checks
+from vijax._gaussian import CholeskyScale
 from vijax.algorithms._score import (
     DEFAULT_MAX_KL,
     algorithm_of,
@@ -142,6 +143,17 @@ def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
     )
 
 
+def default_learning_rate(learning_rate, step, batch_size: int, dim: int, dtype) -> jax.Array:
+    """lambda_t: the schedule or constant given, or ``100 B d / (t + 1)`` for ``None``."""
+    if learning_rate is None:
+        lam = 100.0 * batch_size * dim / (step + 1.0)
+    elif callable(learning_rate):
+        lam = learning_rate(step)
+    else:
+        lam = learning_rate
+    return jnp.asarray(lam, dtype)
+
+
 def make_bam_step(
     log_joint: Callable[[ArrayTree], jax.Array],
     *,
@@ -181,16 +193,10 @@ def make_bam_step(
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, tril, z, scores, step):
-        if learning_rate is None:
-            lam = 100.0 * batch_size * mu.shape[0] / (step + 1.0)
-        elif callable(learning_rate):
-            lam = learning_rate(step)
-        else:
-            lam = learning_rate
-        lam = jnp.asarray(lam, mu.dtype)
-        new_mu, new_tril = bam_update(mu, tril, z, scores, lam)
-        return new_mu, new_tril, lam > 0
+    def update(mu, scale, z, scores, step):
+        lam = default_learning_rate(learning_rate, step, batch_size, mu.shape[0], mu.dtype)
+        new_mu, new_tril = bam_update(mu, jnp.tril(scale.tril), z, scores, lam)
+        return new_mu, CholeskyScale(new_tril), lam > 0
 
     return score_step(log_joint, update, batch_size=batch_size, max_kl=max_kl)
 

@@ -43,6 +43,7 @@ from vijax.algorithms._score import (
     score_step,
 )
 from vijax import _checks
+from vijax._gaussian import CholeskyScale
 from vijax.families._gaussian import FullRankParams
 from vijax.fitting._engine import Algorithm
 from vijax.fitting._types import FitInfo, FitResult, FitState
@@ -115,8 +116,9 @@ def make_gsm_step(
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, tril, z, scores, step):
-        return gsm_update(mu, tril, z, scores)
+    def update(mu, scale, z, scores, step):
+        new_mu, new_tril, ok = gsm_update(mu, jnp.tril(scale.tril), z, scores)
+        return new_mu, CholeskyScale(new_tril), ok
 
     return score_step(log_joint, update, batch_size=batch_size, max_kl=max_kl)
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
-from vijax._gaussian import CholeskyScale, Gaussian
+from vijax._gaussian import CholeskyScale, Gaussian, gaussian_kl
 from vijax.families._gaussian import FullRankParams, full_rank
 from vijax.families._protocol import check_params
 from vijax.fitting._engine import (
@@ -63,14 +63,42 @@ def trust_region(mu, tril, new_mu, new_tril, radius):
     ``radius``. A KL that is not finite gives ``alpha = nan`` and a
     non-finite step (rejected by the caller). Returns ``(mu, tril, alpha)``.
     """
-    kl = kl_between(new_mu, new_tril, mu, tril)
+    mu, scale, alpha = trust_region_scale(
+        mu, CholeskyScale(tril), new_mu, CholeskyScale(new_tril), radius)
+    return mu, scale.tril, alpha
+
+
+def trust_region_scale(mu, scale, new_mu, new_scale, radius):
+    """:func:`trust_region` for any scale whose arrays may be interpolated.
+
+    A ``CholeskyScale`` (lower factor, positive diagonal) or a
+    ``LowRankScale`` (factor ``W`` and positive diagonal standard
+    deviations): a convex combination of two valid scales of either kind is
+    valid. The KL is :func:`kl_between` for Cholesky factors and
+    :func:`vijax.gaussian_kl` (Woodbury, O(d k^2)) for low rank.
+    Returns ``(mu, scale, alpha)``.
+    """
+    if isinstance(scale, CholeskyScale):
+        kl = kl_between(new_mu, new_scale.tril, mu, scale.tril)
+    else:
+        kl = gaussian_kl(Gaussian(new_mu, new_scale), Gaussian(mu, scale))
     alpha = jnp.where(
         jnp.isfinite(kl) & (kl > radius), jnp.sqrt(radius / jnp.where(kl > 0, kl, 1.0)), 1.0
     )
     # A KL that is not finite (an overflow, or a non-finite step) makes the
     # step non-finite, so the caller rejects it.
     alpha = jnp.where(jnp.isfinite(kl), alpha, jnp.nan).astype(mu.dtype)
-    return mu + alpha * (new_mu - mu), tril + alpha * (new_tril - tril), alpha
+    moved = jax.tree_util.tree_map(lambda a, b: a + alpha * (b - a), scale, new_scale)
+    return mu + alpha * (new_mu - mu), moved, alpha
+
+
+def _valid_scale(scale) -> jax.Array:
+    """Finite, with a positive diagonal (Cholesky) or positive standard deviations (low rank)."""
+    finite = jnp.all(jnp.asarray(
+        [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(scale)]))
+    if isinstance(scale, CholeskyScale):
+        return finite & jnp.all(jnp.diagonal(scale.tril) > 0)
+    return finite & jnp.all(scale.diag_scale > 0)
 
 
 def check_max_kl(max_kl) -> Optional[float]:
@@ -79,24 +107,29 @@ def check_max_kl(max_kl) -> Optional[float]:
     return _checks.check_positive_float("max_kl", max_kl, also=" or None")
 
 
-def check_init_params(init_params, name: str) -> FullRankParams:
-    if isinstance(init_params, FullRankParams):
-        return check_params("init_params", init_params, FAMILY)
+def check_init_params(init_params, name: str, family=FAMILY, params_type=FullRankParams):
+    if isinstance(init_params, params_type):
+        return check_params("init_params", init_params, family)
+    kind = params_type.__name__
     if isinstance(init_params, FitState):
         raise TypeError(
-            "`init_params` must be FullRankParams; got a FitState. To continue a "
+            f"`init_params` must be {kind}; got a FitState. To continue a "
             "run, pass it as `init_params` with `key=None`."
         )
+    full = params_type is FullRankParams
+    maker = "full_rank()" if full else "low_rank(rank=k)"
     raise ValueError(
-        f"{name} supports the full-rank Gaussian family only: `init_params` "
-        "must be FullRankParams (from vijax.full_rank().init(latent)); got "
+        f"{name} supports the {'full-rank' if full else 'low-rank'} Gaussian family "
+        "only: `init_params` "
+        f"must be {kind} (from vijax.{maker}.init(latent)); got "
         f"{type(init_params).__name__}."
     )
 
 
-# ``update(mu, tril, z, scores, step) -> (new_mu, new_tril, ok)``: the
-# closed-form move from one batch (``z``, ``scores``: (B, d)), ``ok`` a bool
-# scalar that is False when the move is invalid (e.g. a learning rate <= 0).
+# ``update(mu, scale, z, scores, step) -> (new_mu, new_scale, ok)``: the
+# closed-form move from one batch (``z``, ``scores``: (B, d)), ``scale`` the
+# family's (a ``CholeskyScale`` or a ``LowRankScale``), ``ok`` a bool scalar
+# that is False when the move is invalid (e.g. a learning rate <= 0).
 Update = Callable[..., tuple]
 
 
@@ -106,6 +139,7 @@ def score_step(
     *,
     batch_size: int,
     max_kl: Optional[float],
+    family=FAMILY,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns the guarded ``step(state) -> (state, info)`` of a score-based update.
 
@@ -114,13 +148,15 @@ def score_step(
     are not finite leaves the parameters unchanged and sets
     ``info.skipped``; ``opt_state`` is unused. ``info.elbo`` is ``mean_b
     [log p(z_b) - log q(z_b)]`` and ``info.grad_norm`` the norm of the batch
-    mean score. Arguments are assumed checked.
+    mean score. ``family`` is the family of ``state.params`` or a function
+    of the params returning it. Arguments are assumed checked.
     """
 
     def step(state: FitState) -> tuple[FitState, FitInfo]:
         params = state.params
-        q = FAMILY.to_gaussian(params)
-        mu, tril = q.mean, jnp.tril(q.scale.tril)
+        fam = family(params) if callable(family) else family
+        q = fam.to_gaussian(params)
+        mu, scale = q.mean, q.scale
         dtype = mu.dtype
         d = mu.shape[0]
         unravel = ravel_pytree(params.loc)[1]
@@ -141,12 +177,12 @@ def score_step(
         inputs_ok = jnp.all(jnp.isfinite(log_p)) & jnp.all(jnp.isfinite(scores))
         # A rejected batch still runs the update (a select, not a branch, so
         # the step vmaps), on zero scores: no decomposition sees a nan.
-        new_mu, new_tril, update_ok = update(
-            mu, tril, z, jnp.where(inputs_ok, scores, jnp.zeros_like(scores)), state.step)
+        new_mu, new_scale, update_ok = update(
+            mu, scale, z, jnp.where(inputs_ok, scores, jnp.zeros_like(scores)), state.step)
         if max_kl is not None:
-            new_mu, new_tril, _ = trust_region(
-                mu, tril, new_mu, new_tril, jnp.asarray(max_kl * d, dtype))
-        new_params = FAMILY.from_gaussian(Gaussian(new_mu, CholeskyScale(new_tril)), params.loc)
+            new_mu, new_scale, _ = trust_region_scale(
+                mu, scale, new_mu, new_scale, jnp.asarray(max_kl * d, dtype))
+        new_params = fam.from_gaussian(Gaussian(new_mu, new_scale), params.loc)
         elbo = jnp.mean(log_p - q.log_prob(z)).astype(dtype)
         grad_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.mean(scores, axis=0))))
         ok = (
@@ -154,8 +190,7 @@ def score_step(
             & inputs_ok
             & update_ok
             & jnp.all(jnp.isfinite(new_mu))
-            & jnp.all(jnp.isfinite(new_tril))
-            & jnp.all(jnp.diagonal(new_tril) > 0)
+            & _valid_scale(new_scale)
         )
         new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
         new_state = FitState(
@@ -176,15 +211,15 @@ def algorithm_of(step) -> Algorithm:
     return Algorithm(init=init, step=step)
 
 
-def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params, options
-                        ) -> FitResult:
-    """The driver of :func:`vijax.batch_and_match` and :func:`vijax.gaussian_score_matching`."""
+def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params, options,
+                        family=FAMILY, params_type=FullRankParams) -> FitResult:
+    """The driver of the public score-based algorithms (BaM, patched BaM, GSM)."""
     if isinstance(init_params, FitState):
         check_resume_key("key", key)
-        check_init_params(init_params.params, name)
+        check_init_params(init_params.params, name, family, params_type)
         state = resume_state(init_params, batched=False)
     else:
-        params = check_init_params(init_params, name)
+        params = check_init_params(init_params, name, family, params_type)
         state = algorithm.init(_checks.typed_key("key", key), params)
     compiled = compiled_chunk(
         cache_key, lambda: algorithm.step, chunk_size=options.chunk_size,
