@@ -243,8 +243,8 @@ def run_bam(log_joint, dist, *, batch_size, max_steps, tol):
     family = vijax.full_rank()
     d = jax.flatten_util.ravel_pytree(log_joint.latent)[0].shape[0]
     params = family.init(jnp.zeros(d))
-    step = vijax.make_bam_step(log_joint, batch_size=batch_size)
-    state = vijax.FitState(params, (), jnp.zeros((), jnp.int32), jax.random.key(0))
+    algorithm = vijax.algorithms.bam_algorithm(log_joint, batch_size=batch_size)
+    step, state = algorithm.step, algorithm.init(jax.random.key(0), params)
     steps, last = first_hit(step, state, dist, every=1, max_steps=max_steps, tol=tol)
     wall = time_bam(log_joint, params, steps, batch_size) if steps else None
     return dict(steps=steps, evals=steps * batch_size if steps else None, wall_s=wall,

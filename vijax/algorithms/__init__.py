@@ -19,8 +19,10 @@ from vijax.algorithms._gsm import make_gsm_step
 from vijax.algorithms._pbam import make_pbam_step
 from vijax.algorithms._pbam import patched_batch_and_match
 from vijax.algorithms._pbam import pbam_algorithm
+from vijax.algorithms._score import TrustState
 
 __all__ = [
+    "TrustState",
     "bam_algorithm",
     "batch_and_match",
     "gaussian_score_matching",

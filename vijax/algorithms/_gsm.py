@@ -51,7 +51,7 @@ from vijax.fitting._types import FitInfo, FitResult, FitState
 ArrayTree = Any
 
 
-def gsm_update(mu, tril, z, scores):
+def gsm_update(mu, tril, z, scores, weights=None):
     """Returns the GSM step ``(mu_new, tril_new, ok)`` from one batch.
 
     Args:
@@ -59,6 +59,8 @@ def gsm_update(mu, tril, z, scores):
       tril: (d, d) current Cholesky factor.
       z: (B, d) samples from the current Gaussian.
       scores: (B, d) ``grad log p`` at the samples.
+      weights: (B,) non-negative draw weights (0 drops a draw), or None
+        for equal weights.
 
     Returns:
       The new mean, the Cholesky factor of the new covariance, and whether
@@ -74,10 +76,11 @@ def gsm_update(mu, tril, z, scores):
     eps = s_g - delta
     g_eps = jnp.sum(scores * eps, axis=1)
     steps = (eps - delta * (g_eps / (1.0 + rho + d_g))[:, None]) / (1.0 + rho)[:, None]
-    new_mu = mu + jnp.mean(steps, axis=0)
+    p = jnp.full(z.shape[0], 1.0 / z.shape[0], mu.dtype) if weights is None else (
+        weights / jnp.sum(weights))
+    new_mu = mu + p @ steps
     moved = delta + steps  # mu_t + step_b - z_b
-    b = z.shape[0]
-    new_cov = cov + (delta.T @ delta - moved.T @ moved) / b
+    new_cov = cov + (delta.T @ (p[:, None] * delta) - moved.T @ (p[:, None] * moved))
     new_cov = 0.5 * (new_cov + new_cov.T)
     finite = jnp.all(jnp.isfinite(new_cov))
     # Never factor a non-finite matrix: the identity instead, and reject.
@@ -100,7 +103,7 @@ def make_gsm_step(
     :func:`vijax.make_bam_step` (noise from ``fold_in(state.key,
     state.step)``; a step with non-finite log densities or scores, a
     covariance that is not positive definite, or non-finite parameters is
-    skipped; ``opt_state`` is ``()``).
+    skipped; ``opt_state`` is a :class:`vijax.algorithms.TrustState`).
 
     Args:
       log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
@@ -116,8 +119,8 @@ def make_gsm_step(
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, scale, z, scores, step):
-        new_mu, new_tril, ok = gsm_update(mu, jnp.tril(scale.tril), z, scores)
+    def update(mu, scale, z, scores, step, weights):
+        new_mu, new_tril, ok = gsm_update(mu, jnp.tril(scale.tril), z, scores, weights)
         return new_mu, CholeskyScale(new_tril), ok
 
     return score_step(log_joint, update, batch_size=batch_size, max_kl=max_kl)
@@ -129,8 +132,9 @@ def gsm_algorithm(
     batch_size: int,
     max_kl: Optional[float] = DEFAULT_MAX_KL,
 ) -> Algorithm:
-    """GSM as the engine's :class:`vijax.fitting.Algorithm` (``opt_state = ()``)."""
-    return algorithm_of(make_gsm_step(log_joint, batch_size=batch_size, max_kl=max_kl))
+    """GSM as the engine's :class:`vijax.fitting.Algorithm` (``opt_state`` a TrustState)."""
+    return algorithm_of(make_gsm_step(log_joint, batch_size=batch_size, max_kl=max_kl),
+                        check_max_kl(max_kl))
 
 
 def gaussian_score_matching(

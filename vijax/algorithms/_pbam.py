@@ -69,6 +69,7 @@ from vijax.algorithms._score import (
     finite_or_zero,
     run_score_algorithm,
     score_step,
+    weighted_batch,
 )
 from vijax.families._gaussian import LowRankParams, low_rank
 from vijax.fitting._engine import Algorithm
@@ -100,7 +101,7 @@ class Matched(NamedTuple):
         return jnp.diag(self.psi) + (self.a * self.sign[None, :]) @ self.a.T
 
 
-def pbam_match(mu, cov_factor, diag_scale, z, scores, lam):
+def pbam_match(mu, cov_factor, diag_scale, z, scores, lam, weights=None):
     """BaM's step from ``N(mu, W W^T + diag(diag_scale^2))`` in factored form.
 
     Returns ``(new_mu, matched, ok)``: the new mean, the new covariance as a
@@ -108,17 +109,13 @@ def pbam_match(mu, cov_factor, diag_scale, z, scores, lam):
     eigenproblem saw a non-finite matrix (it is then given zeros and the
     step must be rejected).
     """
-    b = z.shape[0]
     dtype = mu.dtype
-    z_bar = jnp.mean(z, axis=0)
-    g_bar = jnp.mean(scores, axis=0)
-    zc = z - z_bar[None, :]
-    gc = scores - g_bar[None, :]
+    _, z_bar, g_bar, zc, gc = weighted_batch(z, scores, weights)
     shrink = lam / (1.0 + lam)
     psi = jnp.square(diag_scale)
     f = jnp.concatenate(
-        [cov_factor, jnp.sqrt(lam / b) * zc.T, jnp.sqrt(shrink) * (mu - z_bar)[:, None]], axis=1)
-    g = jnp.concatenate([jnp.sqrt(lam / b) * gc.T, jnp.sqrt(shrink) * g_bar[:, None]], axis=1)
+        [cov_factor, jnp.sqrt(lam) * zc.T, jnp.sqrt(shrink) * (mu - z_bar)[:, None]], axis=1)
+    g = jnp.concatenate([jnp.sqrt(lam) * gc.T, jnp.sqrt(shrink) * g_bar[:, None]], axis=1)
     vg = psi[:, None] * g + f @ (f.T @ g)
     small = g.T @ vg
     small = 0.5 * (small + small.T)
@@ -220,7 +217,8 @@ def patch(matched: Matched, cov_factor, diag_scale, num_steps: int, power_steps:
     return w, jnp.sqrt(psi)
 
 
-def pbam_update(mu, cov_factor, diag_scale, z, scores, lam, *, patch_steps=DEFAULT_PATCH_STEPS):
+def pbam_update(mu, cov_factor, diag_scale, z, scores, lam, weights=None, *,
+                patch_steps=DEFAULT_PATCH_STEPS):
     """One patched BaM step; returns ``(new_mu, new_cov_factor, new_diag_scale, ok)``.
 
     Args:
@@ -230,9 +228,10 @@ def pbam_update(mu, cov_factor, diag_scale, z, scores, lam, *, patch_steps=DEFAU
       z: (B, d) samples from the current Gaussian.
       scores: (B, d) ``grad log p`` at the samples.
       lam: the learning rate lambda > 0 (scalar).
+      weights: (B,) draw weights (0 drops a draw), or None for equal weights.
       patch_steps: rounds of the patch (>= 1).
     """
-    new_mu, matched, ok = pbam_match(mu, cov_factor, diag_scale, z, scores, lam)
+    new_mu, matched, ok = pbam_match(mu, cov_factor, diag_scale, z, scores, lam, weights)
     new_w, new_s = patch(matched, cov_factor, diag_scale, patch_steps)
     return new_mu, new_w, new_s, ok
 
@@ -266,7 +265,7 @@ def make_pbam_step(
     The pure core of :func:`patched_batch_and_match`, with the contract of
     :func:`vijax.make_step` (noise from ``fold_in(state.key, state.step)``;
     a non-finite step keeps the parameters and sets ``info.skipped``;
-    ``opt_state`` is ``()``); ``state.params`` are
+    ``opt_state`` a :class:`vijax.algorithms.TrustState`); ``state.params`` are
     :class:`vijax.LowRankParams`. Arguments as in
     :func:`patched_batch_and_match`.
     """
@@ -277,12 +276,13 @@ def make_pbam_step(
     max_kl = check_max_kl(max_kl)
     patch_steps = _checks.check_positive_int("patch_steps", patch_steps)
 
-    def update(mu, scale, z, scores, step):
+    def update(mu, scale, z, scores, step, weights):
         lam = default_learning_rate(learning_rate, step, batch_size, mu.shape[0], mu.dtype)
         if learning_rate is None:
             lam = jnp.minimum(lam, max_default_learning_rate(mu.dtype))
         new_mu, new_w, new_s, ok = pbam_update(
-            mu, scale.cov_factor, scale.diag_scale, z, scores, lam, patch_steps=patch_steps)
+            mu, scale.cov_factor, scale.diag_scale, z, scores, lam, weights,
+            patch_steps=patch_steps)
         return new_mu, LowRankScale(new_w, new_s), ok & (lam > 0)
 
     return score_step(
@@ -297,10 +297,10 @@ def pbam_algorithm(
     max_kl: Optional[float] = DEFAULT_MAX_KL,
     patch_steps: int = DEFAULT_PATCH_STEPS,
 ) -> Algorithm:
-    """Patched BaM as the engine's :class:`vijax.fitting.Algorithm` (``opt_state = ()``)."""
+    """Patched BaM as the engine's :class:`vijax.fitting.Algorithm` (``opt_state`` a TrustState)."""
     return algorithm_of(make_pbam_step(
         log_joint, batch_size=batch_size, learning_rate=learning_rate, max_kl=max_kl,
-        patch_steps=patch_steps))
+        patch_steps=patch_steps), check_max_kl(max_kl))
 
 
 def patched_batch_and_match(

@@ -13,7 +13,7 @@ public functions call.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,23 @@ DEFAULT_MAX_KL = 1.0
 def finite_or_zero(a: jax.Array) -> jax.Array:
     """``a`` if every entry is finite, else zeros (so a decomposition never sees inf or nan)."""
     return jnp.where(jnp.all(jnp.isfinite(a)), a, jnp.zeros_like(a))
+
+
+def weighted_batch(z, scores, weights=None):
+    """Batch statistics with draw weights: ``(p, z_bar, g_bar, zc, gc)``.
+
+    ``p`` the normalised weights (``1 / B`` each when ``weights`` is None),
+    ``z_bar = p @ z``, ``g_bar = p @ scores``, and the centred rows scaled by
+    ``sqrt(p_b)``, so that ``zc^T zc`` and ``gc^T gc`` are the weighted
+    covariances. A draw of weight 0 (dropped) contributes nothing.
+    """
+    if weights is None:
+        weights = jnp.ones(z.shape[0], z.dtype)
+    p = weights / jnp.sum(weights)
+    z_bar = p @ z
+    g_bar = p @ scores
+    root = jnp.sqrt(p)[:, None]
+    return p, z_bar, g_bar, root * (z - z_bar[None, :]), root * (scores - g_bar[None, :])
 
 
 def kl_between(mu_a, tril_a, mu_b, tril_b) -> jax.Array:
@@ -126,8 +143,39 @@ def check_init_params(init_params, name: str, family=FAMILY, params_type=FullRan
     )
 
 
-# ``update(mu, scale, z, scores, step) -> (new_mu, new_scale, ok)``: the
-# closed-form move from one batch (``z``, ``scores``: (B, d)), ``scale`` the
+class TrustState(NamedTuple):
+    """The ``opt_state`` of the score-based algorithms: the adaptive trust region.
+
+    Attributes:
+      radius: the KL allowed for the next step, in nats per coordinate.
+      last_elbo: the batch ELBO estimate (``mean_b [log p(z_b) - log
+        q(z_b)]``) at ``last_params`` (``-inf`` before the first step).
+      last_margin: three standard errors of that mean, from the same batch
+        (a broken q's own spread is no yardstick).
+      last_params: the parameters where ``last_elbo`` was measured, before
+        the last accepted step, to return to if that step proves bad.
+    """
+
+    radius: jax.Array
+    last_elbo: jax.Array
+    last_margin: jax.Array
+    last_params: Any
+
+
+GROW, SHRINK, MAX_GROWTH = 1.5, 0.25, 100.0
+
+
+def init_trust_state(params, max_kl: Optional[float]) -> TrustState:
+    """The trust state at the start: radius ``max_kl`` (inf for None), no ELBO yet."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+    radius = jnp.inf if max_kl is None else max_kl
+    return TrustState(radius=jnp.asarray(radius, dtype), last_elbo=jnp.asarray(-jnp.inf, dtype),
+                      last_margin=jnp.zeros((), dtype), last_params=params)
+
+
+# ``update(mu, scale, z, scores, step, weights) -> (new_mu, new_scale, ok)``:
+# the closed-form move from one batch (``z``, ``scores``: (B, d); ``weights``
+# (B,), 0 for a dropped draw), ``scale`` the
 # family's (a ``CholeskyScale`` or a ``LowRankScale``), ``ok`` a bool scalar
 # that is False when the move is invalid (e.g. a learning rate <= 0).
 Update = Callable[..., tuple]
@@ -146,9 +194,18 @@ def score_step(
     The contract of :func:`vijax.make_step`: noise from ``fold_in(state.key,
     state.step)``; a step whose log densities, scores or updated parameters
     are not finite leaves the parameters unchanged and sets
-    ``info.skipped``; ``opt_state`` is unused. ``info.elbo`` is ``mean_b
-    [log p(z_b) - log q(z_b)]`` and ``info.grad_norm`` the norm of the batch
-    mean score. ``family`` is the family of ``state.params`` or a function
+    ``info.skipped``. ``opt_state`` is a :class:`TrustState`: with
+    ``max_kl`` set, each step's ``KL(q_{t+1} || q_t)`` is capped at
+    ``radius * d`` (:func:`trust_region_scale`), and the radius adapts: if
+    the batch ELBO at the new q falls below the last accepted one by more
+    than three of that one's standard errors, the last step
+    is undone (q returns to where it was, no update this step) and the
+    radius is quartered, as after a skipped step (which returns there too);
+    otherwise it grows by half, up to ``100 * max_kl``. Draws with a non-finite log
+    density or score are dropped from the batch; only a batch with none
+    left is rejected. ``info.elbo`` is ``mean_b [log p(z_b) - log q(z_b)]``
+    over the finite draws and ``info.grad_norm`` the norm of their mean
+    score. ``family`` is the family of ``state.params`` or a function
     of the params returning it. Arguments are assumed checked.
     """
 
@@ -174,17 +231,34 @@ def score_step(
 
         log_p, scores = jax.vmap(jax.value_and_grad(flat_log_joint))(z)
         scores = scores.astype(dtype)
-        inputs_ok = jnp.all(jnp.isfinite(log_p)) & jnp.all(jnp.isfinite(scores))
-        # A rejected batch still runs the update (a select, not a branch, so
-        # the step vmaps), on zero scores: no decomposition sees a nan.
-        new_mu, new_scale, update_ok = update(
-            mu, scale, z, jnp.where(inputs_ok, scores, jnp.zeros_like(scores)), state.step)
+        # A draw whose log density or score is not finite is dropped from
+        # the batch (weight 0, its score zeroed): where q puts a little mass
+        # in a region the target rejects, skipping whole batches would stall
+        # the fit (at B = 103 a 1% chance per draw skips 2 batches in 3).
+        # Only a batch with no finite draw is rejected, and it still runs
+        # the update (a select, not a branch, so the step vmaps) on zero
+        # scores: no decomposition sees a nan.
+        finite = jnp.isfinite(log_p) & jnp.all(jnp.isfinite(scores), axis=1)
+        inputs_ok = jnp.any(finite)
+        weights = jnp.where(inputs_ok, finite, True).astype(dtype)
+        scores = jnp.where(finite[:, None], scores, jnp.zeros_like(scores))
+        trust = state.opt_state
+        if not isinstance(trust, TrustState):  # e.g. ``()``: start the adaptation
+            trust = init_trust_state(params, max_kl)
+        new_mu, new_scale, update_ok = update(mu, scale, z, scores, state.step, weights)
         if max_kl is not None:
             new_mu, new_scale, _ = trust_region_scale(
-                mu, scale, new_mu, new_scale, jnp.asarray(max_kl * d, dtype))
+                mu, scale, new_mu, new_scale, (trust.radius * d).astype(dtype))
         new_params = fam.from_gaussian(Gaussian(new_mu, new_scale), params.loc)
-        elbo = jnp.mean(log_p - q.log_prob(z)).astype(dtype)
-        grad_norm = jnp.sqrt(jnp.sum(jnp.square(jnp.mean(scores, axis=0))))
+        n_finite = jnp.sum(finite)
+        terms = jnp.where(finite, log_p - q.log_prob(z), 0.0)
+        elbo = (jnp.sum(terms) / n_finite).astype(dtype)
+        # The noise margin of the batch mean: three standard errors, kept
+        # from the last accepted batch (a broken q's own spread, where a
+        # few draws have log weights of -1e16, is no yardstick).
+        spread = jnp.sum(jnp.where(finite, jnp.square(terms - elbo), 0.0))
+        margin = (3.0 * jnp.sqrt(spread / jnp.maximum(n_finite - 1, 1) / n_finite)).astype(dtype)
+        grad_norm = jnp.sqrt(jnp.sum(jnp.square(weights @ scores / jnp.sum(weights))))
         ok = (
             jnp.isfinite(elbo)
             & inputs_ok
@@ -192,9 +266,34 @@ def score_step(
             & jnp.all(jnp.isfinite(new_mu))
             & _valid_scale(new_scale)
         )
-        new_params = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new_params, params)
+        if max_kl is None:
+            worse = jnp.zeros((), bool)
+        else:
+            # The last step made q worse beyond the batch's noise: undo it.
+            worse = ~(elbo >= trust.last_elbo - trust.last_margin)  # nan is worse
+        take = ok & ~worse
+        pick = lambda c, a, b: jax.tree_util.tree_map(  # noqa: E731
+            lambda x, y: jnp.where(c, x, y), a, b)
+        if max_kl is None:
+            out_params = pick(take, new_params, params)
+            new_trust = trust
+        else:
+            # A skipped step also returns to the last point (q may be where
+            # every update overflows, and staying there would stall the fit).
+            out_params = pick(take, new_params, trust.last_params)
+            radius = jnp.where(take, jnp.minimum(GROW * trust.radius, MAX_GROWTH * max_kl),
+                               SHRINK * trust.radius)
+            new_trust = TrustState(
+                radius=radius.astype(dtype),
+                # After an undo q is back at ``last_params``: its next batch
+                # is a fresh baseline, not judged against the old estimate
+                # there (which may have been a lucky high one).
+                last_elbo=jnp.where(take, elbo, -jnp.inf).astype(dtype),
+                last_margin=jnp.where(take, margin, trust.last_margin).astype(dtype),
+                last_params=pick(take, params, trust.last_params),
+            )
         new_state = FitState(
-            params=new_params, opt_state=state.opt_state, step=state.step + 1, key=state.key,
+            params=out_params, opt_state=new_trust, step=state.step + 1, key=state.key,
         )
         info = FitInfo(elbo=elbo, grad_norm=grad_norm.astype(dtype), skipped=~ok)
         return new_state, info
@@ -202,11 +301,12 @@ def score_step(
     return step
 
 
-def algorithm_of(step) -> Algorithm:
-    """The engine's Algorithm for a score step: no optimizer state (``()``)."""
+def algorithm_of(step, max_kl: Optional[float]) -> Algorithm:
+    """The engine's Algorithm for a score step; ``opt_state`` a :class:`TrustState`."""
 
     def init(key, params):
-        return FitState(params=params, opt_state=(), step=jnp.zeros((), jnp.int32), key=key)
+        return FitState(params=params, opt_state=init_trust_state(params, max_kl),
+                        step=jnp.zeros((), jnp.int32), key=key)
 
     return Algorithm(init=init, step=step)
 
@@ -218,6 +318,11 @@ def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params,
         check_resume_key("key", key)
         check_init_params(init_params.params, name, family, params_type)
         state = resume_state(init_params, batched=False)
+        if not isinstance(state.opt_state, TrustState):
+            # A state saved before the trust region adapted (``opt_state`` was
+            # ``()``): start the adaptation afresh.
+            fresh = algorithm.init(state.key, state.params)
+            state = state._replace(opt_state=fresh.opt_state)
     else:
         params = check_init_params(init_params, name, family, params_type)
         state = algorithm.init(_checks.typed_key("key", key), params)
