@@ -184,8 +184,8 @@ def test_float32_continuation_and_vmap(rng):
         np.testing.assert_array_equal(a, b)
     # The pure step vmaps over keys.
     step = vijax.make_pbam_step(target.log_prob, batch_size=4)
-    states = jax.vmap(lambda key: vijax.FitState(start, (), jnp.zeros((), jnp.int32), key))(
-        jax.random.split(jax.random.key(2), 3))
+    init = vijax.algorithms.pbam_algorithm(target.log_prob, batch_size=4).init
+    states = jax.vmap(lambda key: init(key, start))(jax.random.split(jax.random.key(2), 3))
     new, info = jax.jit(jax.vmap(step))(states)
     assert new.params.cov_factor.shape == (3, d, k) and info.elbo.shape == (3,)
     one, _ = step(jax.tree_util.tree_map(lambda a: a[1], states))

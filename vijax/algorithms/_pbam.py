@@ -51,6 +51,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -248,8 +249,14 @@ def max_default_learning_rate(dtype) -> float:
     return 3e-6 / float(jnp.finfo(dtype).eps)
 
 
+@functools.lru_cache(maxsize=None)
+def _low_rank_family(rank: int):
+    """One family object per rank, so that checks cached per family object hit."""
+    return low_rank(rank=rank)
+
+
 def _family_of(params):
-    return low_rank(rank=params.cov_factor.shape[-1])
+    return _low_rank_family(params.cov_factor.shape[-1])
 
 
 def make_pbam_step(
