@@ -45,3 +45,27 @@ def write_results(out: str, stem: str, results: dict, markdown: str) -> None:
         json.dump(results, f, indent=2)
     with open(os.path.join(out, f"{stem}.md"), "w") as f:
         f.write(markdown)
+
+
+def proc_status() -> dict:
+    """This process's ``VmRSS`` and ``VmHWM`` (peak RSS) in bytes; ``{}`` off Linux."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM", "VmRSS")):
+                    key, value = line.split(":")
+                    out[key] = int(value.split()[0]) * 1024  # kB -> bytes
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False

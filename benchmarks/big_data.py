@@ -97,6 +97,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks._machine import proc_status, reset_peak
+
 D = 100
 BATCH = 1024
 LR = 1e-2
@@ -132,26 +134,6 @@ LABELS = {"vijax": "vijax.fit", "numpyro_scan": "NumPyro (jit scan of svi.update
 
 # --------------------------------------------------------------------------
 # The worker: one (runner, n) in its own process.
-
-
-def _proc_status() -> dict:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmHWM", "VmRSS")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) * 1024  # kB -> bytes
-    return out
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def make_data(n: int, d: int = D, seed: int = 0):
@@ -408,18 +390,18 @@ def worker(spec: dict) -> dict:
     else:
         import vijax  # noqa: F401
     n, steps, devices = spec["n"], spec["steps"], spec.get("devices", 1)
-    rss_after_import = _proc_status()["VmRSS"]
+    rss_after_import = proc_status()["VmRSS"]
     t0 = time.perf_counter()
     x_np, y_np, w_true = make_data(n)
-    rss_numpy = _proc_status()["VmRSS"]
+    rss_numpy = proc_status()["VmRSS"]
     data_bytes = x_np.nbytes + y_np.nbytes
     x, y = jax.block_until_ready(place_data(x_np, y_np, spec["runner"], devices))
     del x_np, y_np
     gc.collect()
     data_s = time.perf_counter() - t0
-    status = _proc_status()
+    status = proc_status()
     rss_after_data, peak_building = status["VmRSS"], status["VmHWM"]
-    reset = _reset_peak()
+    reset = reset_peak()
 
     first, more, means, last_elbo = _RUNNERS[spec["runner"]](x, y, n, steps, devices)
     t0 = time.perf_counter()
@@ -432,7 +414,7 @@ def worker(spec: dict) -> dict:
         timed.append(time.perf_counter() - t0)
     timed_s = statistics.median(timed)
     loc = np.asarray(means(), np.float64)
-    status = _proc_status()
+    status = proc_status()
     extra = {}
     if spec.get("compare_steps") and spec["runner"] == "vijax":
         # A fresh vijax fit as long as NumPyro's whole run (warm-up + timed

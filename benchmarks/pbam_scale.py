@@ -119,6 +119,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+from benchmarks._machine import proc_status, reset_peak
+
 if __name__ == "__main__":  # before NumPy / JAX load BLAS
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -321,29 +323,6 @@ def methods_for(problem: Problem, *, smallest_d: bool, bam32_max_evals: int) -> 
 
 
 # ------------------------------------------------------------------ memory
-def _proc_status() -> dict:
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmHWM", "VmRSS")):
-                    key, value = line.split(":")
-                    out[key] = int(value.split()[0]) * 1024  # kB -> bytes
-    except OSError:
-        pass
-    return out
-
-
-def _reset_peak() -> bool:
-    """Resets VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def step_memory(kind: str, problem: Problem, batch_size: int) -> dict:
     """XLA's memory analysis of one compiled BaM or pBaM step (compiled, never run)."""
     d = problem.d
@@ -391,8 +370,8 @@ def run_method(method: Method, problem: Problem, *, max_evals: int, budgets=(),
     max_steps = max(1, max_evals // per)
     budget_steps = {int(e): int(e) // per for e in budgets if int(e) // per >= 1}
     grid = checkpoint_steps(max_steps, extra=[s for s in budget_steps.values() if s <= max_steps])
-    rss0 = _proc_status().get("VmRSS")
-    peak_reset = _reset_peak()
+    rss0 = proc_status().get("VmRSS")
+    peak_reset = reset_peak()
     t_all = time.perf_counter()
     with CompileTime() as ct:
         jax.block_until_ready(drv.start(WARM_KEY, 1).params)
@@ -426,7 +405,7 @@ def run_method(method: Method, problem: Problem, *, max_evals: int, budgets=(),
         if kl <= stop_kl:
             status = "converged"
             break
-    peak = _proc_status().get("VmHWM")
+    peak = proc_status().get("VmHWM")
     run_s = time.perf_counter() - t_all
 
     reached = next((c for c in curve[1:] if c["kl"] <= tol), None)
