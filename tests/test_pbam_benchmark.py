@@ -3,8 +3,9 @@
 Timing is not tested. What is tested: the checkpoint grid, that a run's
 record is consistent (a reported "reached" is a KL at or below the
 tolerance, evaluations are steps x per-step draws, the KL at a budget is the
-one at that checkpoint), that the report renders a row per method group, and
-that importing the script leaves float64 off.
+one at that checkpoint), and that the report renders a row per method group
+(``tests/test_benchmark_scripts.py`` checks that importing it leaves float64
+off).
 """
 
 import math

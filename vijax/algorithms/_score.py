@@ -269,8 +269,11 @@ def score_step(
         if max_kl is None:
             worse = jnp.zeros((), bool)
         else:
-            # The last step made q worse beyond the batch's noise: undo it.
-            worse = ~(elbo >= trust.last_elbo - trust.last_margin)  # nan is worse
+            # The last step made q worse beyond the batch's noise (and beyond
+            # rounding, for a q so good that every draw's log weight is the
+            # same): undo it.
+            slack = jnp.sqrt(jnp.finfo(dtype).eps) * (1.0 + jnp.abs(trust.last_elbo))
+            worse = ~(elbo >= trust.last_elbo - trust.last_margin - slack)  # nan is worse
         take = ok & ~worse
         pick = lambda c, a, b: jax.tree_util.tree_map(  # noqa: E731
             lambda x, y: jnp.where(c, x, y), a, b)
