@@ -165,7 +165,7 @@ def test_step_vmaps_over_keys(x64, rng):
     assert isinstance(states.opt_state, vijax.algorithms.TrustState)
     new, info = jax.jit(jax.vmap(step))(states)
     assert info.elbo.shape == (3,)
-    one, _ = step(jax.tree_util.tree_map(lambda a: a[1], states))
+    one, _ = jax.jit(step)(jax.tree_util.tree_map(lambda a: a[1], states))
     chex.assert_trees_all_close(
         jax.tree_util.tree_map(lambda a: a[1], new.params), one.params, rtol=1e-10
     )

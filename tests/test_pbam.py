@@ -188,7 +188,7 @@ def test_float32_continuation_and_vmap(rng):
     states = jax.vmap(lambda key: init(key, start))(jax.random.split(jax.random.key(2), 3))
     new, info = jax.jit(jax.vmap(step))(states)
     assert new.params.cov_factor.shape == (3, d, k) and info.elbo.shape == (3,)
-    one, _ = step(jax.tree_util.tree_map(lambda a: a[1], states))
+    one, _ = jax.jit(step)(jax.tree_util.tree_map(lambda a: a[1], states))
     for a, b in zip(jax.tree_util.tree_leaves(one.params), jax.tree_util.tree_leaves(new.params)):
         np.testing.assert_allclose(a, b[1], rtol=1e-4, atol=1e-5)
 
