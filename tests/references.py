@@ -26,6 +26,9 @@ def np_moments(name, params):
     if name == "full_rank":
         tril = s[:, None] * (np.eye(s.shape[0]) + np.tril(np.asarray(params.off_diag), -1))
         return mean, tril @ tril.T
+    if name == "low_rank_precision":
+        u = np.asarray(params.prec_factor, np.float64)
+        return mean, np.linalg.inv(u @ u.T + np.diag(s**-2.0))
     w = np.asarray(params.cov_factor, np.float64)
     return mean, w @ w.T + np.diag(s**2)
 

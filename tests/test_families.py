@@ -21,6 +21,7 @@ FAMILIES = {
     "mean_field": lambda s=0.1: vijax.mean_field(init_scale=s),
     "full_rank": lambda s=0.1: vijax.full_rank(init_scale=s),
     "low_rank": lambda s=0.1: vijax.low_rank(rank=2, init_scale=s),
+    "low_rank_precision": lambda s=0.1: vijax.low_rank_precision(rank=2, init_scale=s),
 }
 NAMES = tuple(FAMILIES)
 
@@ -41,8 +42,8 @@ def dict_latent(dtype=np.float64):
     ids=["array", "scalar", "dict"],
 )
 def test_init_over_pytrees(x64, name, latent, d):
-    if name == "low_rank" and d < 2:
-        family = vijax.low_rank(rank=1)
+    if name.startswith("low_rank") and d < 2:
+        family = getattr(vijax, name)(rank=1)
     else:
         family = FAMILIES[name]()
     params = family.init(latent)
@@ -66,7 +67,10 @@ def test_init_under_jit_and_vmap_and_in_half_precision(x64, name):
     for dtype in (jnp.float16, jnp.bfloat16):
         params = family.init(dict_latent(dtype))
         assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(dtype)}
-        scale = np.asarray(family.to_gaussian(params).cov, np.float64).diagonal() ** 0.5
+        # The covariance in float32: XLA's CPU LAPACK (the precision family's
+        # capacitance Cholesky) has no half-precision kernels.
+        wide = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+        scale = np.asarray(family.to_gaussian(wide).cov, np.float64).diagonal() ** 0.5
         np.testing.assert_allclose(scale, 0.1, rtol=1e-2)
 
 
@@ -115,8 +119,11 @@ def test_init_params_do_not_share_buffers_with_the_latent(name):
 @pytest.mark.parametrize(
     "make", [lambda s: vijax.mean_field(init_scale=s), lambda s: vijax.full_rank(init_scale=s),
              lambda s: vijax.low_rank(rank=2, init_scale=s),
-             lambda s: vijax.low_rank(rank=5, init_scale=s)],
-    ids=["mean_field", "full_rank", "low_rank2", "low_rank_d"],
+             lambda s: vijax.low_rank(rank=5, init_scale=s),
+             lambda s: vijax.low_rank_precision(rank=2, init_scale=s),
+             lambda s: vijax.low_rank_precision(rank=5, init_scale=s)],
+    ids=["mean_field", "full_rank", "low_rank2", "low_rank_d", "low_rank_precision2",
+         "low_rank_precision_d"],
 )
 def test_initial_covariance_is_init_scale_squared_identity(x64, make):
     family = make(0.37)
@@ -261,7 +268,8 @@ def test_large_structured_families_stay_linear():
     # d = 100_000: a dense d x d factor would need 40 GB, so these run only if the
     # mean-field and low-rank paths never form one.
     d = 100_000
-    for family in (vijax.mean_field(), vijax.low_rank(rank=2)):
+    for family in (vijax.mean_field(), vijax.low_rank(rank=2),
+                   vijax.low_rank_precision(rank=2)):
         params = family.init(jnp.zeros(d))
         z = family.sample(jax.random.key(0), params, 2)
         chex.assert_shape(z, (2, d))
@@ -270,17 +278,18 @@ def test_large_structured_families_stay_linear():
 
 
 # ------------------------------------------------------------------ errors
-def test_low_rank_rank_errors():
+@pytest.mark.parametrize("make", [vijax.low_rank, vijax.low_rank_precision])
+def test_low_rank_rank_errors(make):
     with pytest.raises(ValueError, match=re.escape("`rank` must be an int >= 1; got 0")):
-        vijax.low_rank(rank=0)
+        make(rank=0)
     with pytest.raises(ValueError, match="`rank`"):
-        vijax.low_rank(rank=-2)
+        make(rank=-2)
     with pytest.raises(TypeError, match="`rank` must be an int"):
-        vijax.low_rank(rank=2.0)
-    family = vijax.low_rank(rank=4)
+        make(rank=2.0)
+    family = make(rank=4)
     with pytest.raises(ValueError, match=re.escape("d = 3; got rank = 4")):
         family.init(jnp.zeros(3))
-    vijax.low_rank(rank=3).init(jnp.zeros(3))  # rank == d is allowed
+    make(rank=3).init(jnp.zeros(3))  # rank == d is allowed
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -299,7 +308,8 @@ def test_log_prob_and_sample_argument_errors(name):
 
 
 # --------------------------------------------------------------- from_gaussian
-@pytest.mark.parametrize("make", [vijax.mean_field, vijax.full_rank, lambda: vijax.low_rank(rank=2)])
+@pytest.mark.parametrize("make", [vijax.mean_field, vijax.full_rank, lambda: vijax.low_rank(rank=2),
+                                  lambda: vijax.low_rank_precision(rank=2)])
 def test_from_gaussian_inverts_to_gaussian(x64, make):
     family = make()
     latent = {"a": jnp.zeros(3), "b": jnp.zeros(())}
@@ -327,6 +337,11 @@ def test_from_gaussian_rejects_other_structures():
         vijax.mean_field().from_gaussian(g, jnp.zeros(3))
     with pytest.raises(ValueError, match="rank 2"):
         vijax.low_rank(rank=2).from_gaussian(g, jnp.zeros(3))
+    with pytest.raises(ValueError, match="LowRankPrecisionScale of rank 2"):
+        vijax.low_rank_precision(rank=2).from_gaussian(g, jnp.zeros(3))
+    lrp = vijax.Gaussian.low_rank_precision(jnp.zeros(3), jnp.ones((3, 1)), jnp.ones(3))
+    with pytest.raises(ValueError, match="LowRankPrecisionScale of rank 2"):
+        vijax.low_rank_precision(rank=2).from_gaussian(lrp, jnp.zeros(3))
     with pytest.raises(ValueError, match="dimension 4"):
         vijax.full_rank().from_gaussian(g, jnp.zeros(4))
     with pytest.raises(TypeError, match="gaussian"):

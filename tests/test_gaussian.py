@@ -14,7 +14,7 @@ import vijax
 from vijax._gaussian import expected_log_prob
 from references import np_kl
 
-KINDS = ("diagonal", "cholesky", "low_rank", "precision")
+KINDS = ("diagonal", "cholesky", "low_rank", "low_rank_precision", "precision")
 D = 4
 
 
@@ -36,6 +36,11 @@ def make_gaussian(kind, rng, d=D, k=2):
         w = rng.normal(size=(d, k))
         s = rng.uniform(0.5, 2.0, size=d)
         return vijax.Gaussian.low_rank(mean, w, s), mean, w @ w.T + np.diag(s**2)
+    if kind == "low_rank_precision":
+        u = rng.normal(size=(d, k))
+        s = rng.uniform(0.5, 2.0, size=d)
+        cov = np.linalg.inv(u @ u.T + np.diag(s**-2.0))
+        return vijax.Gaussian.low_rank_precision(mean, u, s), mean, cov
     if kind == "precision":
         tril = np.tril(rng.normal(size=(d, d)), -1) + np.diag(rng.uniform(0.5, 2.0, d))
         cov = np.linalg.inv(tril @ tril.T)

@@ -417,6 +417,8 @@ def test_errors():
     family = vijax.full_rank()
     with pytest.raises(ValueError, match="low_rank"):
         vijax.natural_gradient(vijax.low_rank(rank=1), 1.0)
+    with pytest.raises(ValueError, match="LowRankPrecisionScale.*use vijax.slang"):
+        vijax.natural_gradient(vijax.low_rank_precision(rank=1), 1.0)
     with pytest.raises(TypeError, match="family"):
         vijax.natural_gradient(optax.adam(1e-2), 1.0)
     with pytest.raises(ValueError, match="learning_rate"):

@@ -7,7 +7,7 @@ module                         owns
 =============================  ==========================================
 ``vijax._gaussian``            :class:`Gaussian` and its scales, :func:`gaussian_kl`
 ``vijax.families._protocol``   :class:`VariationalFamily`: the open family protocol and its capabilities
-``vijax.families._gaussian``   :func:`mean_field`, :func:`full_rank`, :func:`low_rank` and their params
+``vijax.families._gaussian``   :func:`mean_field`, :func:`full_rank`, :func:`low_rank`, :func:`low_rank_precision` and their params
 ``vijax.models``               models (:func:`vijax.models.bayesian_linear_regression`, the zoo, :func:`vijax.models.constrained`, ...)
 ``vijax.data``                 minibatches, :class:`JointParams`, the data ELBO, sharded data
 ``vijax.bijectors``            bijectors for constrained latents (:func:`vijax.bijectors.exp`, ...)
@@ -30,6 +30,7 @@ module                         owns
 ``vijax.algorithms._bam``      :func:`batch_and_match`, :func:`make_bam_step`
 ``vijax.algorithms._gsm``      :func:`gaussian_score_matching`, :func:`make_gsm_step`
 ``vijax.algorithms._pbam``     :func:`patched_batch_and_match`, :func:`make_pbam_step`
+``vijax.algorithms._slang``    :func:`slang`, :func:`make_slang_step`
 =============================  ==========================================
 """
 
@@ -50,6 +51,8 @@ from vijax.algorithms._gsm import gaussian_score_matching
 from vijax.algorithms._gsm import make_gsm_step
 from vijax.algorithms._pbam import make_pbam_step
 from vijax.algorithms._pbam import patched_batch_and_match
+from vijax.algorithms._slang import make_slang_step
+from vijax.algorithms._slang import slang
 from vijax.diagnostics._diagnose import Diagnosis
 from vijax.diagnostics._diagnose import diagnose
 from vijax.diagnostics._plots import plot_marginals
@@ -60,9 +63,11 @@ from vijax.diagnostics._summary import summary
 from vijax.interop._arviz import to_arviz
 from vijax.families._gaussian import FullRankParams
 from vijax.families._gaussian import LowRankParams
+from vijax.families._gaussian import LowRankPrecisionParams
 from vijax.families._gaussian import MeanFieldParams
 from vijax.families._gaussian import full_rank
 from vijax.families._gaussian import low_rank
+from vijax.families._gaussian import low_rank_precision
 from vijax.families._gaussian import mean_field
 from vijax.families._protocol import VariationalFamily
 from vijax.fitting._checkpoint import load_checkpoint
@@ -78,6 +83,7 @@ from vijax.fitting._types import FitState
 from vijax._gaussian import CholeskyScale
 from vijax._gaussian import DiagonalScale
 from vijax._gaussian import Gaussian
+from vijax._gaussian import LowRankPrecisionScale
 from vijax._gaussian import LowRankScale
 from vijax._gaussian import PrecisionScale
 from vijax._gaussian import gaussian_kl
@@ -107,6 +113,8 @@ __all__ = [
     "IterateAverageState",
     "JointParams",
     "LowRankParams",
+    "LowRankPrecisionParams",
+    "LowRankPrecisionScale",
     "LowRankScale",
     "MeanFieldParams",
     "NaturalGradientState",
@@ -136,9 +144,11 @@ __all__ = [
     "iwae_bound",
     "load_checkpoint",
     "low_rank",
+    "low_rank_precision",
     "make_bam_step",
     "make_gsm_step",
     "make_pbam_step",
+    "make_slang_step",
     "make_step",
     "mean_field",
     "models",
@@ -149,6 +159,7 @@ __all__ = [
     "psis",
     "renyi_bound",
     "save_checkpoint",
+    "slang",
     "summary",
     "to_arviz",
 ]

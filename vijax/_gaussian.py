@@ -5,6 +5,7 @@ A :class:`Gaussian` is a flat mean of shape ``(d,)`` and a *scale*: one of
 * :class:`DiagonalScale`   cov = diag(scale**2)                   O(d)
 * :class:`CholeskyScale`   cov = L L^T, L lower triangular         O(d^2)
 * :class:`LowRankScale`    cov = W W^T + diag(diag_scale**2)        O(d k)
+* :class:`LowRankPrecisionScale`  precision = U U^T + diag(diag_scale**-2)  O(d k)
 * :class:`PrecisionScale`  cov = (L L^T)^{-1}, L the Cholesky factor of the
   precision (what conjugate posteriors come as; no inverse is ever formed)
 
@@ -25,7 +26,7 @@ from typing import NamedTuple, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.linalg import solve_triangular
+from jax.scipy.linalg import cho_solve, solve_triangular
 
 from vijax import _checks
 
@@ -43,6 +44,13 @@ def _rows(v: jax.Array, like: jax.Array) -> jax.Array:
     Explicit, so the library works under ``jax_numpy_rank_promotion="raise"``.
     """
     return jnp.reshape(v, (1,) * (jnp.ndim(like) - 1) + v.shape)
+
+
+def _batched_rows(fn, r: jax.Array) -> jax.Array:
+    """Applies ``fn`` (a (k, N) matrix to a (k, N) matrix) to the rows of r, shape (..., k)."""
+    batch = r.shape[:-1]
+    flat = r.reshape((-1, r.shape[-1]))
+    return fn(flat.T).T.reshape(r.shape) if batch else fn(r[:, None])[:, 0]
 
 
 def _batched(fn, r: jax.Array) -> jax.Array:
@@ -246,6 +254,127 @@ class LowRankScale(NamedTuple):
         )
 
 
+class LowRankPrecisionScale(NamedTuple):
+    """Low-rank plus diagonal *precision*: ``cov^{-1} = U U^T + diag(diag_scale**-2)``.
+
+    The form of SLANG (Mishkin et al. 2018) and of a Bayesian linear model
+    with fewer observations than weights: ``U`` holds the k best-determined
+    directions, ``diag_scale`` the conditional standard deviations that
+    remain. Everything goes through the (k, k) capacitance matrix ``C = I +
+    U^T diag(diag_scale**2) U`` and its Cholesky factor (Woodbury, the matrix
+    determinant lemma); no d x d matrix is formed and nothing is inverted.
+
+    Sampling draws ``k + d`` standard normals ``(e1, e2)``: ``w = diag_scale**-1
+    e2 + U e1`` has covariance ``cov^{-1}``, so ``cov w`` has covariance
+    ``cov``; written out, ``z = diag_scale * e2 + A C^{-1} (e1 - U^T
+    (diag_scale * e2))`` with ``A = diag(diag_scale**2) U``. O(d k) per draw
+    after O(d k^2) once.
+
+    Where ``U`` dominates the diagonal by a factor ``r = |u_i|^2
+    diag_scale_i^2``, the variances along ``U`` are a difference of two terms
+    and lose about ``eps * r`` in relative accuracy (as for any Woodbury
+    form): keep ``r`` well below ``1 / eps`` (about 1e7 in float32).
+
+    Attributes:
+      prec_factor: U, shape ``(d, k)``.
+      diag_scale: positive, shape ``(d,)``: the diagonal of the precision is
+        ``diag_scale**-2`` plus that of ``U U^T``.
+    """
+
+    prec_factor: jax.Array
+    diag_scale: jax.Array
+
+    @property
+    def dim(self) -> int:
+        return self.diag_scale.shape[-1]
+
+    @property
+    def rank(self) -> int:
+        return self.prec_factor.shape[-1]
+
+    @property
+    def base_dim(self) -> int:
+        return self.rank + self.dim
+
+    def _capacitance(self):
+        """``(A, chol(C))``: ``A = diag(s^2) U`` and the Cholesky factor of ``C = I + U^T A``."""
+        a = jnp.square(self.diag_scale)[:, None] * self.prec_factor
+        cap = jnp.eye(self.rank, dtype=a.dtype) + self.prec_factor.T @ a
+        return a, jnp.linalg.cholesky(cap)
+
+    def cov_matmul(self, b):
+        """``cov @ b`` for b of shape (d, m), by the Woodbury identity (O(d k m))."""
+        a, lc = self._capacitance()
+        return jnp.square(self.diag_scale)[:, None] * b - a @ cho_solve((lc, True), a.T @ b)
+
+    def apply(self, eps):
+        k = self.rank
+        a, lc = self._capacitance()
+        e1, e2 = eps[..., :k], eps[..., k:]
+        se2 = e2 * _rows(self.diag_scale, e2)
+        r = e1 - se2 @ self.prec_factor  # (..., k)
+        t = _batched_rows(lambda m: cho_solve((lc, True), m), r)
+        return se2 + t @ a.T
+
+    def logdet(self):
+        _, lc = self._capacitance()
+        return 2.0 * (
+            jnp.sum(jnp.log(jnp.abs(self.diag_scale)))
+            - jnp.sum(jnp.log(jnp.diagonal(lc)))
+        )
+
+    def mahalanobis(self, r):
+        return jnp.sum(jnp.square(r / _rows(self.diag_scale, r)), axis=-1) + jnp.sum(
+            jnp.square(r @ self.prec_factor), axis=-1
+        )
+
+    def cov_diag(self):
+        a, lc = self._capacitance()
+        b = _solve_lower(lc, a.T)  # (k, d): cov = diag(s^2) - b^T b
+        return jnp.square(self.diag_scale) - jnp.sum(jnp.square(b), axis=0)
+
+    def cov(self):
+        a, lc = self._capacitance()
+        b = _solve_lower(lc, a.T)
+        return jnp.diag(jnp.square(self.diag_scale)) - b.T @ b
+
+    def _a_cinv(self):
+        a, lc = self._capacitance()
+        return cho_solve((lc, True), a.T).T  # A C^{-1}, (d, k)
+
+    def factor(self):
+        # z = F [e1; e2] with F = [A C^{-1}, diag(s) - A C^{-1} U^T diag(s)].
+        ac = self._a_cinv()
+        s = self.diag_scale
+        return jnp.concatenate(
+            [ac, jnp.diag(s) - (ac @ self.prec_factor.T) * s[None, :]], axis=1
+        )
+
+    def factor_t_matmul(self, a):
+        ac = self._a_cinv()
+        t = ac.T @ a  # (k, m)
+        return jnp.concatenate([t, self.diag_scale[:, None] * (a - self.prec_factor @ t)], 0)
+
+    def matmul_factor(self, a):
+        ac = self._a_cinv()
+        t = a @ ac  # (..., k)
+        return jnp.concatenate(
+            [t, (a - t @ self.prec_factor.T) * _rows(self.diag_scale, a)], axis=1
+        )
+
+    def trace_inv_cov(self, other):
+        # tr((U U^T + diag(s^-2)) cov_other) = sum(diag_other / s^2) + ||S_other^T U||_F^2.
+        first = jnp.sum(other.cov_diag() / jnp.square(self.diag_scale))
+        return first + jnp.sum(jnp.square(other.factor_t_matmul(self.prec_factor)))
+
+    def trace_cov(self, a):
+        # tr(a cov) = sum(diag(a) s^2) - tr(a A C^{-1} A^T).
+        big_a, _ = self._capacitance()
+        return jnp.sum(jnp.diagonal(a) * jnp.square(self.diag_scale)) - jnp.sum(
+            (a @ big_a) * self._a_cinv()
+        )
+
+
 class PrecisionScale(NamedTuple):
     """Precision-Cholesky scale: ``cov = (tril @ tril.T)^{-1}``.
 
@@ -304,7 +433,7 @@ class PrecisionScale(NamedTuple):
         return jnp.trace(_solve_lower(self.tril, b.T))
 
 
-Scale = Union[DiagonalScale, CholeskyScale, LowRankScale, PrecisionScale]
+Scale = Union[DiagonalScale, CholeskyScale, LowRankScale, LowRankPrecisionScale, PrecisionScale]
 
 
 class Gaussian(NamedTuple):
@@ -316,7 +445,8 @@ class Gaussian(NamedTuple):
     Attributes:
       mean: the flat mean, shape ``(d,)``.
       scale: one of :class:`DiagonalScale`, :class:`CholeskyScale`,
-        :class:`LowRankScale`, :class:`PrecisionScale`.
+        :class:`LowRankScale`, :class:`LowRankPrecisionScale`,
+        :class:`PrecisionScale`.
 
     Example:
       >>> import jax.numpy as jnp, vijax
@@ -379,6 +509,24 @@ class Gaussian(NamedTuple):
         _checks.check_shape("diag_scale", diag_scale, mean.shape)
         _checks.check_positive("diag_scale", diag_scale)
         return cls(mean, LowRankScale(cov_factor, diag_scale))
+
+    @classmethod
+    def low_rank_precision(cls, mean, prec_factor, diag_scale) -> "Gaussian":
+        """``N(mean, (prec_factor @ prec_factor.T + diag(diag_scale**-2))^{-1})``.
+
+        ``prec_factor`` is (d, k); ``diag_scale`` is (d,) and positive.
+        """
+        mean, prec_factor = _mean_and("prec_factor", mean, prec_factor)
+        diag_scale = _checks.as_float_array("diag_scale", diag_scale)
+        _checks.check_ndim("prec_factor", prec_factor, 2)
+        if prec_factor.shape[0] != mean.shape[0]:
+            raise ValueError(
+                f"`prec_factor` must have shape ({mean.shape[0]}, k); got shape "
+                f"{tuple(prec_factor.shape)}."
+            )
+        _checks.check_shape("diag_scale", diag_scale, mean.shape)
+        _checks.check_positive("diag_scale", diag_scale)
+        return cls(mean, LowRankPrecisionScale(prec_factor, diag_scale))
 
     @classmethod
     def from_precision_cholesky(cls, mean, tril) -> "Gaussian":

@@ -7,6 +7,7 @@ module                  owns
 ``_bam``                :func:`batch_and_match` (Cai et al. 2024)
 ``_gsm``                :func:`gaussian_score_matching` (Modi et al. 2023)
 ``_pbam``               :func:`patched_batch_and_match` (Modi, Cai and Saul 2025)
+``_slang``              :func:`slang` (Mishkin et al. 2018), low-rank-plus-diagonal precision
 ======================  ==========================================================
 """
 
@@ -20,6 +21,9 @@ from vijax.algorithms._pbam import make_pbam_step
 from vijax.algorithms._pbam import patched_batch_and_match
 from vijax.algorithms._pbam import pbam_algorithm
 from vijax.algorithms._score import TrustState
+from vijax.algorithms._slang import make_slang_step
+from vijax.algorithms._slang import slang
+from vijax.algorithms._slang import slang_algorithm
 
 __all__ = [
     "TrustState",
@@ -30,6 +34,9 @@ __all__ = [
     "make_bam_step",
     "make_gsm_step",
     "make_pbam_step",
+    "make_slang_step",
     "patched_batch_and_match",
     "pbam_algorithm",
+    "slang",
+    "slang_algorithm",
 ]

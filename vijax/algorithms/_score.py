@@ -21,7 +21,12 @@ from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
 from vijax._gaussian import CholeskyScale, Gaussian, gaussian_kl
-from vijax.families._gaussian import FullRankParams, full_rank
+from vijax.families._gaussian import (
+    FullRankParams,
+    LowRankParams,
+    LowRankPrecisionParams,
+    full_rank,
+)
 from vijax.families._protocol import check_params
 from vijax.fitting._engine import (
     Algorithm,
@@ -88,10 +93,11 @@ def trust_region(mu, tril, new_mu, new_tril, radius):
 def trust_region_scale(mu, scale, new_mu, new_scale, radius):
     """:func:`trust_region` for any scale whose arrays may be interpolated.
 
-    A ``CholeskyScale`` (lower factor, positive diagonal) or a
+    A ``CholeskyScale`` (lower factor, positive diagonal), a
     ``LowRankScale`` (factor ``W`` and positive diagonal standard
-    deviations): a convex combination of two valid scales of either kind is
-    valid. The KL is :func:`kl_between` for Cholesky factors and
+    deviations) or a ``LowRankPrecisionScale`` (factor ``U`` and positive
+    ``diag_scale``): a convex combination of two valid scales of any of these
+    kinds is valid. The KL is :func:`kl_between` for Cholesky factors and
     :func:`vijax.gaussian_kl` (Woodbury, O(d k^2)) for low rank.
     Returns ``(mu, scale, alpha)``.
     """
@@ -124,6 +130,13 @@ def check_max_kl(max_kl) -> Optional[float]:
     return _checks.check_positive_float("max_kl", max_kl, also=" or None")
 
 
+_MAKERS = {
+    FullRankParams: ("full_rank()", "full-rank"),
+    LowRankParams: ("low_rank(rank=k)", "low-rank"),
+    LowRankPrecisionParams: ("low_rank_precision(rank=k)", "low-rank-precision"),
+}
+
+
 def check_init_params(init_params, name: str, family=FAMILY, params_type=FullRankParams):
     if isinstance(init_params, params_type):
         return check_params("init_params", init_params, family)
@@ -133,10 +146,9 @@ def check_init_params(init_params, name: str, family=FAMILY, params_type=FullRan
             f"`init_params` must be {kind}; got a FitState. To continue a "
             "run, pass it as `init_params` with `key=None`."
         )
-    full = params_type is FullRankParams
-    maker = "full_rank()" if full else "low_rank(rank=k)"
+    maker, what = _MAKERS.get(params_type, (f"{family.name}()", family.name))
     raise ValueError(
-        f"{name} supports the {'full-rank' if full else 'low-rank'} Gaussian family "
+        f"{name} supports the {what} Gaussian family "
         "only: `init_params` "
         f"must be {kind} (from vijax.{maker}.init(latent)); got "
         f"{type(init_params).__name__}."

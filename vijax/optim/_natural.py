@@ -165,7 +165,8 @@ def _structure(family: VariationalFamily, q: Gaussian) -> _Structure:
             "natural_gradient needs a family whose Gaussian view has a DiagonalScale "
             "or a CholeskyScale (vijax.mean_field(), vijax.full_rank()): closed-form "
             f"natural gradients exist for these; {describe(family)} gives a "
-            f"{kind.__name__}."
+            f"{kind.__name__}. For a low-rank-plus-diagonal precision "
+            "(vijax.low_rank_precision) use vijax.slang."
         )
     return _STRUCTURES[kind]
 
