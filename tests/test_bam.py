@@ -316,6 +316,48 @@ def test_adaptive_radius_grows_on_accepted_steps_and_undoes_a_bad_step(x64, rng)
     assert isinstance(result.state.opt_state, vijax.algorithms.TrustState)
 
 
+def test_the_returned_params_are_verified_by_the_next_batch(x64, rng):
+    # The last step of a run is judged only by the next batch: make_verify
+    # draws it now and returns last_params when the next step would undo.
+    from vijax.algorithms._score import make_verify
+
+    model = _blr(rng, d=3)
+    family = vijax.full_rank()
+    algorithm = vijax.algorithms.bam_algorithm(model.log_joint, batch_size=6)
+    verify = jax.jit(make_verify(model.log_joint, batch_size=6))
+    step = jax.jit(algorithm.step)
+    p0 = family.init(model.latent)
+    first, _ = step(algorithm.init(jax.random.key(0), p0))
+    primed = first._replace(opt_state=first.opt_state._replace(
+        last_elbo=jnp.asarray(1e9), last_margin=jnp.asarray(1.0)))
+    for state in (first, primed):  # the verdict is the next step's
+        nxt, _ = step(state)
+        undone = bool(jnp.all(nxt.params.raw_scale == state.opt_state.last_params.raw_scale))
+        expect = state.opt_state.last_params if undone else state.params
+        chex.assert_trees_all_equal(verify(state), expect)
+    chex.assert_trees_all_equal(verify(primed), p0)
+    chex.assert_trees_all_equal(verify(first), first.params)
+    # Through the driver, with an idle algorithm that keeps the primed state:
+    # the result holds last_params, the state is left as the run ended.
+    from vijax.algorithms._score import run_score_algorithm
+    from vijax.fitting._engine import Algorithm, check_run_options
+
+    zero = jnp.zeros((), p0.raw_scale.dtype)
+    idle = Algorithm(init=algorithm.init, step=lambda st: (
+        st._replace(step=st.step + 1),
+        vijax.FitInfo(elbo=zero, grad_norm=zero, skipped=jnp.zeros((), bool))))
+    options = check_run_options(num_steps=2, chunk_size=2, max_nonfinite=20, progress=False,
+                                checkpoint_dir=None, checkpoint_every=None)
+    result = run_score_algorithm("idle", ("idle", model.log_joint), idle, None, primed,
+                                 options, log_joint=model.log_joint, batch_size=6, max_kl=1.0)
+    chex.assert_trees_all_equal(result.state.params, primed.params)
+    chex.assert_trees_all_equal(result.params, p0)
+    # Without the trust region there is nothing to verify against.
+    plain = vijax.batch_and_match(jax.random.key(1), model.log_joint, p0, num_steps=3,
+                                  batch_size=6, max_kl=None, progress=False)
+    chex.assert_trees_all_equal(plain.params, plain.state.params)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fits_stochastic_volatility_with_a_batch_of_d(seed):

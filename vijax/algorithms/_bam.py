@@ -304,8 +304,12 @@ def batch_and_match(
 
     Returns:
       A :class:`vijax.FitResult` whose ``params`` are ``FullRankParams``
-      (use them with ``vijax.full_rank()``); ``state.opt_state`` is the
-      :class:`vijax.algorithms.TrustState`;
+      (use them with ``vijax.full_rank()``). With ``max_kl`` set they are
+      verified: the last step is judged by one more batch (the one the next
+      step would draw, ``batch_size`` more evaluations), and if it made q
+      worse, ``params`` are the point before it (``state`` is left as the
+      run ended, so continuing it is the same as one longer run).
+      ``state.opt_state`` is the :class:`vijax.algorithms.TrustState`;
       ``trace.elbo`` holds ``mean_b [log p(z_b) - log q(z_b)]`` per step (an
       unbiased ELBO estimate) and ``trace.grad_norm`` the norm of the mean score.
 
@@ -344,7 +348,8 @@ def batch_and_match(
         log_joint, batch_size=batch_size, learning_rate=learning_rate, max_kl=max_kl)
     return run_score_algorithm(
         "batch_and_match", ("batch_and_match", log_joint, batch_size, learning_rate, max_kl),
-        algorithm, key, init_params, options)
+        algorithm, key, init_params, options, log_joint=log_joint, batch_size=batch_size,
+        max_kl=max_kl)
 
 
 def bam_algorithm(

@@ -186,7 +186,8 @@ def gaussian_score_matching(
         as in :func:`vijax.batch_and_match`.
 
     Returns:
-      A :class:`vijax.FitResult` with ``FullRankParams``.
+      A :class:`vijax.FitResult` with ``FullRankParams``, verified by one
+      more batch as in :func:`vijax.batch_and_match`.
 
     Raises:
       TypeError: ``log_joint`` is not callable or ``key`` is not a key.
@@ -214,4 +215,4 @@ def gaussian_score_matching(
     algorithm = gsm_algorithm(log_joint, batch_size=batch_size, max_kl=max_kl)
     return run_score_algorithm(
         "gaussian_score_matching", ("gsm", log_joint, batch_size, max_kl), algorithm, key,
-        init_params, options)
+        init_params, options, log_joint=log_joint, batch_size=batch_size, max_kl=max_kl)

@@ -378,7 +378,8 @@ def patched_batch_and_match(
 
     Returns:
       A :class:`vijax.FitResult` whose ``params`` are ``LowRankParams`` (use
-      them with ``vijax.low_rank(rank=k)``); ``trace.elbo`` holds the
+      them with ``vijax.low_rank(rank=k)``), verified by one more batch as in
+      :func:`vijax.batch_and_match`; ``trace.elbo`` holds the
       batch's ``mean_b [log p(z_b) - log q(z_b)]`` per step.
 
     Raises:
@@ -419,4 +420,5 @@ def patched_batch_and_match(
     return run_score_algorithm(
         "patched_batch_and_match",
         ("patched_batch_and_match", log_joint, batch_size, learning_rate, max_kl, patch_steps),
-        algorithm, key, init_params, options, family=family, params_type=LowRankParams)
+        algorithm, key, init_params, options, family=family, params_type=LowRankParams,
+        log_joint=log_joint, batch_size=batch_size, max_kl=max_kl)

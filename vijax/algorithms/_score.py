@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
+from vijax._cache import LRU
 from vijax._gaussian import CholeskyScale, Gaussian, gaussian_kl
 from vijax.families._gaussian import (
     FullRankParams,
@@ -326,9 +327,51 @@ def algorithm_of(step, max_kl: Optional[float]) -> Algorithm:
     return Algorithm(init=init, step=step)
 
 
+def make_verify(log_joint, *, batch_size: int, family=FAMILY):
+    """Returns ``verify(state) -> params``: the last point a fit may return.
+
+    The last step of a run is judged only by the next step's batch. This
+    draws that batch now (the same key, ``fold_in(state.key, state.step)``,
+    so a continued run decides the same way) and applies the same rule as
+    :func:`score_step`: if the batch ELBO at ``state.params`` falls below
+    ``last_elbo`` by more than the margin (or no draw is finite), the
+    answer is ``state.opt_state.last_params``; otherwise ``state.params``.
+    One batch of ``batch_size`` evaluations.
+    """
+
+    def verify(state: FitState):
+        trust = state.opt_state
+        params = state.params
+        fam = family(params) if callable(family) else family
+        q = fam.to_gaussian(params)
+        unravel = ravel_pytree(params.loc)[1]
+        z = q.sample(jax.random.fold_in(state.key, state.step), (batch_size,))
+        log_p, scores = jax.vmap(jax.value_and_grad(lambda x: log_joint(unravel(x))))(z)
+        finite = jnp.isfinite(log_p) & jnp.all(jnp.isfinite(scores), axis=1)
+        terms = jnp.where(finite, log_p - q.log_prob(z), 0.0)
+        elbo = jnp.sum(terms) / jnp.sum(finite)
+        dtype = q.mean.dtype
+        slack = jnp.sqrt(jnp.finfo(dtype).eps) * (1.0 + jnp.abs(trust.last_elbo))
+        worse = ~(elbo >= trust.last_elbo - trust.last_margin - slack) | ~jnp.any(finite)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(worse, a, b),
+                                      trust.last_params, params)
+
+    return verify
+
+
+_verifiers = LRU(16)
+
+
 def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params, options,
-                        family=FAMILY, params_type=FullRankParams) -> FitResult:
-    """The driver of the public score-based algorithms (BaM, patched BaM, GSM)."""
+                        family=FAMILY, params_type=FullRankParams, *, log_joint=None,
+                        batch_size=None, max_kl=None) -> FitResult:
+    """The driver of the public score-based algorithms (BaM, patched BaM, GSM, SLANG).
+
+    With a trust region (``max_kl`` set), the returned ``params`` are
+    verified (:func:`make_verify`): a last step that made q worse is not
+    returned (``state`` is left as the run ended, so continuing it gives
+    what one longer run gives).
+    """
     if isinstance(init_params, FitState):
         check_resume_key("key", key)
         check_init_params(init_params.params, name, family, params_type)
@@ -345,7 +388,7 @@ def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params,
         cache_key, lambda: algorithm.step, chunk_size=options.chunk_size,
         max_nonfinite=options.max_nonfinite, batched=False,
     )
-    return run(
+    result = run(
         compiled, state, options, batched=False, desc=name,
         failure=(
             "had non-finite log densities or scores (grad log_joint) at the "
@@ -353,6 +396,13 @@ def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params,
             "Check log_joint for regions where it or its gradient is nan/inf.",
         ),
     )
+    if max_kl is not None and log_joint is not None and isinstance(
+            result.state.opt_state, TrustState):
+        verify = _verifiers.get(
+            (cache_key, "verify"),
+            lambda: jax.jit(make_verify(log_joint, batch_size=batch_size, family=family)))
+        result = result._replace(params=verify(result.state))
+    return result
 
 
 def check_common(log_joint, batch_size, max_kl, num_steps, chunk_size, max_nonfinite, progress,

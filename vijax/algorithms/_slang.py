@@ -279,7 +279,8 @@ def slang(
     Returns:
       A :class:`vijax.FitResult` whose ``params`` are
       ``LowRankPrecisionParams`` (use them with
-      ``vijax.low_rank_precision(rank=k)``); ``trace.elbo`` holds the batch's
+      ``vijax.low_rank_precision(rank=k)``), verified by one more batch as in
+      :func:`vijax.batch_and_match`; ``trace.elbo`` holds the batch's
       ``mean_b [log p(z_b) - log q(z_b)]`` per step.
 
     Raises:
@@ -320,4 +321,5 @@ def slang(
     return run_score_algorithm(
         "slang", ("slang", log_joint, batch_size, learning_rate, max_kl),
         algorithm, key, init_params, options, family=family,
-        params_type=LowRankPrecisionParams)
+        params_type=LowRankPrecisionParams, log_joint=log_joint, batch_size=batch_size,
+        max_kl=max_kl)
