@@ -498,16 +498,8 @@ class Gaussian(NamedTuple):
 
         ``cov_factor`` is (d, k); ``diag_scale`` is (d,) and positive.
         """
-        mean, cov_factor = _mean_and("cov_factor", mean, cov_factor)
-        diag_scale = _checks.as_float_array("diag_scale", diag_scale)
-        _checks.check_ndim("cov_factor", cov_factor, 2)
-        if cov_factor.shape[0] != mean.shape[0]:
-            raise ValueError(
-                f"`cov_factor` must have shape ({mean.shape[0]}, k); got shape "
-                f"{tuple(cov_factor.shape)}."
-            )
-        _checks.check_shape("diag_scale", diag_scale, mean.shape)
-        _checks.check_positive("diag_scale", diag_scale)
+        mean, cov_factor, diag_scale = _factor_and_diagonal(
+            mean, "cov_factor", cov_factor, diag_scale)
         return cls(mean, LowRankScale(cov_factor, diag_scale))
 
     @classmethod
@@ -516,16 +508,8 @@ class Gaussian(NamedTuple):
 
         ``prec_factor`` is (d, k); ``diag_scale`` is (d,) and positive.
         """
-        mean, prec_factor = _mean_and("prec_factor", mean, prec_factor)
-        diag_scale = _checks.as_float_array("diag_scale", diag_scale)
-        _checks.check_ndim("prec_factor", prec_factor, 2)
-        if prec_factor.shape[0] != mean.shape[0]:
-            raise ValueError(
-                f"`prec_factor` must have shape ({mean.shape[0]}, k); got shape "
-                f"{tuple(prec_factor.shape)}."
-            )
-        _checks.check_shape("diag_scale", diag_scale, mean.shape)
-        _checks.check_positive("diag_scale", diag_scale)
+        mean, prec_factor, diag_scale = _factor_and_diagonal(
+            mean, "prec_factor", prec_factor, diag_scale)
         return cls(mean, LowRankPrecisionScale(prec_factor, diag_scale))
 
     @classmethod
@@ -597,6 +581,21 @@ def _check_nonsingular_tril(name, tril) -> None:
             f"`{name}` must have a non-zero diagonal (a non-singular factor); got "
             f"{name}[{i}, {i}] = {np.asarray(tril)[i, i].item()!r}."
         )
+
+
+def _factor_and_diagonal(mean, name, factor, diag_scale):
+    """Checked ``(mean, factor, diag_scale)``: factor (d, k), diag_scale (d,) positive."""
+    mean, factor = _mean_and(name, mean, factor)
+    diag_scale = _checks.as_float_array("diag_scale", diag_scale)
+    _checks.check_ndim(name, factor, 2)
+    if factor.shape[0] != mean.shape[0]:
+        raise ValueError(
+            f"`{name}` must have shape ({mean.shape[0]}, k); got shape "
+            f"{tuple(factor.shape)}."
+        )
+    _checks.check_shape("diag_scale", diag_scale, mean.shape)
+    _checks.check_positive("diag_scale", diag_scale)
+    return mean, factor, diag_scale
 
 
 def _mean_and(name, mean, other):

@@ -51,7 +51,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -65,6 +64,7 @@ from vijax.algorithms._bam import _check_learning_rate, default_learning_rate
 from vijax.algorithms._score import (
     DEFAULT_MAX_KL,
     algorithm_of,
+    rank_family,
     check_common,
     check_max_kl,
     finite_or_zero,
@@ -249,14 +249,8 @@ def max_default_learning_rate(dtype) -> float:
     return 3e-6 / float(jnp.finfo(dtype).eps)
 
 
-@functools.lru_cache(maxsize=None)
-def _low_rank_family(rank: int):
-    """One family object per rank, so that checks cached per family object hit."""
-    return low_rank(rank=rank)
-
-
 def _family_of(params):
-    return _low_rank_family(params.cov_factor.shape[-1])
+    return rank_family(low_rank, params.cov_factor.shape[-1])
 
 
 def make_pbam_step(

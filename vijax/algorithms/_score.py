@@ -13,6 +13,7 @@ public functions call.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -42,6 +43,12 @@ from vijax.fitting._types import FitInfo, FitResult, FitState
 ArrayTree = Any
 FAMILY = full_rank()
 DEFAULT_MAX_KL = 1.0
+
+
+@functools.lru_cache(maxsize=None)
+def rank_family(make: Callable, rank: int):
+    """``make(rank=rank)``, one object per (maker, rank), so that checks cached per family hit."""
+    return make(rank=rank)
 
 
 def finite_or_zero(a: jax.Array) -> jax.Array:

@@ -66,7 +66,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Callable, Optional, Union
 
@@ -78,6 +77,7 @@ from vijax._gaussian import LowRankPrecisionScale
 from vijax.algorithms._score import (
     DEFAULT_MAX_KL,
     algorithm_of,
+    rank_family,
     check_common,
     check_max_kl,
     run_score_algorithm,
@@ -164,14 +164,8 @@ def _check_batch_size(batch_size) -> int:
     return batch_size
 
 
-@functools.lru_cache(maxsize=None)
-def _family(rank: int):
-    """One family object per rank, so that checks cached per family object hit."""
-    return low_rank_precision(rank=rank)
-
-
 def _family_of(params):
-    return _family(params.prec_factor.shape[-1])
+    return rank_family(low_rank_precision, params.prec_factor.shape[-1])
 
 
 def make_slang_step(
@@ -317,7 +311,8 @@ def slang(
     algorithm = slang_algorithm(
         log_joint, batch_size=batch_size, learning_rate=learning_rate, max_kl=max_kl)
     params = init_params.params if isinstance(init_params, FitState) else init_params
-    family = _family_of(params) if isinstance(params, LowRankPrecisionParams) else _family(1)
+    family = (_family_of(params) if isinstance(params, LowRankPrecisionParams)
+              else rank_family(low_rank_precision, 1))
     return run_score_algorithm(
         "slang", ("slang", log_joint, batch_size, learning_rate, max_kl),
         algorithm, key, init_params, options, family=family,

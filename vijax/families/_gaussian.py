@@ -349,41 +349,13 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     Returns:
       A :class:`VariationalFamily` whose params are :class:`LowRankParams`.
     """
-    rank = _checks.check_positive_int("rank", rank)
     init_scale = _checks.check_positive_float("init_scale", init_scale)
 
-    def init(latent):
-        loc, d, dtype = _init_loc(latent)
-        if rank > d:
-            raise ValueError(
-                f"`rank` must be between 1 and the latent dimension d = {d}; "
-                f"got rank = {rank}."
-            )
+    def initial(d):
         w = 0.1 * init_scale * np.eye(d, rank)
-        diag = np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
-        return LowRankParams(
-            loc=loc,
-            raw_scale=_host.constant(_softplus_inverse_host(diag), (d,), dtype),
-            cov_factor=_host.constant(w, (d, rank), dtype),
-        )
+        return w, np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
 
-    def to_gaussian(params):
-        loc, _ = ravel_pytree(params.loc)
-        return Gaussian(
-            loc, LowRankScale(params.cov_factor, jax.nn.softplus(params.raw_scale))
-        )
-
-    def from_gaussian(gaussian, latent):
-        loc, dtype = _gaussian_and_unravel(gaussian, latent, "low_rank")
-        if not isinstance(gaussian.scale, LowRankScale) or gaussian.scale.rank != rank:
-            raise _wrong_structure("low_rank", gaussian, f"LowRankScale of rank {rank}")
-        return LowRankParams(
-            loc=loc,
-            raw_scale=_softplus_inverse(jnp.abs(gaussian.scale.diag_scale)).astype(dtype),
-            cov_factor=gaussian.scale.cov_factor.astype(dtype),
-        )
-
-    return _make_family("low_rank", LowRankParams, init, to_gaussian, from_gaussian)
+    return _factor_plus_diagonal("low_rank", rank, LowRankParams, LowRankScale, initial)
 
 
 def low_rank_precision(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
@@ -416,8 +388,26 @@ def low_rank_precision(*, rank: int, init_scale: float = 0.1) -> VariationalFami
       fast structured covariance approximations for Bayesian deep learning
       with natural gradient. NeurIPS 2018.
     """
-    rank = _checks.check_positive_int("rank", rank)
     init_scale = _checks.check_positive_float("init_scale", init_scale)
+
+    def initial(d):
+        u = (0.1 / init_scale) * np.eye(d, rank)
+        # diag(s^-2) + U U^T = I / init_scale^2 (U's columns are coordinate axes).
+        return u, 1.0 / np.sqrt(1.0 / init_scale**2 - np.sum(np.square(u), axis=1))
+
+    return _factor_plus_diagonal(
+        "low_rank_precision", rank, LowRankPrecisionParams, LowRankPrecisionScale, initial)
+
+
+def _factor_plus_diagonal(name, rank, params_type, scale_type, initial) -> VariationalFamily:
+    """A family whose scale is ``scale_type(factor, softplus(raw_scale))``, factor (d, rank).
+
+    ``params_type`` is ``(loc, raw_scale, <factor>)``; ``initial(d)`` gives
+    the initial factor and diagonal (NumPy) for dimension d. Shared by
+    :func:`low_rank` (covariance) and :func:`low_rank_precision`.
+    """
+    rank = _checks.check_positive_int("rank", rank)
+    field = params_type._fields[2]
 
     def init(latent):
         loc, d, dtype = _init_loc(latent)
@@ -426,31 +416,21 @@ def low_rank_precision(*, rank: int, init_scale: float = 0.1) -> VariationalFami
                 f"`rank` must be between 1 and the latent dimension d = {d}; "
                 f"got rank = {rank}."
             )
-        u = (0.1 / init_scale) * np.eye(d, rank)
-        # diag(s^-2) + U U^T = I / init_scale^2 (U's columns are coordinate axes).
-        diag = 1.0 / np.sqrt(1.0 / init_scale**2 - np.sum(np.square(u), axis=1))
-        return LowRankPrecisionParams(
-            loc=loc,
-            raw_scale=_host.constant(_softplus_inverse_host(diag), (d,), dtype),
-            prec_factor=_host.constant(u, (d, rank), dtype),
-        )
+        factor, diag = initial(d)
+        return params_type(
+            loc, _host.constant(_softplus_inverse_host(diag), (d,), dtype),
+            _host.constant(factor, (d, rank), dtype))
 
     def to_gaussian(params):
         loc, _ = ravel_pytree(params.loc)
-        return Gaussian(
-            loc, LowRankPrecisionScale(params.prec_factor, jax.nn.softplus(params.raw_scale))
-        )
+        return Gaussian(loc, scale_type(params[2], jax.nn.softplus(params.raw_scale)))
 
     def from_gaussian(gaussian, latent):
-        loc, dtype = _gaussian_and_unravel(gaussian, latent, "low_rank_precision")
-        if not isinstance(gaussian.scale, LowRankPrecisionScale) or gaussian.scale.rank != rank:
-            raise _wrong_structure(
-                "low_rank_precision", gaussian, f"LowRankPrecisionScale of rank {rank}")
-        return LowRankPrecisionParams(
-            loc=loc,
-            raw_scale=_softplus_inverse(jnp.abs(gaussian.scale.diag_scale)).astype(dtype),
-            prec_factor=gaussian.scale.prec_factor.astype(dtype),
-        )
+        loc, dtype = _gaussian_and_unravel(gaussian, latent, name)
+        if not isinstance(gaussian.scale, scale_type) or gaussian.scale.rank != rank:
+            raise _wrong_structure(name, gaussian, f"{scale_type.__name__} of rank {rank}")
+        return params_type(
+            loc, _softplus_inverse(jnp.abs(gaussian.scale.diag_scale)).astype(dtype),
+            getattr(gaussian.scale, field).astype(dtype))
 
-    return _make_family(
-        "low_rank_precision", LowRankPrecisionParams, init, to_gaussian, from_gaussian)
+    return _make_family(name, params_type, init, to_gaussian, from_gaussian)
