@@ -30,7 +30,8 @@ def test_importing_the_scripts_leaves_x64_off():
     # These run in float64 but must not switch it on for whoever imports them.
     code = (
         "import jax; import benchmarks.fast_vi, benchmarks.fit_speed, "
-        "benchmarks.pbam_scale, benchmarks.bam_trust_region, benchmarks.slang_scale; "
+        "benchmarks.pbam_scale, benchmarks.bam_trust_region, benchmarks.slang_scale, "
+        "benchmarks.head_to_head; "
         "assert not jax.config.jax_enable_x64, 'x64 was switched on'"
     )
     root = pathlib.Path(__file__).resolve().parents[1]
