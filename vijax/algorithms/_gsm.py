@@ -166,7 +166,9 @@ def gaussian_score_matching(
     log density overflows. Measured on linear regression (d = 5, from the
     family's default start, 160 steps): KL to the posterior 140 with B = 2,
     4.1 with B = 4, 5e-8 with B = 6 and 3e-13 with B = 8; take B of the
-    order of d.
+    order of d, and expect many more steps as d grows and the posterior
+    concentrates (GSM is the slowest of vijax's methods in
+    ``benchmarks/results/cpu/head_to_head.md``).
 
     Runs on the engine :func:`vijax.fit` uses (compiled chunks, progress,
     checkpoints, ``KeyboardInterrupt``); skipped steps and ``FitError`` as in
