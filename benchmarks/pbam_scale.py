@@ -397,7 +397,9 @@ def run_method(method: Method, problem: Problem, *, max_evals: int, budgets=(),
         wall += time.perf_counter() - t0
         state, done = res.state, s
         skipped += int(np.sum(res.trace.skipped))
-        kl = drv.kl(res.params)
+        # The run's own iterate: the driver's verified ``params`` cost one more
+        # batch per call, which ``evals`` does not count.
+        kl = drv.kl(res.state.params)
         curve.append(dict(steps=s, evals=s * per, kl=kl, wall_s=wall))
         if not math.isfinite(kl) or kl > DIVERGE_FACTOR * kl0:
             status = "diverged"
