@@ -131,6 +131,7 @@ import importlib.util
 import json
 import math
 import subprocess
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -925,9 +926,13 @@ def skipped_methods(problem: Problem) -> list:
 def count_evaluations(d: int = 6, steps: int = 3) -> dict:
     """Forward evaluations of log p per step, counted by a host callback inside each loop."""
     count = [0]
+    lock = threading.Lock()
 
     def bump(z):
-        count[0] += int(np.asarray(z).size // d)
+        # XLA may run the callbacks of one batch on several host threads at
+        # once; without the lock, read-modify-write races lost counts.
+        with lock:
+            count[0] += int(np.asarray(z).size // d)
 
     def lj(z):
         jax.debug.callback(bump, z)

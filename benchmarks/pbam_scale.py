@@ -115,6 +115,7 @@ import math
 import os
 import statistics
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -495,9 +496,12 @@ def time_steady(records: list[dict], repeats: int, log=print) -> None:
 def count_evaluations(d: int = 8, steps: int = 3) -> dict:
     """Forward evaluations of log_joint per step, counted inside each driver's compiled loop."""
     count = [0]
+    lock = threading.Lock()
 
     def bump(z):
-        count[0] += z.shape[0] if z.ndim > 1 else 1
+        # Callbacks of one batch may run on several host threads at once.
+        with lock:
+            count[0] += z.shape[0] if z.ndim > 1 else 1
 
     def lj(z):
         jax.debug.callback(bump, z)
@@ -520,11 +524,20 @@ def count_evaluations(d: int = 8, steps: int = 3) -> dict:
     out = {}
     for name, (expected, fn) in runs.items():
         jax.block_until_ready(fn(1).params)  # compile (and count nothing below from it)
-        jax.effects_barrier()
-        count[0] = 0
-        jax.block_until_ready(fn(steps).params)
-        jax.effects_barrier()
-        out[name] = dict(expected_per_step=expected, measured_per_step=count[0] / steps)
+        jax.block_until_ready(fn(steps + 1).params)
+        counted = []
+        for n in (1, steps + 1):
+            jax.effects_barrier()
+            count[0] = 0
+            jax.block_until_ready(fn(n).params)
+            jax.effects_barrier()
+            counted.append(count[0])
+        # Per step from the difference of two calls; what a call costs beyond
+        # its steps (the score-based drivers verify their last step on one more
+        # batch) reported apart.
+        per_step = (counted[1] - counted[0]) / steps
+        out[name] = dict(expected_per_step=expected, measured_per_step=per_step,
+                         extra_per_call=counted[0] - per_step)
     return out
 
 
@@ -701,8 +714,11 @@ def markdown(results: dict) -> str:
         for name, c in counts.items():
             ok = "matches" if abs(c["measured_per_step"] - c["expected_per_step"]) < 1e-9 \
                 else "**differs**"
+            extra = c.get("extra_per_call")
             lines.append(f"- {name}: {c['measured_per_step']:g} measured, "
-                         f"{c['expected_per_step']} assumed ({ok})")
+                         f"{c['expected_per_step']} assumed ({ok})"
+                         + (f"; {extra:g} more per call (the verification batch)"
+                            if extra else ""))
         lines.append("")
     lines += ["## Every run", ""]
     for prob in results["problems"]:
