@@ -201,6 +201,41 @@ def init_trust_state(params, max_kl: Optional[float]) -> TrustState:
 Update = Callable[..., tuple]
 
 
+def draw_batch(log_joint, q: Gaussian, params, state: FitState, batch_size: int):
+    """The step's batch: ``(z, log_p, scores, finite)`` at ``B`` draws from ``q``.
+
+    The key is ``fold_in(state.key, state.step)``; ``finite`` marks the draws
+    whose log density and score are both finite.
+    """
+    unravel = ravel_pytree(params.loc)[1]
+    z = q.sample(jax.random.fold_in(state.key, state.step), (batch_size,))
+
+    def flat_log_joint(x):
+        out = log_joint(unravel(x))
+        if jnp.shape(out) != ():
+            raise ValueError(
+                "`log_joint` must return a scalar for one latent; got shape "
+                f"{jnp.shape(out)}."
+            )
+        return out
+
+    log_p, scores = jax.vmap(jax.value_and_grad(flat_log_joint))(z)
+    scores = scores.astype(q.mean.dtype)
+    finite = jnp.isfinite(log_p) & jnp.all(jnp.isfinite(scores), axis=1)
+    return z, log_p, scores, finite
+
+
+def made_worse(elbo, trust: "TrustState") -> jax.Array:
+    """The undo rule: the batch ELBO fell below the last accepted one beyond its noise.
+
+    Beyond ``last_margin`` (three standard errors of the last accepted
+    batch) and beyond rounding (for a q so good that every draw's log
+    weight is the same). A nan ELBO counts as worse.
+    """
+    slack = jnp.sqrt(jnp.finfo(elbo.dtype).eps) * (1.0 + jnp.abs(trust.last_elbo))
+    return ~(elbo >= trust.last_elbo - trust.last_margin - slack)
+
+
 def score_step(
     log_joint: Callable[[ArrayTree], jax.Array],
     update: Update,
@@ -236,21 +271,7 @@ def score_step(
         mu, scale = q.mean, q.scale
         dtype = mu.dtype
         d = mu.shape[0]
-        unravel = ravel_pytree(params.loc)[1]
-        key = jax.random.fold_in(state.key, state.step)
-        z = q.sample(key, (batch_size,))
-
-        def flat_log_joint(x):
-            out = log_joint(unravel(x))
-            if jnp.shape(out) != ():
-                raise ValueError(
-                    "`log_joint` must return a scalar for one latent; got shape "
-                    f"{jnp.shape(out)}."
-                )
-            return out
-
-        log_p, scores = jax.vmap(jax.value_and_grad(flat_log_joint))(z)
-        scores = scores.astype(dtype)
+        z, log_p, scores, finite = draw_batch(log_joint, q, params, state, batch_size)
         # A draw whose log density or score is not finite is dropped from
         # the batch (weight 0, its score zeroed): where q puts a little mass
         # in a region the target rejects, skipping whole batches would stall
@@ -258,7 +279,6 @@ def score_step(
         # Only a batch with no finite draw is rejected, and it still runs
         # the update (a select, not a branch, so the step vmaps) on zero
         # scores: no decomposition sees a nan.
-        finite = jnp.isfinite(log_p) & jnp.all(jnp.isfinite(scores), axis=1)
         inputs_ok = jnp.any(finite)
         weights = jnp.where(inputs_ok, finite, True).astype(dtype)
         scores = jnp.where(finite[:, None], scores, jnp.zeros_like(scores))
@@ -289,11 +309,7 @@ def score_step(
         if max_kl is None:
             worse = jnp.zeros((), bool)
         else:
-            # The last step made q worse beyond the batch's noise (and beyond
-            # rounding, for a q so good that every draw's log weight is the
-            # same): undo it.
-            slack = jnp.sqrt(jnp.finfo(dtype).eps) * (1.0 + jnp.abs(trust.last_elbo))
-            worse = ~(elbo >= trust.last_elbo - trust.last_margin - slack)  # nan is worse
+            worse = made_worse(elbo, trust)
         take = ok & ~worse
         pick = lambda c, a, b: jax.tree_util.tree_map(  # noqa: E731
             lambda x, y: jnp.where(c, x, y), a, b)
@@ -351,15 +367,10 @@ def make_verify(log_joint, *, batch_size: int, family=FAMILY):
         params = state.params
         fam = family(params) if callable(family) else family
         q = fam.to_gaussian(params)
-        unravel = ravel_pytree(params.loc)[1]
-        z = q.sample(jax.random.fold_in(state.key, state.step), (batch_size,))
-        log_p, scores = jax.vmap(jax.value_and_grad(lambda x: log_joint(unravel(x))))(z)
-        finite = jnp.isfinite(log_p) & jnp.all(jnp.isfinite(scores), axis=1)
+        z, log_p, _, finite = draw_batch(log_joint, q, params, state, batch_size)
         terms = jnp.where(finite, log_p - q.log_prob(z), 0.0)
-        elbo = jnp.sum(terms) / jnp.sum(finite)
-        dtype = q.mean.dtype
-        slack = jnp.sqrt(jnp.finfo(dtype).eps) * (1.0 + jnp.abs(trust.last_elbo))
-        worse = ~(elbo >= trust.last_elbo - trust.last_margin - slack) | ~jnp.any(finite)
+        elbo = (jnp.sum(terms) / jnp.sum(finite)).astype(q.mean.dtype)
+        worse = made_worse(elbo, trust) | ~jnp.any(finite)
         return jax.tree_util.tree_map(lambda a, b: jnp.where(worse, a, b),
                                       trust.last_params, params)
 
