@@ -1180,16 +1180,6 @@ def build_problem(name: str, quick: bool) -> Problem:
     return glm_problem(kind, d, n, budget=budget, wall_cap=cap)
 
 
-def _versions() -> dict:
-    out = {"jax": jax.__version__, "vijax": vijax.__version__}
-    for name in ("numpyro", "blackjax", "optax"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
-
-
 def _commit() -> Optional[str]:
     env = os.environ.get("VIJAX_COMMIT")
     if env:
@@ -1243,7 +1233,7 @@ def main(argv=None) -> dict:
             problems=names, methods=methods,
             env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "JAX_PLATFORMS")}),
         "machine": _machine.describe(),
-        "versions": _versions(),
+        "versions": zoo_accuracy._versions(),
         "vijax_commit": _commit(),
         "vijax_path": os.path.dirname(os.path.abspath(vijax.__file__)),
         "load_average_start": [round(x, 2) for x in os.getloadavg()],
