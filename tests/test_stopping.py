@@ -167,7 +167,7 @@ def test_auto_stop_arguments_resume_and_the_returned_params():
         key, family, model.log_joint, init, optimizer=optax.adam(0.05), progress=False, **kw)
     with pytest.raises(ValueError, match="`tol` and `auto_stop=True` are two stopping rules"):
         fit(jax.random.key(0), params, num_steps=10, auto_stop=True, tol=1e-3)
-    with pytest.raises(TypeError, match="`auto_stop` must be a bool; got 'yes'"):
+    with pytest.raises(TypeError, match="`auto_stop` must be a bool or None; got 'yes'"):
         fit(jax.random.key(0), params, num_steps=10, auto_stop="yes")
     # Too few steps to converge: runs them all, returns a finite candidate.
     short = fit(jax.random.key(0), params, num_steps=60, auto_stop=True)

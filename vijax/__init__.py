@@ -27,6 +27,7 @@ module                         owns
 ``vijax.fitting._checkpoint``  :func:`save_checkpoint`, :func:`load_checkpoint` (data, never code)
 ``vijax.optim._natural``       :func:`natural_gradient` (an optax transformation), :class:`NaturalGradientState`
 ``vijax.optim._averaging``     :func:`iterate_average` (wraps any optax optimizer), :func:`averaged_params`
+``vijax.optim._adaptive``      :func:`adaptive_lr` (a step ``fit``'s auto_stop lowers), :class:`AdaptiveLRState`
 ``vijax.algorithms._bam``      :func:`batch_and_match`, :func:`make_bam_step`
 ``vijax.algorithms._gsm``      :func:`gaussian_score_matching`, :func:`make_gsm_step`
 ``vijax.algorithms._pbam``     :func:`patched_batch_and_match`, :func:`make_pbam_step`
@@ -91,6 +92,8 @@ from vijax._objectives import elbo
 from vijax._objectives import estimator_gradients
 from vijax._objectives import iwae_bound
 from vijax._objectives import renyi_bound
+from vijax.optim._adaptive import AdaptiveLRState
+from vijax.optim._adaptive import adaptive_lr
 from vijax.optim._averaging import IterateAverageState
 from vijax.optim._averaging import averaged_params
 from vijax.optim._averaging import iterate_average
@@ -100,6 +103,7 @@ from vijax.optim._natural import natural_gradient
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveLRState",
     "CholeskyScale",
     "Diagnosis",
     "DiagonalScale",
@@ -121,6 +125,7 @@ __all__ = [
     "PrecisionScale",
     "Summary",
     "VariationalFamily",
+    "adaptive_lr",
     "averaged_params",
     "batch_and_match",
     "bijectors",

@@ -22,7 +22,8 @@ from vijax.fitting._engine import (
 )
 from vijax.fitting._step import check_step_config, init_fit_state, make_data_step, make_step
 from vijax.models._data import DataModel
-from vijax.fitting._stopping import AutoStop, averaging
+from vijax.fitting._stopping import AdaptiveStop, AutoStop, averaging
+from vijax.optim._adaptive import adaptive_lr, check_nesting, find_adaptive
 from vijax.fitting._types import FitResult, FitState
 
 ArrayTree = Any
@@ -38,6 +39,28 @@ def _check_params(name: str, params: Any, family: VariationalFamily) -> Any:
 
 
 _inits = LRU(32)
+
+
+#: The learning rate ``fit``'s default optimizer starts at (Adam's; it is
+#: then halved by the auto_stop rule as needed).
+DEFAULT_LEARNING_RATE = 0.1
+
+_default = []
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """``fit``'s optimizer when none is given: ``adaptive_lr(optax.adam(0.1))``, one object.
+
+    One object for the session, so that repeated fits reuse the compiled chunk.
+    """
+    if not _default:
+        _default.append(adaptive_lr(optax.adam(DEFAULT_LEARNING_RATE)))
+    return _default[0]
+
+
+def _holds_adaptive(optimizer, params) -> bool:
+    """Whether ``optimizer``'s state holds a :func:`vijax.adaptive_lr` (checked: one, not averaged inside)."""
+    return check_nesting(jax.eval_shape(optimizer.init, params))
 
 
 def _init_state(optimizer, batch: str, key, params) -> FitState:
@@ -113,7 +136,7 @@ def fit(
     log_joint: Callable[[ArrayTree], jax.Array],
     init_params: Any,
     *,
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | None = None,
     num_steps: int,
     num_samples: int = 8,
     estimator: str = DEFAULT_ESTIMATOR,
@@ -125,7 +148,7 @@ def fit(
     patience: int = 3,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int | None = None,
-    auto_stop: bool = False,
+    auto_stop: bool | None = None,
     batch_size: int | None = None,
     batching: str = "epoch",
     local_family: Any = None,
@@ -179,6 +202,24 @@ def fit(
     convergence only after the steps so far have grown by a factor of about
     2.25.
 
+    Default optimizer (``optimizer=None``): Adam at 0.1 whose step the
+    automatic stopping rule halves, as in RAABBVI (Welandawe et al. 2022):
+    ``vijax.adaptive_lr(optax.adam(0.1))`` with ``auto_stop``. The run is cut
+    into stages at a constant step; a stage ends where the rule above finds
+    the iterates stationary (and runs at least twice as long as the stage
+    before); the step is then halved and the run restarts from the stage's
+    candidate, with a fresh average. The fit stops when a stage gains less
+    than 0.05 nats on the one before (the bias a constant step leaves
+    shrinks with the step, so the next halving would gain about half as
+    much), and returns the better of the two. Any optimizer wrapped in
+    :func:`vijax.adaptive_lr` runs this way. ``num_steps`` is the most steps;
+    ``vijax.optim.learning_rate_scale(result)`` is the final step's factor;
+    a continued run starts a new stage at the step it had reached.
+    The measured steps and accuracy, on the zoo and on regressions up to
+    d = 10^4, are in ``benchmarks/results/cpu/default_fit.md``. Not for
+    ``vijax.natural_gradient``, whose step is not a last factor, and not
+    for data models or :func:`fit_batched` yet (no ``auto_stop`` there).
+
     ``KeyboardInterrupt`` during a fit is caught: ``fit`` returns the result
     of the last completed chunk with ``result.interrupted = True`` (and a
     ``RuntimeWarning``), which can be continued like any other.
@@ -221,7 +262,10 @@ def fit(
       init_params: the family's initial parameters (``family.init(latent)``),
         or a :class:`FitState` (``result.state``, :func:`load_checkpoint`) to
         continue a run.
-      optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``).
+      optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``),
+        or ``None`` (the default) for vijax's default, which needs no tuning:
+        ``vijax.adaptive_lr(optax.adam(0.1))`` with ``auto_stop`` (see
+        "Default optimizer" above). Required for data models.
       num_steps: the number of steps to run in this call (>= 1); when
         continuing, the number of further steps.
       num_samples: Monte Carlo draws per step (>= 1).
@@ -248,7 +292,9 @@ def fit(
         steps after the previous save (needs ``checkpoint_dir``).
       auto_stop: stop automatically when converged (see above); not
         together with ``tol``. Continue such a run with ``auto_stop=True``
-        too (the optimizer state holds the average).
+        too (the optimizer state holds the average). ``None`` (the default)
+        means True when ``optimizer`` holds a :func:`vijax.adaptive_lr` (as
+        the default optimizer does) and ``tol`` is None, else False.
       batch_size: data models only: rows per step (``1 <= B <= n``), or
         ``None`` for the full data.
       batching: data models only: ``"epoch"`` or ``"with_replacement"``.
@@ -266,8 +312,9 @@ def fit(
         family.
       ValueError: ``num_steps``, ``num_samples``, ``chunk_size``,
         ``max_nonfinite``, ``window`` or ``patience`` below 1, an unknown
-        ``estimator``, non-finite ``init_params``, or a ``key`` given together
-        with a :class:`FitState`.
+        ``estimator``, non-finite ``init_params``, a ``key`` given together
+        with a :class:`FitState`, or an :func:`vijax.adaptive_lr` optimizer
+        with ``auto_stop=False`` or ``tol``.
       FitError: ``max_nonfinite`` consecutive non-finite steps.
 
     Example:
@@ -280,6 +327,11 @@ def fit(
       ...     optimizer=optax.adam(1e-2), num_steps=1000, progress=False)
       >>> more = vijax.fit(None, family, model.log_joint, result.state,
       ...     optimizer=optax.adam(1e-2), num_steps=500, progress=False)
+      >>> auto = vijax.fit(  # the default: nothing to tune, num_steps a ceiling
+      ...     jax.random.key(1), family, model.log_joint, family.init(model.latent),
+      ...     num_steps=20000, progress=False)
+      >>> bool(auto.stopped_early), vijax.optim.learning_rate_scale(auto) < 1
+      (True, True)
     """
     run_options = dict(
         num_steps=num_steps, chunk_size=chunk_size, max_nonfinite=max_nonfinite,
@@ -293,22 +345,34 @@ def fit(
             batch_size=batch_size, batching=batching, local_family=local_family,
         )
     _no_data_options(batch_size, batching, local_family)
+    if optimizer is None:
+        optimizer = default_optimizer()
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
     options = check_run_options(**run_options)
+    resuming = isinstance(init_params, FitState)
+    example = _check_params("init_params.params" if resuming else "init_params",
+                            init_params.params if resuming else init_params, family)
+    adaptive = _holds_adaptive(optimizer, example)
+    if auto_stop is None:
+        auto_stop = adaptive and options.tol is None
     if not isinstance(auto_stop, bool):
-        raise TypeError(f"`auto_stop` must be a bool; got {auto_stop!r}.")
+        raise TypeError(f"`auto_stop` must be a bool or None; got {auto_stop!r}.")
     if auto_stop and options.tol is not None:
         raise ValueError(
             "`tol` and `auto_stop=True` are two stopping rules; pass one of them "
             f"(got tol={options.tol!r})."
         )
-    resuming = isinstance(init_params, FitState)
+    if adaptive and not auto_stop:
+        raise ValueError(
+            "`optimizer` holds a vijax.adaptive_lr (the default optimizer does), whose "
+            "step only the auto_stop rule lowers; pass auto_stop=True or None (not "
+            f"auto_stop={auto_stop!r}, tol={options.tol!r}), or an optimizer without it "
+            "(e.g. optax.adam(1e-2))."
+        )
     if auto_stop:
-        example = init_params.params if resuming else init_params
-        optimizer = averaging(optimizer, _check_params(
-            "init_params.params" if resuming else "init_params", example, family))
+        optimizer = averaging(optimizer, example)
     if resuming:
         check_resume_key("key", key)
         state = _check_state(init_params, family, optimizer, batched=False)
@@ -316,7 +380,11 @@ def fit(
         key = _checks.typed_key("key", key)
         params = _check_params("init_params", init_params, family)
         state = _init_state(optimizer, "none", key, params)
-    stopper = AutoStop(family, log_joint, state.key) if auto_stop else None
+    stopper = None
+    if adaptive:
+        stopper = AdaptiveStop(family, log_joint, state.key, int(state.step))
+    elif auto_stop:
+        stopper = AutoStop(family, log_joint, state.key)
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
                 stopper)
 
@@ -368,12 +436,20 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     from vijax.data._sharding import as_auto, data_mesh, replicate
     from vijax._objectives import ADAPTIVE_ESTIMATORS, ELBO_ESTIMATORS, check_estimator
 
+    if auto_stop is None:
+        auto_stop = False
     if not isinstance(auto_stop, bool):
-        raise TypeError(f"`auto_stop` must be a bool; got {auto_stop!r}.")
+        raise TypeError(f"`auto_stop` must be a bool or None; got {auto_stop!r}.")
     if auto_stop:
         raise ValueError(
             "`auto_stop=True` is not available for data models yet; stop with `tol` or "
             "`num_steps`."
+        )
+    if optimizer is None:
+        raise ValueError(
+            "`optimizer` must be given for data models (the default, an adaptive "
+            "learning rate lowered by auto_stop, is not available for them yet); "
+            "e.g. optimizer=optax.adam(1e-2)."
         )
     resuming = isinstance(init_params, FitState)
     name = "init_params.params" if resuming else "init_params"
@@ -387,6 +463,12 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
         params = jax.tree_util.tree_map(lambda a: a[0], params)
     family, local_family = check_setup(family, model, local_family, params, name)
     optimizer = group_optimizer(optimizer, params)
+    if _holds_adaptive(optimizer, params):
+        raise ValueError(
+            "`optimizer` holds a vijax.adaptive_lr, whose step only fit's auto_stop "
+            "rule lowers, and auto_stop is not available for data models yet; pass an "
+            "optimizer without it (e.g. optax.adam(1e-2))."
+        )
     num_samples = _checks.check_positive_int("num_samples", num_samples)
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     batch_size = check_batch_size(batch_size, model.num_data)
@@ -532,4 +614,10 @@ def fit_batched(
             _check_params("init_params", init_params, family)
             batch = "shared"
         state = _init_state(optimizer, batch, keys, init_params)
+    if find_adaptive(state.opt_state):
+        raise ValueError(
+            "`optimizer` holds a vijax.adaptive_lr, whose step only vijax.fit's auto_stop "
+            "rule lowers, and fit_batched has no auto_stop; pass an optimizer without it "
+            "(e.g. optax.adam(1e-2)), or run vijax.fit per seed."
+        )
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, True)

@@ -259,7 +259,9 @@ def run(
       failure: ``(what, hint)`` for the :class:`FitError` message: what the
         skipped steps had ("had a non-finite ...") and what to check.
       stopper: an optional host-side rule with ``next_check(step) -> step``,
-        ``check(state) -> bool`` (True stops the run) and ``select(state) ->
+        ``check(state) -> bool | FitState`` (True stops the run; a state
+        replaces the run's, as :class:`~vijax.fitting._stopping.AdaptiveStop`
+        does when it lowers the step) and ``select(state) ->
         params`` (the parameters to return); chunks end at its checks. Only
         for unbatched runs (:class:`vijax.fitting._stopping.AutoStop`).
       args: extra arguments of every step (a data model's data).
@@ -367,11 +369,17 @@ def run(
                 stopper is not None
                 and taken == active
                 and start_step + done == stopper.next_check(start_step + done - active)
-                and stopper.check(state)
-                and done < num_steps
             ):
-                stopped_early = True
-                break
+                verdict = stopper.check(state)
+                if isinstance(verdict, FitState):
+                    # A new stage (vijax.adaptive_lr): the chunk dispatched
+                    # ahead ran from the old state; run from the new one.
+                    state = verdict
+                    if done < num_steps:
+                        ahead = compiled(state, new_nonfinite, size(done), *args)
+                elif verdict and done < num_steps:
+                    stopped_early = True
+                    break
             if tol is not None:
                 trace = _concat(parts[-(window // chunk_size + 2):], step_axis)
                 if trace.elbo.shape[-1] >= window:

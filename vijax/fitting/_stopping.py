@@ -69,7 +69,8 @@ from jax.flatten_util import ravel_pytree
 
 from vijax._cache import LRU
 from vijax._objectives import draws_and_log_weights
-from vijax.optim._averaging import _find_states, iterate_average
+from vijax.optim._adaptive import decrease, find_adaptive
+from vijax.optim._averaging import IterateAverageState, _find_states, iterate_average
 
 #: The rule's settings (see the module docstring).
 TOL = 0.05
@@ -258,3 +259,138 @@ class AutoStop:
         if g2 + Z * se2 >= self.tol:
             return False
         return g1 + Z * se1 < self.tol or self.gap_estimate < GAP_TOL
+
+
+class _ShiftedState(NamedTuple):
+    """What :class:`AutoStop` reads of a state: its step (shifted to the stage's start)."""
+
+    params: Any
+    opt_state: Any
+    step: int
+
+
+class AdaptiveStop:
+    """The rule of ``fit(..., auto_stop=True)`` when the optimizer holds a :func:`vijax.adaptive_lr`.
+
+    RAABBVI's scheme (Welandawe et al. 2022) on :class:`AutoStop`'s
+    measurements. The run is cut into stages at a constant step. A stage
+    ends where :class:`AutoStop` (restarted at the stage's first step) would
+    stop the fit; its result is the candidate :class:`AutoStop` selects (the
+    iterate average, or the last iterate when better). After the first
+    stage (which runs at least ``1 / factor`` times as many steps as the one
+    before: at a step lowered by ``factor`` the iterates move that much
+    slower, and a shorter stage would read slow progress as none), that
+    candidate is scored against the previous stage's on common
+    draws (at least ``CONFIRM_DRAWS``, more while the gain is within ``Z``
+    standard errors of ``tol``). If the lower step gained less than ``tol``
+    nats, or ``max_decreases`` decreases were made, the fit stops and
+    returns the better of the two; otherwise the step is lowered again
+    (:func:`vijax.optim.decrease`), the run restarts from the stage's
+    candidate, and the iterate average restarts there.
+
+    Why the gain decides: averaged iterates at a constant step keep a bias
+    of the order of the step, so halving it removes about half of the bias
+    left; a halving that gains less than ``tol`` leaves a gap of about that
+    much, and the next would gain about half of it.
+    """
+
+    def __init__(self, family, log_joint, key: jax.Array, start: int, *, tol: float = TOL,
+                 max_decreases: int = 8):
+        self.tol = tol
+        self.max_decreases = max_decreases
+        self._family, self._log_joint = family, log_joint
+        self._key = key
+        self._offset = start
+        self._stage = AutoStop(family, log_joint, key)
+        self._num_stages = 0
+        self._best: Any = None
+        self._done = False
+        #: The steps at which a stage ended and the step was lowered.
+        self.decreases: list[int] = []
+        self._spent = 0
+        self._min_length = 0.0
+
+    @property
+    def gap_estimate(self) -> float:
+        """The current stage's extrapolated gap (see :class:`AutoStop`)."""
+        return self._stage.gap_estimate
+
+    @property
+    def num_evaluations(self) -> int:
+        """Draws scored by the rule so far, over all stages."""
+        return self._spent + self._stage.num_evaluations
+
+    def next_check(self, step: int) -> int:
+        return self._offset + AutoStop.next_check(step - self._offset)
+
+    def _shifted(self, state) -> _ShiftedState:
+        return _ShiftedState(state.params, state.opt_state, int(state.step) - self._offset)
+
+    def select(self, state) -> Any:
+        if self._done:
+            return self._best
+        current = self._stage.select(self._shifted(state))
+        if self._best is None:
+            return current
+        return self._better(current, self._best, self._num_stages)[0]
+
+    def _better(self, new, old, salt: int) -> tuple[Any, float]:
+        """The better of two candidates on common draws, and the gain of ``new`` (nats)."""
+        key = jax.random.fold_in(jax.random.split(self._key, 3)[2], salt)
+        num = CONFIRM_DRAWS
+        while True:
+            a, b = (self._score(key, p, num) for p in (new, old))
+            if not np.all(np.isfinite(a)):
+                return old, -np.inf
+            if not np.all(np.isfinite(b)):
+                return new, np.inf
+            gain, se = _gain(a, b)
+            if num >= MAX_DRAWS or abs(gain - self.tol) >= Z * se:
+                return (new if gain > 0 else old), gain
+            num = min(num * REFINE, MAX_DRAWS)
+
+    def _score(self, key, params, num: int) -> np.ndarray:
+        self._spent += num
+        return np.asarray(_evaluator(self._family, self._log_joint, num)(key, params))
+
+    def check(self, state) -> Any:
+        """True to stop; a new :class:`FitState` to continue from (a new stage); False to go on."""
+        if not self._stage.check(self._shifted(state)):
+            return False
+        (adaptive,) = find_adaptive(state.opt_state)
+        step = int(state.step)
+        if step - self._offset < self._min_length:
+            return False
+        self._num_stages += 1
+        current = self._stage.select(self._shifted(state))
+        gain = np.inf
+        if self._best is not None:
+            current, gain = self._better(current, self._best, self._num_stages)
+        self._best = current
+        if gain < self.tol or int(adaptive.num_decreases) >= self.max_decreases:
+            self._done = True
+            return True
+        self.decreases.append(step)
+        # At a step lowered by ``factor`` the iterates move ``1 / factor``
+        # times slower: a shorter stage would read slow progress as none.
+        self._min_length = (step - self._offset) / float(adaptive.factor)
+        self._offset = step
+        self._spent += self._stage.num_evaluations
+        self._stage = AutoStop(self._family, self._log_joint,
+                               jax.random.fold_in(self._key, self._num_stages))
+        opt_state = restart_average(decrease(state.opt_state), current)
+        return state._replace(params=current, opt_state=opt_state)
+
+
+def restart_average(opt_state: Any, params: Any) -> Any:
+    """``opt_state`` with every iterate average restarted at ``params``."""
+
+    def reset(node):
+        if not isinstance(node, IterateAverageState):
+            return node
+        average = jax.tree_util.tree_map(
+            lambda a, p: jnp.asarray(p, a.dtype), node.average, params)
+        return node._replace(num_averaged=jnp.zeros_like(node.num_averaged), average=average)
+
+    return jax.tree_util.tree_map(
+        reset, opt_state, is_leaf=lambda n: isinstance(n, IterateAverageState))

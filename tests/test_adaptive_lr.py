@@ -1,0 +1,207 @@
+"""``vijax.adaptive_lr`` and ``fit``'s default: Adam whose step the auto_stop rule halves.
+
+The claims: the wrapper is its optimizer with the step multiplied by a scale
+kept in the state; ``fit`` without an optimizer stops on its own, having
+halved the step at least once, with q within the rule's tolerance of the
+family's optimum (exact KL in NumPy, float64) on Bayesian linear regression
+whatever the conditioning, in float32 too; a stage restarts the iterate
+average at its candidate; the result continues; and every combination that
+could not lower the step is refused before any work.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import vijax
+from vijax.fitting import _drivers
+from vijax.fitting._stopping import TOL, AdaptiveStop
+from vijax.optim._adaptive import check_nesting
+
+
+def _blr(d, rho, seed=0, n=200):
+    r = np.random.default_rng(seed)
+    corr = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
+    x = r.standard_normal((n, d)) @ np.linalg.cholesky(corr).T
+    y = x @ r.standard_normal(d) + r.standard_normal(n)
+    model = vijax.models.bayesian_linear_regression(
+        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
+    prec = x.T @ x + np.eye(d)
+    mean = np.linalg.solve(prec, x.T @ y)
+    return model, mean, prec
+
+
+def _np_kl_to_posterior(mq, cq, mp, prec):
+    """KL(N(mq, cq) || N(mp, prec^-1)) in NumPy."""
+    d = len(mq)
+    diff = mp - mq
+    return 0.5 * (np.trace(prec @ cq) + diff @ prec @ diff - d
+                  - np.linalg.slogdet(prec)[1] - np.linalg.slogdet(cq)[1])
+
+
+def _moments(family, params):
+    g = family.to_gaussian(params)
+    return np.asarray(g.mean, np.float64), np.asarray(g.scale.cov(), np.float64)
+
+
+def test_the_wrapper_is_its_optimizer_with_a_scaled_step():
+    grads = {"a": jnp.array([0.3, -1.2]), "b": jnp.array(2.0)}
+    params = jax.tree_util.tree_map(jnp.zeros_like, grads)
+    opt = vijax.adaptive_lr(optax.adam(0.1), factor=0.25)
+    state = opt.init(params)
+    assert isinstance(state, vijax.AdaptiveLRState)
+    assert vijax.optim.learning_rate_scale(state) == 1.0
+    ref = optax.adam(0.1)
+    ref_state = ref.init(params)
+    for k in range(3):
+        if k == 2:
+            state = vijax.optim.decrease(state)
+        up, state = opt.update(grads, state, params)
+        want, ref_state = ref.update(grads, ref_state, params)
+        scale = 0.25 if k == 2 else 1.0
+        for u, w in zip(jax.tree_util.tree_leaves(up), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(u, scale * w, rtol=1e-6)
+    assert vijax.optim.learning_rate_scale(state) == 0.25
+    assert int(state.num_decreases) == 1
+
+
+def test_bad_wrappers_are_refused():
+    with pytest.raises(ValueError, match="factor"):
+        vijax.adaptive_lr(optax.adam(0.1), factor=1.0)
+    with pytest.raises(TypeError):
+        vijax.adaptive_lr("adam")
+    params = jnp.zeros(2)
+    inside = vijax.adaptive_lr(vijax.iterate_average(optax.adam(0.1), start=0))
+    with pytest.raises(ValueError, match="other way round"):
+        check_nesting(inside.init(params))
+    twice = vijax.adaptive_lr(vijax.adaptive_lr(optax.adam(0.1)))
+    with pytest.raises(ValueError, match="at most one"):
+        check_nesting(twice.init(params))
+    with pytest.raises(TypeError, match="AdaptiveLRState"):
+        vijax.optim.learning_rate_scale(optax.adam(0.1).init(params))
+
+
+@pytest.mark.parametrize("d, rho, name", [
+    (10, 0.5, "mean_field"),
+    (10, 0.5, "full_rank"),
+    (30, 0.9, "mean_field"),
+])
+def test_the_default_fit_stops_near_the_family_optimum(x64, d, rho, name):
+    model, mean, prec = _blr(d, rho)
+    family = getattr(vijax, name)()
+    if name == "full_rank":
+        optimum = 0.0
+    else:
+        diag = np.diag(1.0 / np.diag(prec))
+        optimum = _np_kl_to_posterior(mean, diag, mean, prec)
+    result = vijax.fit(jax.random.key(0), family, model.log_joint,
+                       family.init(model.latent), num_steps=50_000, progress=False)
+    assert result.stopped_early and int(result.state.step) < 50_000
+    # The step was lowered at least once: a constant 0.1 is not the answer.
+    assert vijax.optim.learning_rate_scale(result) <= 0.5
+    gap = _np_kl_to_posterior(*_moments(family, result.params), mean, prec) - optimum
+    # The rule's tolerance, with the margin its stage-to-stage test allows.
+    assert -1e-9 < gap < 2 * TOL
+
+
+def test_the_default_in_float32_and_deterministic():
+    r = np.random.default_rng(0)
+    x = r.standard_normal((200, 8)).astype(np.float32)
+    y = (x @ r.standard_normal(8) + r.standard_normal(200)).astype(np.float32)
+    model = vijax.models.bayesian_linear_regression(
+        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
+    family = vijax.mean_field()
+    init = family.init(model.latent)
+    runs = [vijax.fit(jax.random.key(3), family, model.log_joint, init, num_steps=20_000,
+                      progress=False) for _ in range(2)]
+    for leaf in jax.tree_util.tree_leaves(runs[0].params):
+        assert leaf.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(leaf)))
+    assert runs[0].stopped_early
+    assert int(runs[0].state.step) == int(runs[1].state.step)
+    for a, b in zip(jax.tree_util.tree_leaves(runs[0].params),
+                    jax.tree_util.tree_leaves(runs[1].params)):
+        np.testing.assert_array_equal(a, b)
+    x64 = x.astype(np.float64)
+    prec = x64.T @ x64 + np.eye(8)
+    post = np.linalg.solve(prec, x64.T @ y.astype(np.float64))
+    diag = np.diag(1.0 / np.diag(prec))
+    gap = (_np_kl_to_posterior(*_moments(family, runs[0].params), post, prec)
+           - _np_kl_to_posterior(post, diag, post, prec))
+    assert gap < 2 * TOL
+
+
+class _Recording(AdaptiveStop):
+    """AdaptiveStop that keeps the states it hands back (the restarts)."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.restarts = []
+        type(self).last = self
+
+    def check(self, state):
+        verdict = super().check(state)
+        if isinstance(verdict, vijax.FitState):
+            self.restarts.append(verdict)
+        return verdict
+
+
+def test_a_stage_restarts_the_average_at_its_candidate_and_the_run_continues(x64, monkeypatch):
+    monkeypatch.setattr(_drivers, "AdaptiveStop", _Recording)
+    model, mean, prec = _blr(6, 0.5)
+    family = vijax.full_rank()
+    init = family.init(model.latent)
+    result = vijax.fit(jax.random.key(1), family, model.log_joint, init,
+                       num_steps=50_000, progress=False)
+    rule = _Recording.last
+    assert rule.decreases and rule.restarts
+    assert len(rule.decreases) == len(rule.restarts)
+    for k, (step, restart) in enumerate(zip(rule.decreases, rule.restarts)):
+        assert int(restart.step) == step
+        (avg,) = vijax.optim._averaging._find_states(restart.opt_state)
+        assert int(avg.num_averaged) == 0
+        for a, p in zip(jax.tree_util.tree_leaves(avg.average),
+                        jax.tree_util.tree_leaves(restart.params)):
+            np.testing.assert_array_equal(a, p)
+        assert vijax.optim.learning_rate_scale(restart.opt_state) == 0.5 ** (k + 1)
+    assert vijax.optim.learning_rate_scale(result) == 0.5 ** len(rule.decreases)
+    # Steps are counted through the stages, and the state continues.
+    more = vijax.fit(None, family, model.log_joint, result.state, num_steps=100,
+                     progress=False)
+    assert int(more.state.step) >= int(result.state.step) + min(100, 50)
+    assert vijax.optim.learning_rate_scale(more) <= vijax.optim.learning_rate_scale(result)
+
+
+def test_what_cannot_lower_the_step_is_refused_before_work():
+    model, _, _ = _blr(3, 0.0)
+    family = vijax.mean_field()
+    init = family.init(model.latent)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="auto_stop=True or None"):
+        vijax.fit(key, family, model.log_joint, init, num_steps=10, auto_stop=False)
+    with pytest.raises(ValueError, match="auto_stop=True or None"):
+        vijax.fit(key, family, model.log_joint, init, num_steps=10, tol=1e-3)
+    with pytest.raises(ValueError, match="other way round"):
+        vijax.fit(key, family, model.log_joint, init, num_steps=10, optimizer=vijax.adaptive_lr(
+            vijax.iterate_average(optax.adam(0.1), start=0)))
+    with pytest.raises(TypeError, match="auto_stop"):
+        vijax.fit(key, family, model.log_joint, init, num_steps=10, auto_stop="yes")
+    with pytest.raises(ValueError, match="fit_batched has no auto_stop"):
+        vijax.fit_batched(jax.random.split(key, 2), family, model.log_joint, init,
+                          optimizer=vijax.adaptive_lr(optax.adam(0.1)), num_steps=10)
+    data = vijax.models.data_model(
+        lambda z, x: -0.5 * jnp.sum((x - z["w"]) ** 2), jnp.zeros((4, 3)),
+        latent={"w": jnp.zeros(3)}, log_prior=lambda z: -0.5 * jnp.sum(z["w"] ** 2))
+    dinit = family.init(data.latent)
+    with pytest.raises(ValueError, match="must be given for data models"):
+        vijax.fit(key, family, data, dinit, num_steps=10)
+    with pytest.raises(ValueError, match="not available for data models"):
+        vijax.fit(key, family, data, dinit, num_steps=10,
+                  optimizer=vijax.adaptive_lr(optax.adam(0.1)))
+    # A plain optimizer keeps the old behaviour: no auto_stop unless asked.
+    plain = vijax.fit(key, family, model.log_joint, init, num_steps=10,
+                      optimizer=optax.adam(0.1), progress=False)
+    assert int(plain.state.step) == 10 and not plain.stopped_early
