@@ -222,18 +222,27 @@ class AutoStop:
         found = [s for s in self._snapshots if s.step <= step]
         return found[-1] if found else None
 
-    def check(self, state) -> bool:
-        """Records the candidate at ``state`` (a check step); True when the fit should stop.
-
-        Each check draws fresh noise (common to the three candidates it
-        compares), so an unlucky draw does not bias every later check.
-        """
+    def _record(self, state) -> tuple:
+        """Scores and keeps the candidate at ``state``: ``(step, key, num, params, values)``."""
         step = int(state.step)
         key = jax.random.fold_in(self._base, self._num_checks)
         self._num_checks += 1
         num = self._first_draws(step)
         params, values = self._candidate(key, state, num)
         self._snapshots.append(_Snapshot(step, params))
+        return step, key, num, params, values
+
+    def record(self, state) -> None:
+        """Keeps the candidate at ``state`` as a later reference, without testing the rule."""
+        self._record(state)
+
+    def check(self, state) -> bool:
+        """Records the candidate at ``state`` (a check step); True when the fit should stop.
+
+        Each check draws fresh noise (common to the three candidates it
+        compares), so an unlucky draw does not bias every later check.
+        """
+        step, key, num, params, values = self._record(state)
         a = self._before(RATIO * step)
         b = None if a is None else self._before(RATIO * a.step)
         if b is None:
@@ -355,12 +364,14 @@ class AdaptiveStop:
 
     def check(self, state) -> Any:
         """True to stop; a new :class:`FitState` to continue from (a new stage); False to go on."""
+        step = int(state.step)
+        if step - self._offset < self._min_length:
+            # Too short to end: keep the reference points, skip the test.
+            self._stage.record(self._shifted(state))
+            return False
         if not self._stage.check(self._shifted(state)):
             return False
         (adaptive,) = find_adaptive(state.opt_state)
-        step = int(state.step)
-        if step - self._offset < self._min_length:
-            return False
         self._num_stages += 1
         current = self._stage.select(self._shifted(state))
         gain = np.inf
