@@ -43,3 +43,22 @@ def np_kl(mq, cq, mp, cp):
         + np.linalg.slogdet(cp)[1]
         - np.linalg.slogdet(cq)[1]
     )
+
+
+def correlated_blr(d, rho, *, seed=0, n=200):
+    """Bayesian linear regression with features of pairwise correlation ``rho``.
+
+    Unit prior and noise scales. Returns ``(model, x, y, mean, prec)``: the
+    vijax model and, by NumPy in float64, the data, the posterior mean and
+    the posterior precision ``X^T X + I``.
+    """
+    import vijax
+
+    r = np.random.default_rng(seed)
+    corr = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
+    x = r.standard_normal((n, d)) @ np.linalg.cholesky(corr).T
+    y = x @ r.standard_normal(d) + r.standard_normal(n)
+    model = vijax.models.bayesian_linear_regression(
+        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
+    prec = x.T @ x + np.eye(d)
+    return model, x, y, np.linalg.solve(prec, x.T @ y), prec

@@ -16,29 +16,19 @@ import optax
 import pytest
 
 import vijax
+from references import correlated_blr, np_kl
 from vijax.fitting import _drivers
 from vijax.fitting._stopping import TOL, AdaptiveStop
 from vijax.optim._adaptive import check_nesting
 
 
-def _blr(d, rho, seed=0, n=200):
-    r = np.random.default_rng(seed)
-    corr = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
-    x = r.standard_normal((n, d)) @ np.linalg.cholesky(corr).T
-    y = x @ r.standard_normal(d) + r.standard_normal(n)
-    model = vijax.models.bayesian_linear_regression(
-        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
-    prec = x.T @ x + np.eye(d)
-    mean = np.linalg.solve(prec, x.T @ y)
+def _blr(d, rho, seed=0):
+    model, _, _, mean, prec = correlated_blr(d, rho, seed=seed)
     return model, mean, prec
 
 
 def _np_kl_to_posterior(mq, cq, mp, prec):
-    """KL(N(mq, cq) || N(mp, prec^-1)) in NumPy."""
-    d = len(mq)
-    diff = mp - mq
-    return 0.5 * (np.trace(prec @ cq) + diff @ prec @ diff - d
-                  - np.linalg.slogdet(prec)[1] - np.linalg.slogdet(cq)[1])
+    return np_kl(mq, cq, mp, np.linalg.inv(prec))
 
 
 def _moments(family, params):

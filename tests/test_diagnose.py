@@ -7,22 +7,17 @@ import pytest
 from scipy.special import logsumexp
 
 import vijax
+from references import correlated_blr
 
 
 def _blr(d, rho, seed=0, n=100):
-    r = np.random.default_rng(seed)
-    corr = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
-    x = r.standard_normal((n, d)) @ np.linalg.cholesky(corr).T
-    y = x @ r.standard_normal(d) + r.standard_normal(n)
-    model = vijax.models.bayesian_linear_regression(
-        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
-    prec = x.T @ x + np.eye(d)
+    model, x, y, mean, prec = correlated_blr(d, rho, seed=seed, n=n)
     cov = np.linalg.inv(prec)
     # The exact log evidence, by NumPy: y ~ N(0, X X^T + I).
     marg = x @ x.T + np.eye(n)
     log_z = -0.5 * (n * np.log(2 * np.pi) + np.linalg.slogdet(marg)[1]
                     + y @ np.linalg.solve(marg, y))
-    return model, cov @ x.T @ y, cov, prec, log_z
+    return model, mean, cov, prec, log_z
 
 
 def _q(family, mean, cov, latent):

@@ -15,20 +15,13 @@ import optax
 import pytest
 
 import vijax
+from references import correlated_blr
 from vijax.fitting._stopping import averaging
 
 
 def _blr(d, rho, seed=0):
-    r = np.random.default_rng(seed)
-    corr = rho * np.ones((d, d)) + (1 - rho) * np.eye(d)
-    x = r.standard_normal((200, d)) @ np.linalg.cholesky(corr).T
-    y = x @ r.standard_normal(d) + r.standard_normal(200)
-    model = vijax.models.bayesian_linear_regression(
-        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
-    prec = x.T @ x + np.eye(d)
-    cov = np.linalg.inv(prec)
-    mean = cov @ x.T @ y
-    return model, mean, cov, prec
+    model, _, _, mean, prec = correlated_blr(d, rho, seed=seed)
+    return model, mean, np.linalg.inv(prec), prec
 
 
 def _np_kl(mq, cq, mp, cp):
