@@ -159,6 +159,10 @@ def test_a_stage_restarts_the_average_at_its_candidate_and_the_run_continues(x64
             np.testing.assert_array_equal(a, p)
         assert vijax.optim.learning_rate_scale(restart.opt_state) == 0.5 ** (k + 1)
     assert vijax.optim.learning_rate_scale(result) == 0.5 ** len(rule.decreases)
+    # A stage runs at least as long as the one before (the last one too).
+    ends = [0, *rule.decreases, int(result.state.step)]
+    lengths = np.diff(ends)
+    assert np.all(lengths[1:] >= lengths[:-1]), lengths
     # Steps are counted through the stages, and the state continues.
     more = vijax.fit(None, family, model.log_joint, result.state, num_steps=100,
                      progress=False)

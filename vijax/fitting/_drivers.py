@@ -206,10 +206,10 @@ def fit(
     automatic stopping rule halves, as in RAABBVI (Welandawe et al. 2022):
     ``vijax.adaptive_lr(optax.adam(0.1))`` with ``auto_stop``. The run is cut
     into stages at a constant step; a stage ends where the rule above finds
-    the iterates stationary (and runs at least twice as long as the stage
+    the iterates stationary (and runs at least as long as the stage
     before); the step is then halved and the run restarts from the stage's
     candidate, with a fresh average. The fit stops when a stage gains less
-    than 0.05 nats on the one before (the bias a constant step leaves
+    than 0.025 nats on the one before (the bias a constant step leaves
     shrinks with the step, so the next halving would gain about half as
     much), and returns the better of the two. Any optimizer wrapped in
     :func:`vijax.adaptive_lr` runs this way. ``num_steps`` is the most steps;

@@ -16,8 +16,8 @@ that multiplies its optimizer's updates by a factor kept in its state
 the state, not the compiled program. ``vijax.fit(..., auto_stop=True)``
 (the default when ``optimizer`` is omitted) is the rule half: it lowers the
 factor each time its stopping rule finds the iterates stationary, and stops
-when a lower step no longer gains ``0.05`` nats (see
-:mod:`vijax.fitting._stopping`).
+when a lower step no longer gains ``0.025`` nats (see
+:class:`vijax.fitting._stopping.AdaptiveStop`).
 
 References:
   M. Welandawe, M. R. Andersen, A. Vehtari, J. H. Huggins. Robust,
@@ -68,7 +68,7 @@ def adaptive_lr(
     Under ``vijax.fit(..., auto_stop=True)`` the rule lowers the scale each
     time it finds the iterates stationary, restarting the iterate average
     from the best candidate, and stops when a stage at the lower step gains
-    less than ``0.05`` nats on the one before (RAABBVI, Welandawe et al.
+    less than ``0.025`` nats on the one before (RAABBVI, Welandawe et al.
     2022). ``vijax.fit`` without an ``optimizer`` uses
     ``adaptive_lr(optax.adam(0.1))`` this way.
 
