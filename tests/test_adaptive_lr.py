@@ -200,3 +200,34 @@ def test_what_cannot_lower_the_step_is_refused_before_work():
     plain = vijax.fit(key, family, model.log_joint, init, num_steps=10,
                       optimizer=optax.adam(0.1), progress=False)
     assert int(plain.state.step) == 10 and not plain.stopped_early
+
+
+def _walled(z):
+    """N(1, I) inside |x| < 8, NaN outside: a step too large leaves the finite region."""
+    x = z["x"]
+    return jnp.where(jnp.all(jnp.abs(x) < 8.0), -0.5 * jnp.sum((x - 1.0) ** 2), jnp.nan)
+
+
+def test_a_step_too_large_is_lowered_instead_of_failing(monkeypatch):
+    monkeypatch.setattr(_drivers, "AdaptiveStop", _Recording)
+    family = vijax.mean_field()
+    init = family.init({"x": jnp.zeros(3)})
+    key = jax.random.key(0)
+    # Without the wrapper, this step size fails (the old behaviour, kept).
+    with pytest.raises(vijax.FitError):
+        vijax.fit(key, family, _walled, init, optimizer=optax.sgd(50.0), num_steps=500,
+                  progress=False)
+    result = vijax.fit(key, family, _walled, init,
+                       optimizer=vijax.adaptive_lr(optax.sgd(50.0)), num_steps=20_000,
+                       progress=False)
+    rule = _Recording.last
+    assert rule.recoveries, "the step was never lowered after non-finite steps"
+    assert result.num_skipped >= 20 * len(rule.recoveries)
+    assert result.stopped_early
+    g = family.to_gaussian(result.params)
+    np.testing.assert_allclose(g.mean, 1.0, atol=0.05)
+    np.testing.assert_allclose(g.scale.cov_diag(), 1.0, atol=0.1)
+    # Once the decreases are spent, FitError as before.
+    with pytest.raises(vijax.FitError):
+        vijax.fit(key, family, _walled, init, optimizer=vijax.adaptive_lr(optax.sgd(1e7)),
+                  num_steps=5000, progress=False)

@@ -382,7 +382,7 @@ def fit(
         state = _init_state(optimizer, "none", key, params)
     stopper = None
     if adaptive:
-        stopper = AdaptiveStop(family, log_joint, state.key, int(state.step))
+        stopper = AdaptiveStop(family, log_joint, state.key, int(state.step), state.params)
     elif auto_stop:
         stopper = AutoStop(family, log_joint, state.key)
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,

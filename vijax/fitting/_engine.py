@@ -261,9 +261,12 @@ def run(
       stopper: an optional host-side rule with ``next_check(step) -> step``,
         ``check(state) -> bool | FitState`` (True stops the run; a state
         replaces the run's, as :class:`~vijax.fitting._stopping.AdaptiveStop`
-        does when it lowers the step) and ``select(state) ->
-        params`` (the parameters to return); chunks end at its checks. Only
-        for unbatched runs (:class:`vijax.fitting._stopping.AutoStop`).
+        does when it lowers the step), ``select(state) ->
+        params`` (the parameters to return), and optionally
+        ``recover(state) -> FitState | None``, asked before ``FitError`` is
+        raised for ``max_nonfinite`` skipped steps (a state to run on from
+        instead); chunks end at its checks. Only for unbatched runs
+        (:class:`vijax.fitting._stopping.AutoStop`).
       args: extra arguments of every step (a data model's data).
 
     Raises:
@@ -346,7 +349,17 @@ def run(
                 bar.update(taken)
                 elbo_now = _running_mean(part.elbo, part.skipped, window)
                 bar.set_postfix_str(f"elbo={elbo_now:.4g}", refresh=False)
-            if np.any(nf >= max_nonfinite):
+            recovered = None
+            if np.any(nf >= max_nonfinite) and hasattr(stopper, "recover"):
+                recovered = stopper.recover(state)
+            if recovered is not None:
+                # The rule lowered the step (vijax.adaptive_lr) and restarts
+                # from a finite point: run on from there instead of failing.
+                state, new_nonfinite = recovered, jnp.zeros_like(new_nonfinite)
+                ahead = None
+                if done < num_steps:
+                    ahead = compiled(state, new_nonfinite, size(done), *args)
+            elif np.any(nf >= max_nonfinite):
                 fail = int(np.max(steps_now)) - 1
                 save(state)
                 what, hint = failure
@@ -367,6 +380,7 @@ def run(
                 last_saved = start_step + done
             if (
                 stopper is not None
+                and recovered is None
                 and taken == active
                 and start_step + done == stopper.next_check(start_step + done - active)
             ):

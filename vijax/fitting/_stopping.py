@@ -185,6 +185,8 @@ class AutoStop:
         self.gap_estimate = float("nan")
         #: Draws scored by the rule so far (its cost, in log-joint evaluations).
         self.num_evaluations = 0
+        #: The latest candidate whose ELBO terms were all finite (None before).
+        self.last_finite: Any = None
 
     @staticmethod
     def next_check(step: int) -> int:
@@ -235,6 +237,8 @@ class AutoStop:
         num = self._first_draws(step)
         params, values = self._candidate(key, state, num)
         self._snapshots.append(_Snapshot(step, params))
+        if np.all(np.isfinite(values)):
+            self.last_finite = params
         return step, key, num, params, values
 
     def record(self, state) -> None:
@@ -316,8 +320,8 @@ class AdaptiveStop:
     previous and thresholds 0.5 and 1 times ``tol``.
     """
 
-    def __init__(self, family, log_joint, key: jax.Array, start: int, *, tol: float = TOL,
-                 max_decreases: int = 8):
+    def __init__(self, family, log_joint, key: jax.Array, start: int, params: Any, *,
+                 tol: float = TOL, max_decreases: int = 8):
         self.tol = tol
         self.max_decreases = max_decreases
         self._family, self._log_joint = family, log_joint
@@ -326,9 +330,12 @@ class AdaptiveStop:
         self._stage = AutoStop(family, log_joint, key)
         self._num_stages = 0
         self._best: Any = None
+        self._start_params = params
         self._done = False
         #: The steps at which a stage ended and the step was lowered.
         self.decreases: list[int] = []
+        #: The steps at which the step was lowered after non-finite steps.
+        self.recoveries: list[int] = []
         self._spent = 0
         self._min_length = 0.0
 
@@ -402,6 +409,33 @@ class AdaptiveStop:
                                jax.random.fold_in(self._key, self._num_stages))
         opt_state = restart_average(decrease(state.opt_state), current)
         return state._replace(params=current, opt_state=opt_state)
+
+
+    def recover(self, state) -> Any:
+        """After ``max_nonfinite`` skipped steps: the state to run on from at a lower step, or None.
+
+        A step too large for the model (its steps leave the region where
+        ``log_joint`` is finite) is lowered by the wrapper's factor, and the
+        current stage restarts from the latest candidate whose ELBO terms
+        were all finite at a check (this stage's, else the previous stage's
+        result, else the run's first parameters): the last finite
+        parameters themselves may be where the ELBO is not. None
+        (``FitError`` as usual) once ``max_decreases`` decreases were made.
+        """
+        (adaptive,) = find_adaptive(state.opt_state)
+        if int(adaptive.num_decreases) >= self.max_decreases:
+            return None
+        step = int(state.step)
+        self.recoveries.append(step)
+        params = self._stage.last_finite
+        if params is None:
+            params = self._best if self._best is not None else self._start_params
+        self._offset = step
+        self._spent += self._stage.num_evaluations
+        self._stage = AutoStop(self._family, self._log_joint,
+                               jax.random.fold_in(self._key, 1000 + len(self.recoveries)))
+        opt_state = restart_average(decrease(state.opt_state), params)
+        return state._replace(params=params, opt_state=opt_state)
 
 
 def restart_average(opt_state: Any, params: Any) -> Any:
