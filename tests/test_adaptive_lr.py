@@ -231,3 +231,18 @@ def test_a_step_too_large_is_lowered_instead_of_failing(monkeypatch):
     with pytest.raises(vijax.FitError):
         vijax.fit(key, family, _walled, init, optimizer=vijax.adaptive_lr(optax.sgd(1e7)),
                   num_steps=5000, progress=False)
+
+
+@pytest.mark.parametrize("name, d", [("mean_field", 7), ("low_rank", 40), ("full_rank", 30),
+                                     ("full_rank", 1000)])
+def test_the_default_first_step_shrinks_with_the_parameters_per_dimension(name, d):
+    family = vijax.low_rank(rank=5) if name == "low_rank" else getattr(vijax, name)()
+    params = family.init(jnp.zeros(d))
+    total = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    want = 0.1 * min(1.0, np.sqrt(2 * d / total))
+    got = _drivers.default_learning_rate(params)
+    # Rounded down to two significant digits.
+    assert want * 0.9 <= got <= want and float(f"{got:.2g}") == got
+    assert _drivers.default_optimizer(params) is _drivers.default_optimizer(params)
+    if name == "mean_field":
+        assert got == 0.1

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from vijax import _checks
@@ -41,21 +43,44 @@ def _check_params(name: str, params: Any, family: VariationalFamily) -> Any:
 _inits = LRU(32)
 
 
-#: The learning rate ``fit``'s default optimizer starts at (Adam's; it is
-#: then halved by the auto_stop rule as needed).
+#: The learning rate ``fit``'s default optimizer starts at for a family with
+#: two parameters per latent dimension (mean-field); see
+#: :func:`default_learning_rate`.
 DEFAULT_LEARNING_RATE = 0.1
 
-_default = []
+_defaults = LRU(32)
 
 
-def default_optimizer() -> optax.GradientTransformation:
-    """``fit``'s optimizer when none is given: ``adaptive_lr(optax.adam(0.1))``, one object.
+def default_learning_rate(params: Any) -> float:
+    """The default optimizer's first step: ``0.1 * min(1, sqrt(2 d / P))``, rounded down to 2 digits.
 
-    One object for the session, so that repeated fits reuse the compiled chunk.
+    ``P`` parameters and ``d`` latent dimensions (the size of ``params.loc``
+    when the family has one, else ``P / 2``). Adam moves every parameter by
+    about its step, so a step moves q by an amount growing with the
+    parameters per latent dimension: the full-rank family (``P / d`` about
+    ``d / 2``) at 0.1 and d = 1000 was left hundreds of nats from its optimum
+    after 3,000 steps. Scaling by ``sqrt(2 d / P)`` keeps the first steps'
+    move per dimension that of the mean-field family at 0.1: 0.1 for
+    mean-field, 0.053 for rank 5 plus diagonal, 0.014 for full rank at
+    d = 100 (whose factor is stored as a d x d array), 0.0044 at d = 1000.
+    Families without a ``loc`` (flows) start at 0.1.
     """
-    if not _default:
-        _default.append(adaptive_lr(optax.adam(DEFAULT_LEARNING_RATE)))
-    return _default[0]
+    total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+    loc = getattr(params, "loc", None)
+    d = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(loc)) if loc is not None else 0
+    d = d or total / 2
+    lr = DEFAULT_LEARNING_RATE * min(1.0, math.sqrt(2.0 * d / max(total, 1)))
+    digits = 1 - math.floor(math.log10(lr))
+    return math.floor(lr * 10**digits) / 10**digits
+
+
+def default_optimizer(params: Any = None) -> optax.GradientTransformation:
+    """``fit``'s optimizer when none is given: ``adaptive_lr(optax.adam(default_learning_rate(params)))``.
+
+    One object per learning rate, so that repeated fits reuse the compiled chunk.
+    """
+    lr = DEFAULT_LEARNING_RATE if params is None else default_learning_rate(params)
+    return _defaults.get(lr, lambda: adaptive_lr(optax.adam(lr)))
 
 
 def _holds_adaptive(optimizer, params) -> bool:
@@ -346,7 +371,8 @@ def fit(
         )
     _no_data_options(batch_size, batching, local_family)
     if optimizer is None:
-        optimizer = default_optimizer()
+        start = init_params.params if isinstance(init_params, FitState) else init_params
+        optimizer = default_optimizer(start)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
