@@ -227,9 +227,12 @@ def fit(
     convergence only after the steps so far have grown by a factor of about
     2.25.
 
-    Default optimizer (``optimizer=None``): Adam at 0.1 whose step the
-    automatic stopping rule halves, as in RAABBVI (Welandawe et al. 2022):
-    ``vijax.adaptive_lr(optax.adam(0.1))`` with ``auto_stop``. The run is cut
+    Default optimizer (``optimizer=None``): Adam whose step the automatic
+    stopping rule halves, as in RAABBVI (Welandawe et al. 2022):
+    ``vijax.adaptive_lr(optax.adam(lr))`` with ``auto_stop``, from
+    ``lr = 0.1`` for mean-field, lower for families with more parameters per
+    latent dimension (``0.1 * sqrt(2 d / P)``: 0.014 for full rank at
+    d = 100; :func:`vijax.fitting._drivers.default_learning_rate`). The run is cut
     into stages at a constant step; a stage ends where the rule above finds
     the iterates stationary (and runs at least as long as the stage
     before); the step is then halved and the run restarts from the stage's
@@ -289,7 +292,7 @@ def fit(
         continue a run.
       optimizer: an ``optax.GradientTransformation`` (e.g. ``optax.adam(1e-2)``),
         or ``None`` (the default) for vijax's default, which needs no tuning:
-        ``vijax.adaptive_lr(optax.adam(0.1))`` with ``auto_stop`` (see
+        ``vijax.adaptive_lr(optax.adam(lr))`` with ``auto_stop`` (see
         "Default optimizer" above). Required for data models.
       num_steps: the number of steps to run in this call (>= 1); when
         continuing, the number of further steps.
