@@ -175,3 +175,32 @@ def test_auto_stop_arguments_resume_and_the_returned_params():
                                                          jax.tree_util.tree_leaves(c)))
                for c in (avg, last))
     assert float(vijax.exact_kl(more.params, family, model)) < 0.1
+
+
+def test_checks_follow_the_schedule_past_a_chunk_apart(monkeypatch):
+    """Checks more than ``chunk_size`` steps apart still happen, on the schedule.
+
+    Regression: the engine used to test the rule only where a chunk's end
+    equalled ``next_check`` of that chunk's start, which never happens again
+    once the checks are more than a chunk apart (about 10,000 steps into a
+    run at 5% growth and 500-step chunks).
+    """
+    from vijax.fitting import _stopping
+
+    seen = []
+
+    def check(self, state):
+        seen.append(int(state.step))
+        return False
+
+    monkeypatch.setattr(_stopping.AutoStop, "check", check)
+    model = vijax.models.normal_mean(jnp.ones(2), noise_scale=1.0, prior_loc=0.0,
+                                     prior_scale=1.0)
+    family = vijax.mean_field()
+    vijax.fit(jax.random.key(0), family, model.log_joint, family.init(model.latent),
+              optimizer=optax.sgd(1e-3), num_steps=16_000, auto_stop=True, progress=False)
+    want, c = [], _stopping.AutoStop.next_check(0)
+    while c <= 16_000:
+        want.append(c)
+        c = _stopping.AutoStop.next_check(c)
+    assert seen == want and seen[-1] > 15_000

@@ -314,12 +314,25 @@ def run(
 
     # Chunks are dispatched one ahead: while chunk k+1 runs, the host reads
     # chunk k's trace, updates the bar, tests the rules and writes checkpoints.
+    # The stopper's checks fall at c, next_check(c), next_check(next_check(c)),
+    # ...: ``next_at`` is the first one not yet made. Chunks end at them, and
+    # are cut to ``chunk_size`` between them (checks grow farther apart than
+    # a chunk once the run is long).
+    next_at = None if stopper is None else stopper.next_check(start_step)
+
+    def upcoming(pos: int) -> int:
+        """The first scheduled check strictly after ``pos``."""
+        t = next_at
+        while t <= pos:
+            t = stopper.next_check(t)
+        return t
+
     def size(done_before: int) -> int:
         """Steps in the chunk that starts after ``done_before`` steps of this call."""
         n = min(chunk_size, num_steps - done_before)
         if stopper is not None:
             here = start_step + done_before
-            n = min(n, stopper.next_check(here) - here)
+            n = min(n, upcoming(here) - here)
         return n
 
     # One BLAS thread while the chunks run (vijax/_blas.py): OpenBLAS's own
@@ -356,6 +369,7 @@ def run(
                 # The rule lowered the step (vijax.adaptive_lr) and restarts
                 # from a finite point: run on from there instead of failing.
                 state, new_nonfinite = recovered, jnp.zeros_like(new_nonfinite)
+                next_at = stopper.next_check(start_step + done)
                 ahead = None
                 if done < num_steps:
                     ahead = compiled(state, new_nonfinite, size(done), *args)
@@ -382,9 +396,10 @@ def run(
                 stopper is not None
                 and recovered is None
                 and taken == active
-                and start_step + done == stopper.next_check(start_step + done - active)
+                and start_step + done == next_at
             ):
                 verdict = stopper.check(state)
+                next_at = stopper.next_check(next_at)
                 if isinstance(verdict, FitState):
                     # A new stage (vijax.adaptive_lr): the chunk dispatched
                     # ahead ran from the old state; run from the new one.
