@@ -31,7 +31,7 @@ def test_importing_the_scripts_leaves_x64_off():
     code = (
         "import jax; import benchmarks.fast_vi, benchmarks.fit_speed, "
         "benchmarks.pbam_scale, benchmarks.bam_trust_region, benchmarks.slang_scale, "
-        "benchmarks.head_to_head; "
+        "benchmarks.head_to_head, benchmarks.default_fit; "
         "assert not jax.config.jax_enable_x64, 'x64 was switched on'"
     )
     root = pathlib.Path(__file__).resolve().parents[1]

@@ -1,0 +1,98 @@
+"""``benchmarks/default_fit.py`` runs the default fit and reports it consistently.
+
+Timing and convergence are not tested (the benchmark measures them). What is
+tested: the quick mode (the Poisson GLM and BLR d = 20, in a subprocess with
+x64 off and one BLAS thread) writes a report with one row per problem, family
+and seed; its evaluation counts are steps x 8 plus the rule's; the
+"converged" flags follow from the gaps the row reports; the stages recorded
+by the rule agree with its decreases and final scale; and the Markdown has
+its sections in order, one table row per fit.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import default_fit as df
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_run_reports_consistent_rows(tmp_path):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    cmd = [sys.executable, "-m", "benchmarks.default_fit", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stored = json.loads((tmp_path / "default_fit_quick.json").read_text())
+    md = (tmp_path / "default_fit_quick.md").read_text()
+    assert stored["partial"] is False and stored["settings"]["quick"] is True
+    assert [p["name"] for p in stored["problems"]] == list(df.QUICK_PROBLEMS)
+    for prob in stored["problems"]:
+        seeds = stored["seeds_run"][prob["name"]]
+        # Every family and seed has exactly one row.
+        assert sorted((r["group"], r["seed"]) for r in prob["rows"]) == sorted(
+            (g, s) for g in prob["groups"] for s in seeds)
+        for r in prob["rows"]:
+            assert r["steps"] >= 1 and r["steps"] <= prob["max_steps"]
+            assert r["grad_evals"] == df.NUM_SAMPLES * r["steps"]
+            assert r["total_evals"] == r["grad_evals"] + r["rule_evals"] and r["rule_evals"] > 0
+            assert r["stopped_by"] in ("rule", "step cap", "wall cap") or r[
+                "stopped_by"].startswith("FitError")
+            if r["stopped_by"] in ("rule", "step cap"):
+                assert r["stopped_early"] == (r["stopped_by"] == "rule")
+            # The stages: contiguous, each at half the step of the one before;
+            # every stage but the last ended in a decrease.
+            # Recoveries (a step lowered after non-finite steps) are stages too.
+            stages = r["stages"]
+            assert len(r["decrease_steps"]) == r["decreases"]
+            assert [s["end"] for s in stages if s["outcome"] == "decrease"] == r["decrease_steps"]
+            assert [s["end"] for s in stages if s["outcome"] == "recover"] == r["recoveries"]
+            for i, s in enumerate(stages):
+                assert s["scale"] == pytest.approx(0.5 ** i)
+                assert s["start"] == (stages[i - 1]["end"] if i else 0) and s["end"] >= s["start"]
+            halvings = r["decreases"] + len(r["recoveries"])
+            assert r["final_scale"] == pytest.approx(0.5 ** halvings)
+            assert 0 < r["first_lr"] <= 0.1
+            if r["stopped_by"] == "rule":
+                assert stages and stages[-1]["outcome"] == "stop"
+            if r["stopped_by"] == "step cap":
+                assert r["steps"] == prob["max_steps"]
+            # "Converged" follows from the reported gap.
+            m = r["measure"]
+            if prob["kind"] == "zoo":
+                g = r["elbo_gap"]
+                assert r["converged"] == (g["mean"] <= df.TOL + df.Z * g["se"])
+                assert r["converged_tight"] is None
+                assert math.isfinite(r["elbo"])
+            else:
+                v = m["value"]
+                assert r["converged"] == (v <= df.TOL)
+                assert r["converged_tight"] == (v <= df.KL_TOL)
+            assert isinstance(m["reached"], bool)
+            assert r["khat"] is None or isinstance(r["khat"], (float, str))
+        if prob["kind"] == "zoo":
+            # The reference fit: its stages, their ELBOs and gains on common draws.
+            assert set(prob["references"]) == set(prob["groups"])
+            for ref in prob["references"].values():
+                assert [s["lr"] for s in ref["stages"]] == [lr for lr, _ in df.REF_STAGES]
+                assert ref["steps"] == sum(s["steps"] for s in ref["stages"])
+                assert len(ref["stage_gains"]) == len(ref["stages"]) - 1
+                assert ref["elbo"] == max(s["elbo"] for s in ref["stages"])
+    # On these two easy problems the default converges (a smoke check of the default).
+    assert all(r["converged"] for p in stored["problems"] for r in p["rows"])
+    # The report: verdicts first, one table row per fit, the machine line last.
+    assert md.index("## Verdicts") < md.index("## Every fit") < md.index("Machine:")
+    for prob in stored["problems"]:
+        rows = [line for line in md.splitlines()
+                if line.startswith(f"| {prob['name']} | {prob['d']} |")]
+        assert len(rows) == len(prob["rows"])
+        assert all(row.count("|") == 15 for row in rows)
+        for g in prob["groups"]:
+            assert f"**{prob['name']}** ({df.FAMILY[g]})" in md
