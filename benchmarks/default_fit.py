@@ -523,7 +523,7 @@ def markdown(results: dict) -> str:
         "constant step of at least 500 steps and at least the previous stage's, halved when "
         "the iterates are stationary or after 20 non-finite steps, stop when a halving gains "
         f"< {_stopping.STAGE_TOL * TOL:g} nats; the first step "
-        "`0.1 * min(1, sqrt(2 d / P))`); head_to_head's problems and start; caps of {s['max_steps']:,} steps "
+        f"`0.1 * min(1, sqrt(2 d / P))`); head_to_head's problems and start; caps of {s['max_steps']:,} steps "
         f"and a wall time per fit ({', '.join(f'{k}: {v:g} s' for k, v in s['wall_caps'].items())}). "
         "Evaluations: gradient evaluations (8 draws per step) plus the rule's forward-only "
         "evaluations of log p. Wall time: the one call, compilation included. Converged: "
