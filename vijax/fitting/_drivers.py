@@ -373,16 +373,15 @@ def fit(
             batch_size=batch_size, batching=batching, local_family=local_family,
         )
     _no_data_options(batch_size, batching, local_family)
+    resuming = isinstance(init_params, FitState)
+    start = init_params.params if resuming else init_params
     if optimizer is None:
-        start = init_params.params if isinstance(init_params, FitState) else init_params
         optimizer = default_optimizer(start)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )
     options = check_run_options(**run_options)
-    resuming = isinstance(init_params, FitState)
-    example = _check_params("init_params.params" if resuming else "init_params",
-                            init_params.params if resuming else init_params, family)
+    example = _check_params("init_params.params" if resuming else "init_params", start, family)
     adaptive = _holds_adaptive(optimizer, example)
     if auto_stop is None:
         auto_stop = adaptive and options.tol is None

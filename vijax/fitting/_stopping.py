@@ -70,7 +70,7 @@ from jax.flatten_util import ravel_pytree
 from vijax._cache import LRU
 from vijax._objectives import draws_and_log_weights
 from vijax.optim._adaptive import decrease, find_adaptive
-from vijax.optim._averaging import IterateAverageState, _find_states, iterate_average
+from vijax.optim._averaging import _find_states, iterate_average, restart_average
 
 #: The rule's settings (see the module docstring).
 TOL = 0.05
@@ -147,6 +147,11 @@ def _evaluator(family, log_joint, num_draws) -> Callable:
     return _evaluators.get((family, log_joint, num_draws), build)
 
 
+def _values(family, log_joint, key, params, num_draws: int) -> np.ndarray:
+    """The rule's per-unit ELBO terms of ``params`` on ``key``'s noise (see :func:`_evaluator`)."""
+    return np.asarray(_evaluator(family, log_joint, num_draws)(key, params))
+
+
 class _Snapshot(NamedTuple):
     step: int
     params: Any
@@ -199,8 +204,7 @@ class AutoStop:
 
     def _score(self, key, params, num_draws: int) -> np.ndarray:
         self.num_evaluations += num_draws
-        values = _evaluator(self._family, self._log_joint, num_draws)(key, params)
-        return np.asarray(values)
+        return _values(self._family, self._log_joint, key, params, num_draws)
 
     def _first_draws(self, step: int) -> int:
         """Draws for a check's first estimate: fewer early, where the gains are large."""
@@ -386,7 +390,7 @@ class AdaptiveStop:
 
     def _score(self, key, params, num: int) -> np.ndarray:
         self._spent += num
-        return np.asarray(_evaluator(self._family, self._log_joint, num)(key, params))
+        return _values(self._family, self._log_joint, key, params, num)
 
     def check(self, state) -> Any:
         """True to stop; a new :class:`FitState` to continue from (a new stage); False to go on."""
@@ -443,16 +447,3 @@ class AdaptiveStop:
         opt_state = restart_average(decrease(state.opt_state), params)
         return state._replace(params=params, opt_state=opt_state)
 
-
-def restart_average(opt_state: Any, params: Any) -> Any:
-    """``opt_state`` with every iterate average restarted at ``params``."""
-
-    def reset(node):
-        if not isinstance(node, IterateAverageState):
-            return node
-        average = jax.tree_util.tree_map(
-            lambda a, p: jnp.asarray(p, a.dtype), node.average, params)
-        return node._replace(num_averaged=jnp.zeros_like(node.num_averaged), average=average)
-
-    return jax.tree_util.tree_map(
-        reset, opt_state, is_leaf=lambda n: isinstance(n, IterateAverageState))

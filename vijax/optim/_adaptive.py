@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from vijax import _checks
+from vijax.optim._averaging import _find_states
 
 
 class AdaptiveLRState(NamedTuple):
@@ -180,8 +181,6 @@ def check_nesting(opt_state: Any) -> bool:
         average would be of the unscaled steps: wrap the other way round,
         ``vijax.iterate_average(vijax.adaptive_lr(opt), ...)``).
     """
-    from vijax.optim._averaging import _find_states
-
     found = find_adaptive(opt_state)
     if len(found) > 1:
         raise ValueError(

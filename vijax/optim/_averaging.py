@@ -232,3 +232,21 @@ def _find_states(tree: Any) -> list:
         if is_avg(node):
             found += [node, *_find_states(node.inner_state)]
     return found
+
+
+def restart_average(opt_state: Any, params: Any) -> Any:
+    """``opt_state`` with each outermost :class:`IterateAverageState` restarted at ``params``.
+
+    The next averaged iterate replaces the average (``num_averaged`` is 0),
+    as after ``init``; the update count and the inner state are kept.
+    """
+
+    def reset(node):
+        if not isinstance(node, IterateAverageState):
+            return node
+        average = jax.tree_util.tree_map(
+            lambda a, p: jnp.asarray(p, a.dtype), node.average, params)
+        return node._replace(num_averaged=jnp.zeros_like(node.num_averaged), average=average)
+
+    return jax.tree_util.tree_map(
+        reset, opt_state, is_leaf=lambda n: isinstance(n, IterateAverageState))
