@@ -170,7 +170,13 @@ def test_a_stage_restarts_the_average_at_its_candidate_and_the_run_continues(x64
     assert vijax.optim.learning_rate_scale(more) <= vijax.optim.learning_rate_scale(result)
 
 
-def test_what_cannot_lower_the_step_is_refused_before_work():
+def test_what_cannot_lower_the_step_is_refused_before_work(monkeypatch):
+    from vijax.fitting import _drivers
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a fit state was built before the refusal")
+
+    monkeypatch.setattr(_drivers, "_init_state", no_work)
     model, _, _ = _blr(3, 0.0)
     family = vijax.mean_field()
     init = family.init(model.latent)
@@ -187,6 +193,11 @@ def test_what_cannot_lower_the_step_is_refused_before_work():
     with pytest.raises(ValueError, match="fit_batched has no auto_stop"):
         vijax.fit_batched(jax.random.split(key, 2), family, model.log_joint, init,
                           optimizer=vijax.adaptive_lr(optax.adam(0.1)), num_steps=10)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.stack([a, a]), init)
+    with pytest.raises(ValueError, match="fit_batched has no auto_stop"):
+        vijax.fit_batched(jax.random.split(key, 2), family, model.log_joint, stacked,
+                          optimizer=vijax.adaptive_lr(optax.adam(0.1)), num_steps=10,
+                          params_batched=True)
     data = vijax.models.data_model(
         lambda z, x: -0.5 * jnp.sum((x - z["w"]) ** 2), jnp.zeros((4, 3)),
         latent={"w": jnp.zeros(3)}, log_prior=lambda z: -0.5 * jnp.sum(z["w"] ** 2))
@@ -196,6 +207,7 @@ def test_what_cannot_lower_the_step_is_refused_before_work():
     with pytest.raises(ValueError, match="not available for data models"):
         vijax.fit(key, family, data, dinit, num_steps=10,
                   optimizer=vijax.adaptive_lr(optax.adam(0.1)))
+    monkeypatch.undo()
     # A plain optimizer keeps the old behaviour: no auto_stop unless asked.
     plain = vijax.fit(key, family, model.log_joint, init, num_steps=10,
                       optimizer=optax.adam(0.1), progress=False)

@@ -626,26 +626,28 @@ def fit_batched(
     if not isinstance(params_batched, bool):
         raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
     options = check_run_options(**run_options)
-    if isinstance(init_params, FitState):
-        check_resume_key("keys", keys)
-        state = _check_state(init_params, family, optimizer, batched=True)
-    else:
+    resuming = isinstance(init_params, FitState)
+    if not resuming:
         keys = _checks.typed_key("keys", keys, batch_ndim=1)
-        size = keys.shape[0]
         if params_batched:
-            _check_stacked("init_params", init_params, size)
-            _check_params(
-                "init_params", jax.tree_util.tree_map(lambda a: a[0], init_params), family
-            )
-            batch = "stacked"
+            _check_stacked("init_params", init_params, keys.shape[0])
+            example = jax.tree_util.tree_map(lambda a: a[0], init_params)
         else:
-            _check_params("init_params", init_params, family)
-            batch = "shared"
-        state = _init_state(optimizer, batch, keys, init_params)
-    if find_adaptive(state.opt_state):
+            example = init_params
+        _check_params("init_params", example, family)
+    # Refused before any work (no optimizer state is built for it).
+    opt_state = (init_params.opt_state if resuming
+                 else jax.eval_shape(optimizer.init, example))
+    if find_adaptive(opt_state):
         raise ValueError(
             "`optimizer` holds a vijax.adaptive_lr, whose step only vijax.fit's auto_stop "
             "rule lowers, and fit_batched has no auto_stop; pass an optimizer without it "
             "(e.g. optax.adam(1e-2)), or run vijax.fit per seed."
         )
+    if resuming:
+        check_resume_key("keys", keys)
+        state = _check_state(init_params, family, optimizer, batched=True)
+    else:
+        batch = "stacked" if params_batched else "shared"
+        state = _init_state(optimizer, batch, keys, init_params)
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, True)
