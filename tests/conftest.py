@@ -1,10 +1,44 @@
 """Shared test configuration: strict rank promotion, float64 on request, fixtures."""
 
+import os
+import shutil
+import tempfile
+
 import jax
 import numpy as np
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# One XLA compilation cache per test run, shared by the xdist workers and by
+# the subprocesses and notebook kernels the tests start (they inherit the
+# environment): the same programs (a model's fit chunk, a benchmark's step)
+# are compiled by several of them. Made empty and removed by the controller,
+# so a run never reads another run's programs; a user's own cache directory
+# is left alone.
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MIN_COMPILE_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+
+
+def pytest_configure(config):
+    if hasattr(config, "workerinput") or os.environ.get(_CACHE_ENV):
+        return
+    path = tempfile.mkdtemp(prefix="vijax-tests-xla-cache-")
+    config._vijax_xla_cache = path
+    os.environ[_CACHE_ENV] = path
+    os.environ.setdefault(_MIN_COMPILE_ENV, "0.1")
+    # This process imported JAX before the variables were set (``-n 0`` runs
+    # its tests here).
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                      float(os.environ[_MIN_COMPILE_ENV]))
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_vijax_xla_cache", None)
+    if path is not None:
+        os.environ.pop(_CACHE_ENV, None)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
