@@ -165,16 +165,18 @@ def recording_rule(wall_cap: float):
             return out
 
         def check(self, state):
-            before_stages = self._num_stages
+            before_stages, before_decreases = self._num_stages, len(self.decreases)
             scale = vijax.optim.learning_rate_scale(state.opt_state)
             start = self._offset
             self._gains = []
             verdict = super().check(state)
             if self._num_stages > before_stages:  # a stage ended here
+                # "restart": a new stage at the same step (the decreases are spent).
+                outcome = ("stop" if not isinstance(verdict, FitState) else
+                           "decrease" if len(self.decreases) > before_decreases else "restart")
                 self.stages.append(dict(
                     start=start, end=int(state.step), scale=scale,
-                    gain=self._gains[-1] if self._gains else None,
-                    outcome="decrease" if isinstance(verdict, FitState) else "stop"))
+                    gain=self._gains[-1] if self._gains else None, outcome=outcome))
             if verdict is False and time.perf_counter() - self.t0 > wall_cap:
                 self.capped = True
                 return True

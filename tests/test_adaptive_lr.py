@@ -5,8 +5,9 @@ kept in the state; ``fit`` without an optimizer stops on its own, having
 halved the step at least once, with q within the rule's tolerance of the
 family's optimum (exact KL in NumPy, float64) on Bayesian linear regression
 whatever the conditioning, in float32 too; a stage restarts the iterate
-average at its candidate; the result continues; and every combination that
-could not lower the step is refused before any work.
+average at its candidate; with the decreases spent, a stage that still gains
+restarts at the same step instead of stopping; the result continues; and
+every combination that could not lower the step is refused before any work.
 """
 
 import jax
@@ -168,6 +169,32 @@ def test_a_stage_restarts_the_average_at_its_candidate_and_the_run_continues(x64
                      progress=False)
     assert int(more.state.step) >= int(result.state.step) + min(100, 50)
     assert vijax.optim.learning_rate_scale(more) <= vijax.optim.learning_rate_scale(result)
+
+
+class _NoDecreases(_Recording):
+    """The recording rule with its decreases already spent."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "max_decreases": 0})
+
+
+def test_with_its_decreases_spent_a_stage_that_gains_restarts_at_the_same_step(x64, monkeypatch):
+    # The first stage has no stage before it to compare with, so it always
+    # "gains": with no decrease left, the run must go on at the same step
+    # rather than stop there, and stop once a stage gains too little.
+    monkeypatch.setattr(_drivers, "AdaptiveStop", _NoDecreases)
+    model, _, _ = _blr(6, 0.5)
+    family = vijax.full_rank()
+    result = vijax.fit(jax.random.key(1), family, model.log_joint, family.init(model.latent),
+                       num_steps=50_000, progress=False)
+    rule = _NoDecreases.last
+    assert result.stopped_early and int(result.state.step) < 50_000
+    assert rule.decreases == [] and rule.restarts
+    for restart in rule.restarts:
+        assert vijax.optim.learning_rate_scale(restart.opt_state) == 1.0
+        (avg,) = vijax.optim._averaging._find_states(restart.opt_state)
+        assert int(avg.num_averaged) == 0
+    assert vijax.optim.learning_rate_scale(result) == 1.0
 
 
 def test_what_cannot_lower_the_step_is_refused_before_work(monkeypatch):

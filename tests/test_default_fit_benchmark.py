@@ -47,16 +47,18 @@ def test_quick_run_reports_consistent_rows(tmp_path):
                 "stopped_by"].startswith("FitError")
             if r["stopped_by"] in ("rule", "step cap"):
                 assert r["stopped_early"] == (r["stopped_by"] == "rule")
-            # The stages: contiguous, each at half the step of the one before;
-            # every stage but the last ended in a decrease.
-            # Recoveries (a step lowered after non-finite steps) are stages too.
+            # The stages: contiguous, each at half the step of the one before
+            # when that one ended in a decrease or a recovery (a step lowered
+            # after non-finite steps), at the same step after a restart.
             stages = r["stages"]
             assert len(r["decrease_steps"]) == r["decreases"]
             assert [s["end"] for s in stages if s["outcome"] == "decrease"] == r["decrease_steps"]
             assert [s["end"] for s in stages if s["outcome"] == "recover"] == r["recoveries"]
+            lowered = 0
             for i, s in enumerate(stages):
-                assert s["scale"] == pytest.approx(0.5 ** i)
+                assert s["scale"] == pytest.approx(0.5 ** lowered)
                 assert s["start"] == (stages[i - 1]["end"] if i else 0) and s["end"] >= s["start"]
+                lowered += s["outcome"] in ("decrease", "recover")
             halvings = r["decreases"] + len(r["recoveries"])
             assert r["final_scale"] == pytest.approx(0.5 ** halvings)
             assert 0 < r["first_lr"] <= 0.1

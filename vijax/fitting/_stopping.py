@@ -313,11 +313,13 @@ class AdaptiveStop:
     the first, its candidate is scored against the previous stage's on
     common draws (at least ``CONFIRM_DRAWS``, more while the gain is within
     ``Z`` standard errors of the threshold). If the lower step gained less
-    than ``STAGE_TOL * tol`` = 0.025 nats, or ``max_decreases`` decreases
-    were made, the fit stops and returns the better of the two; otherwise
-    the step is lowered again (:func:`vijax.optim.decrease`), the run
-    restarts from the stage's candidate, and the iterate average restarts
-    there.
+    than ``STAGE_TOL * tol`` = 0.025 nats, the fit stops and returns the
+    better of the two; otherwise the step is lowered again
+    (:func:`vijax.optim.decrease`), the run restarts from the stage's
+    candidate, and the iterate average restarts there. Once
+    ``max_decreases`` decreases were made, the step stays where it is and
+    the next stages restart at it, until one gains less than the threshold
+    (a stage still gaining is not a reason to stop).
 
     Why the gain decides: averaged iterates at a constant step keep a bias
     of the order of the step, so halving it removes about half of the bias
@@ -408,16 +410,19 @@ class AdaptiveStop:
         if self._best is not None:
             current, gain = self._better(current, self._best, self._num_stages)
         self._best = current
-        if gain < STAGE_TOL * self.tol or int(adaptive.num_decreases) >= self.max_decreases:
+        if gain < STAGE_TOL * self.tol:
             self._done = True
             return True
-        self.decreases.append(step)
+        lower = int(adaptive.num_decreases) < self.max_decreases
+        if lower:
+            self.decreases.append(step)
         self._min_length = (step - self._offset) * MIN_STAGE
         self._offset = step
         self._spent += self._stage.num_evaluations
         self._stage = AutoStop(self._family, self._log_joint,
                                jax.random.fold_in(self._key, self._num_stages))
-        opt_state = restart_average(decrease(state.opt_state), current)
+        opt_state = decrease(state.opt_state) if lower else state.opt_state
+        opt_state = restart_average(opt_state, current)
         return state._replace(params=current, opt_state=opt_state)
 
 
