@@ -417,13 +417,15 @@ class AdaptiveStop:
         if lower:
             self.decreases.append(step)
         self._min_length = (step - self._offset) * MIN_STAGE
-        self._offset = step
-        self._spent += self._stage.num_evaluations
-        self._stage = AutoStop(self._family, self._log_joint,
-                               jax.random.fold_in(self._key, self._num_stages))
         opt_state = decrease(state.opt_state) if lower else state.opt_state
-        opt_state = restart_average(opt_state, current)
-        return state._replace(params=current, opt_state=opt_state)
+        return self._new_stage(state, current, opt_state, salt=self._num_stages)
+
+    def _new_stage(self, state, params, opt_state, *, salt: int) -> Any:
+        """``state`` restarted at ``params`` (its iterate average too), with a fresh stage rule."""
+        self._offset = int(state.step)
+        self._spent += self._stage.num_evaluations
+        self._stage = AutoStop(self._family, self._log_joint, jax.random.fold_in(self._key, salt))
+        return state._replace(params=params, opt_state=restart_average(opt_state, params))
 
 
     def recover(self, state) -> Any:
@@ -445,10 +447,6 @@ class AdaptiveStop:
         params = self._stage.last_finite
         if params is None:
             params = self._best if self._best is not None else self._start_params
-        self._offset = step
-        self._spent += self._stage.num_evaluations
-        self._stage = AutoStop(self._family, self._log_joint,
-                               jax.random.fold_in(self._key, 1000 + len(self.recoveries)))
-        opt_state = restart_average(decrease(state.opt_state), params)
-        return state._replace(params=params, opt_state=opt_state)
+        return self._new_stage(state, params, decrease(state.opt_state),
+                               salt=1000 + len(self.recoveries))
 
