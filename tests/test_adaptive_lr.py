@@ -198,8 +198,6 @@ def test_with_its_decreases_spent_a_stage_that_gains_restarts_at_the_same_step(x
 
 
 def test_what_cannot_lower_the_step_is_refused_before_work(monkeypatch):
-    from vijax.fitting import _drivers
-
     def no_work(*args, **kwargs):
         raise AssertionError("a fit state was built before the refusal")
 
