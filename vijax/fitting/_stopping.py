@@ -298,8 +298,9 @@ class AdaptiveStop:
 
     RAABBVI's scheme (Welandawe et al. 2022) on :class:`AutoStop`'s
     measurements. The run is cut into stages at a constant step. A stage
-    ends where :class:`AutoStop` (restarted at the stage's first step) would
-    stop the fit; its result is the candidate :class:`AutoStop` selects (the
+    ends where :class:`AutoStop` (restarted at the stage's first step, with
+    the stage threshold ``STAGE_TOL * tol`` = 0.025 nats as its tolerance)
+    would stop the fit; its result is the candidate :class:`AutoStop` selects (the
     iterate average, or the last iterate when better). A stage runs at
     least ``MIN_STAGE_STEPS`` = 500 steps, and one after the first at least
     as many steps as the one before (``MIN_STAGE``): at a lower step the
@@ -329,7 +330,14 @@ class AdaptiveStop:
     iterates have fully settled (so the gap left is larger than the gain).
     The constants were chosen on Bayesian linear regression (d = 30 and
     100) and the Cox process, among stage lengths 1, 1.5 and 2 times the
-    previous and thresholds 0.5 and 1 times ``tol``.
+    previous and thresholds 0.5 and 1 times ``tol``. A stage ends at the
+    stage threshold, not at ``tol``, because a stage that ends with up to
+    ``tol`` of progress left hands the next one a gain near the threshold
+    from its own unfinished progress: at d = 1000 (mean-field regressions)
+    stages ended at 0.05 nats stopped the fit 0.075 and 0.088 nats from the
+    family's optimum, at 0.025 0.056 and 0.041 (seed 0, 8 draws per step; on the zoo and at
+    d = 100, 12 of 19 fits were unchanged, the rest took up to 2.4 times
+    the evaluations).
     """
 
     def __init__(self, family, log_joint, key: jax.Array, start: int, params: Any, *,
@@ -339,7 +347,7 @@ class AdaptiveStop:
         self._family, self._log_joint = family, log_joint
         self._key = key
         self._offset = start
-        self._stage = AutoStop(family, log_joint, key)
+        self._stage = self._stage_rule(key)
         self._num_stages = 0
         self._best: Any = None
         self._start_params = params
@@ -350,6 +358,10 @@ class AdaptiveStop:
         self.recoveries: list[int] = []
         self._spent = 0
         self._min_length = 0.0
+
+    def _stage_rule(self, key) -> AutoStop:
+        """The rule that ends a stage: :class:`AutoStop` at ``STAGE_TOL * tol``."""
+        return AutoStop(self._family, self._log_joint, key, tol=STAGE_TOL * self.tol)
 
     @property
     def gap_estimate(self) -> float:
@@ -424,7 +436,7 @@ class AdaptiveStop:
         """``state`` restarted at ``params`` (its iterate average too), with a fresh stage rule."""
         self._offset = int(state.step)
         self._spent += self._stage.num_evaluations
-        self._stage = AutoStop(self._family, self._log_joint, jax.random.fold_in(self._key, salt))
+        self._stage = self._stage_rule(jax.random.fold_in(self._key, salt))
         return state._replace(params=params, opt_state=restart_average(opt_state, params))
 
 
