@@ -33,7 +33,9 @@ ends the fit at its next check (reported as "wall cap", not as a rule stop).
 
 **Reported per fit**: what stopped it (the rule, the step cap, the wall cap
 or a FitError), the steps (``int(result.state.step)``), the gradient
-evaluations (8 draws per step), the rule's forward-only evaluations of log p,
+evaluations (steps x fit's default draws per step, ``default_num_samples``:
+8 up to d = 100, then ``round(8 sqrt(d / 100))``), the rule's forward-only
+evaluations of log p,
 the number of step decreases and the final scale
 (``vijax.optim.learning_rate_scale``), the wall time of the one ``fit`` call
 (**compilation included**: the stages make a separate warm-up call
@@ -107,7 +109,7 @@ from vijax._objectives import draws_and_log_weights
 from vijax.fitting import _drivers, _engine, _stopping
 from vijax.fitting._types import FitState
 
-NUM_SAMPLES = 8  # fit's default draws per step
+NUM_SAMPLES = _drivers.DEFAULT_NUM_SAMPLES  # fit's draws per step up to d = 100
 TOL = _stopping.TOL  # the rule's tolerance (0.05 nats)
 KL_TOL = h2h.KL_TOL  # head_to_head's GLM target (0.01 nats)
 Z = 2.0
@@ -306,7 +308,9 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     row["first_lr"] = (float(lr_of(init)) if lr_of is not None
                        else float(_drivers.DEFAULT_LEARNING_RATE))
     row["recoveries"] = [int(x) for x in getattr(rule, "recoveries", [])]
-    row.update(stopped_by=stopped, steps=steps, grad_evals=steps * NUM_SAMPLES,
+    draws_of = getattr(_drivers, "default_num_samples", None)  # absent before it grew with d
+    row["num_samples"] = int(draws_of(init)) if draws_of is not None else NUM_SAMPLES
+    row.update(stopped_by=stopped, steps=steps, grad_evals=steps * row["num_samples"],
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),
                stages=rule.stages, stopped_early=bool(res.stopped_early))
@@ -527,8 +531,10 @@ def markdown(results: dict) -> str:
         f"< {_stopping.STAGE_TOL * TOL:g} nats; the first step "
         f"`0.1 * min(1, sqrt(2 d / P))`); head_to_head's problems and start; caps of {s['max_steps']:,} steps "
         f"and a wall time per fit ({', '.join(f'{k}: {v:g} s' for k, v in s['wall_caps'].items())}). "
-        "Evaluations: gradient evaluations (8 draws per step) plus the rule's forward-only "
-        "evaluations of log p. Wall time: the one call, compilation included. Converged: "
+        "Evaluations: gradient evaluations (draws per step x steps; fit's default draws, "
+        "`vijax.fitting._drivers.default_num_samples(init)`: 8 up to d = 100, "
+        "`round(8 sqrt(d / 100))` above, shown as S in the table) plus the rule's "
+        "forward-only evaluations of log p. Wall time: the one call, compilation included. Converged: "
         f"BLR / logistic, exact gap above the family's optimum <= {TOL} nats (the rule's "
         f"tolerance; also shown against head_to_head's {KL_TOL:g}; low-rank against the "
         "mean-field optimum); zoo, ELBO(family optimum) - ELBO(q) <= "
@@ -571,7 +577,7 @@ def markdown(results: dict) -> str:
         "is scale x the first step (Adam's learning rate). Adam: head_to_head's best-tuned Adam, evaluations to its "
         "target (bold) or not reached, and its best accuracy within its budget.",
         "",
-        "| problem | d | family | seed | stopped by | steps | evals (grad + rule) | "
+        "| problem | d | family | seed | stopped by | steps (S) | evals (grad + rule) | "
         "decreases (scale x first step) | wall s | accuracy | gap | converged | k-hat | "
         "best-tuned Adam |",
         "|---|---:|---|---:|---|---:|---|---|---:|---|---|---|---:|---|",
@@ -580,7 +586,8 @@ def markdown(results: dict) -> str:
         for r in p["rows"]:
             lines.append(
                 f"| {p['name']} | {p['d']} | {r['group']} | {r['seed']} | {r['stopped_by']} | "
-                f"{r['steps']:,} | {r['grad_evals']:,} + {r['rule_evals']:,} | "
+                f"{r['steps']:,} ({r.get('num_samples', NUM_SAMPLES)}) | "
+                f"{r['grad_evals']:,} + {r['rule_evals']:,} | "
                 f"{_steps_cell(r)} | {r['wall_s']:.1f} | "
                 f"{_acc(p, r['measure'])} | {_gap_cell(p, r)} | {_conv_cell(p, r)} | "
                 f"{h2h._g(r.get('khat'), 2)} | {_adam_cell(p, p['head_to_head'].get(r['group']))} |")

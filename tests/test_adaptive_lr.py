@@ -283,3 +283,50 @@ def test_the_default_first_step_shrinks_with_the_parameters_per_dimension(name, 
     assert _drivers.default_optimizer(params) is _drivers.default_optimizer(params)
     if name == "mean_field":
         assert got == 0.1
+
+
+@pytest.mark.parametrize("d, want", [(2, 8), (100, 8), (150, 10), (1000, 25), (10_000, 80)])
+def test_the_default_draws_grow_as_the_root_of_d_above_100(d, want):
+    for family in (vijax.mean_field(), vijax.low_rank(rank=2)):
+        assert _drivers.default_num_samples(family.init(jnp.zeros(d))) == want
+    # A pytree latent counts every leaf of its loc.
+    latent = {"a": jnp.zeros(d), "b": jnp.zeros((2, 3))}
+    got = _drivers.default_num_samples(vijax.mean_field().init(latent))
+    assert got == max(8, round(8 * np.sqrt((d + 6) / 100)))
+    # No loc (a flow-like params tree): the parameter count is not d.
+    assert _drivers.default_num_samples({"w": jnp.zeros(10 * d + 10_000)}) == 8
+
+
+def test_only_the_default_fit_takes_the_default_draws(monkeypatch):
+    """optimizer=None at d = 1000 runs 25 draws a step; any optimizer or num_samples given keeps its own."""
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def spy(family, log_joint, optimizer, num_samples, *args, **kwargs):
+        seen.append(num_samples)
+        raise Seen
+
+    monkeypatch.setattr(_drivers, "_run", spy)
+    family = vijax.mean_field()
+    init = family.init(jnp.zeros(1000))
+    calls = [dict(), dict(num_samples=3), dict(optimizer=optax.adam(1e-2)),
+             dict(optimizer=vijax.adaptive_lr(optax.adam(1e-2)))]
+    for kwargs in calls:
+        with pytest.raises(Seen):
+            vijax.fit(jax.random.key(0), family, _std_normal, init, num_steps=10,
+                      progress=False, **kwargs)
+    assert seen == [25, 3, 8, 8]
+    # A continued default run keeps its draws (and so its compiled loop).
+    monkeypatch.undo()
+    result = vijax.fit(jax.random.key(0), family, _std_normal, family.init(jnp.zeros(200)),
+                       num_steps=10, progress=False)
+    monkeypatch.setattr(_drivers, "_run", spy)
+    with pytest.raises(Seen):
+        vijax.fit(None, family, _std_normal, result.state, num_steps=10, progress=False)
+    assert seen[-1] == 11
+
+
+def _std_normal(z):
+    return -0.5 * jnp.sum(z**2)
