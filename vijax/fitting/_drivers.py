@@ -171,8 +171,8 @@ def _check_opt_state(state: FitState, optimizer, params) -> None:
         )
 
 
-def _check_stacked(name: str, params: Any, size: int) -> None:
-    """Raises unless every leaf of ``params`` has a leading batch axis of ``size``."""
+def _check_stacked(name: str, params: Any, size: int) -> Any:
+    """The first member of ``params``; raises unless every leaf has a leading batch axis of ``size``."""
     sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
              for leaf in jax.tree_util.tree_leaves(params)}
     if sizes != {size}:
@@ -180,6 +180,7 @@ def _check_stacked(name: str, params: Any, size: int) -> None:
             f"`{name}` must have a leading batch axis of size {size} "
             f"(the number of keys) on every leaf; got sizes {sorted(map(str, sizes))}."
         )
+    return jax.tree_util.tree_map(lambda a: a[0], params)
 
 
 def fit(
@@ -525,8 +526,7 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
         # The batch size: the keys' (checked below) or, when resuming, the state's.
         size = (jnp.shape(init_params.step)[0] if resuming
                 else jax.tree_util.tree_leaves(params)[0].shape[0])
-        _check_stacked(name, params, size)
-        params = jax.tree_util.tree_map(lambda a: a[0], params)
+        params = _check_stacked(name, params, size)
     family, local_family = check_setup(family, model, local_family, params, name)
     optimizer = group_optimizer(optimizer, params)
     if _holds_adaptive(optimizer, params):
@@ -668,8 +668,7 @@ def fit_batched(
     if not resuming:
         keys = _checks.typed_key("keys", keys, batch_ndim=1)
         if params_batched:
-            _check_stacked("init_params", init_params, keys.shape[0])
-            example = jax.tree_util.tree_map(lambda a: a[0], init_params)
+            example = _check_stacked("init_params", init_params, keys.shape[0])
         else:
             example = init_params
         _check_params("init_params", example, family)
