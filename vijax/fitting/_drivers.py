@@ -90,12 +90,12 @@ def default_num_samples(params: Any) -> int:
     ``d`` is the size of ``params.loc`` (25 draws at d = 1000, 80 at
     d = 10^4); 8 for families without a ``loc`` (flows), whose parameter
     count says little about d. Used by ``fit`` when neither ``optimizer``
-    nor ``num_samples`` is given. The bias a constant step leaves in the iterates (which the
-    default's halvings must remove) grows with the gradient noise summed over
-    the dimensions, so more draws let a stage end nearer the optimum; the
-    square root keeps a step's cost growing more slowly than ``d`` times a
-    draw's. Measured on regressions at d = 1000 and 10^4 in
-    ``benchmarks/results/cpu/default_fit.md``.
+    nor ``num_samples`` is given. The bias a constant step leaves in the
+    iterates (which the default's halvings must remove) grows with the
+    gradient noise summed over the dimensions, so more draws let a stage end
+    nearer the optimum; the square root keeps a step's cost growing more
+    slowly than ``d`` times a draw's. What it gains and costs is measured in
+    ``benchmarks/results/cpu/default_fit.md`` (the README's "No tuning").
     """
     d = _sizes(params)[1] or 0
     return max(DEFAULT_NUM_SAMPLES, round(DEFAULT_NUM_SAMPLES * math.sqrt(d / 100)))
@@ -410,12 +410,11 @@ def fit(
     _no_data_options(batch_size, batching, local_family)
     resuming = isinstance(init_params, FitState)
     start = init_params.params if resuming else init_params
-    if optimizer is None:
+    default = optimizer is None
+    if default:
         optimizer = default_optimizer(start)
-        if num_samples is None:
-            num_samples = default_num_samples(start)
     if num_samples is None:
-        num_samples = DEFAULT_NUM_SAMPLES
+        num_samples = default_num_samples(start) if default else DEFAULT_NUM_SAMPLES
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator
     )

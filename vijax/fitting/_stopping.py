@@ -333,11 +333,9 @@ class AdaptiveStop:
     previous and thresholds 0.5 and 1 times ``tol``. A stage ends at the
     stage threshold, not at ``tol``, because a stage that ends with up to
     ``tol`` of progress left hands the next one a gain near the threshold
-    from its own unfinished progress: at d = 1000 (mean-field regressions)
-    stages ended at 0.05 nats stopped the fit 0.075 and 0.088 nats from the
-    family's optimum, at 0.025 0.056 and 0.041 (seed 0, 8 draws per step; on the zoo and at
-    d = 100, 12 of 19 fits were unchanged, the rest took up to 2.4 times
-    the evaluations).
+    from its own unfinished progress, and the fit stopped short (measured
+    on mean-field regressions at d = 1000; the numbers are in issue #19's
+    notes and ``benchmarks/results/cpu/default_fit.md``).
     """
 
     def __init__(self, family, log_joint, key: jax.Array, start: int, params: Any, *,
