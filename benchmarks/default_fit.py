@@ -308,8 +308,7 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     row["first_lr"] = (float(lr_of(init)) if lr_of is not None
                        else float(_drivers.DEFAULT_LEARNING_RATE))
     row["recoveries"] = [int(x) for x in getattr(rule, "recoveries", [])]
-    draws_of = getattr(_drivers, "default_num_samples", None)  # absent before it grew with d
-    row["num_samples"] = int(draws_of(init)) if draws_of is not None else NUM_SAMPLES
+    row["num_samples"] = _drivers.default_num_samples(init)
     row.update(stopped_by=stopped, steps=steps, grad_evals=steps * row["num_samples"],
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),

@@ -51,12 +51,12 @@ DEFAULT_LEARNING_RATE = 0.1
 _defaults = LRU(32)
 
 
-def _sizes(params: Any) -> tuple[int, int | None]:
-    """``(P, d)``: the parameters' total size, and the size of ``params.loc`` (None without one)."""
+def _sizes(params: Any) -> tuple[int, int]:
+    """``(P, d)``: the parameters' total size, and the size of ``params.loc`` (0 without one)."""
     total = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
     loc = getattr(params, "loc", None)
     d = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(loc)) if loc is not None else 0
-    return total, d or None
+    return total, d
 
 
 def default_learning_rate(params: Any) -> float:
@@ -97,7 +97,7 @@ def default_num_samples(params: Any) -> int:
     slowly than ``d`` times a draw's. What it gains and costs is measured in
     ``benchmarks/results/cpu/default_fit.md`` (the README's "No tuning").
     """
-    d = _sizes(params)[1] or 0
+    d = _sizes(params)[1]
     return max(DEFAULT_NUM_SAMPLES, round(DEFAULT_NUM_SAMPLES * math.sqrt(d / 100)))
 
 
