@@ -59,7 +59,6 @@ import jax.numpy as jnp
 from vijax import _checks
 from vijax._gaussian import CholeskyScale
 from vijax.algorithms._score import (
-    DEFAULT_MAX_KL,
     algorithm_of,
     check_common,
     check_max_kl,
@@ -74,6 +73,10 @@ from vijax.fitting._types import FitInfo, FitResult, FitState
 
 ArrayTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
+# BaM's starting trust radius (nats per coordinate), below the other
+# score-based algorithms' DEFAULT_MAX_KL = 1.0; see ``batch_and_match``'s
+# ``max_kl`` and benchmarks/results/cpu/bam_trust_region.md.
+BAM_MAX_KL = 0.1
 
 
 def _lower_from_qr(a: jax.Array) -> jax.Array:
@@ -167,7 +170,7 @@ def make_bam_step(
     *,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = DEFAULT_MAX_KL,
+    max_kl: Optional[float] = BAM_MAX_KL,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns ``step(state) -> (state, info)``: one guarded batch-and-match iteration.
 
@@ -220,7 +223,7 @@ def batch_and_match(
     num_steps: int,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = DEFAULT_MAX_KL,
+    max_kl: Optional[float] = BAM_MAX_KL,
     progress: Optional[bool] = None,
     chunk_size: int = 100,
     max_nonfinite: int = 20,
@@ -279,20 +282,21 @@ def batch_and_match(
         towards ``q_t`` (mean and Cholesky factor moved by ``sqrt(radius * d
         / KL)`` of the way, once, no loop), so that one batch of a
         non-Gaussian or badly scaled target cannot throw q where the log
-        density overflows. The radius starts at ``max_kl`` (default 1.0)
-        and adapts: it grows by half after each accepted step (up to
-        ``100 * max_kl``); when the batch ELBO at the new q falls below the
-        last one by more than three of its standard errors, the step is
-        undone and the radius quartered (also after a skipped step). Its
-        state is ``state.opt_state`` (:class:`vijax.algorithms.TrustState`).
-        Measured (``benchmarks/results/cpu/zoo_bam_adaptive.md``,
-        ``bam_trust_region.md``): BaM fits the zoo's stochastic volatility
-        (0.40 sds on both seeds, where the fixed radius raised
-        ``FitError``), non-centred eight schools, the Cox process and the
-        funnel's bulk; item response (d = 501) stays far off on one seed
-        of two (11 sds). On Gaussian targets from a far start it costs 2-5x
-        the evaluations of the plain update (linear regression, d = 100:
-        700 instead of 300; the fixed radius took 1200). ``None`` turns it
+        density overflows. The radius starts at ``max_kl`` (default 0.1,
+        ``BAM_MAX_KL``) and adapts: it grows by half after each accepted
+        step (up to ``100 * max_kl``); when the batch ELBO at the new q falls
+        below the last one by more than three of its standard errors, the
+        step is undone and the radius quartered (also after a skipped step).
+        Its state is ``state.opt_state``
+        (:class:`vijax.algorithms.TrustState`). The default is below the
+        other score-based algorithms' 1.0 because BaM's default learning
+        rate nearly matches each batch: started at 1.0, the first few steps
+        can move q (by up to ``d`` nats each) to where its log weights are
+        heavy-tailed, and the ELBO test then has too wide a margin to
+        recover (stochastic volatility, B = d). A small start costs a few
+        steps on Gaussian targets from a far start. Measured in
+        ``benchmarks/results/cpu/bam_trust_region.md`` (the rates over
+        seeds and the cost) and ``zoo_bam_adaptive.md``. ``None`` turns it
         off (the paper's update).
       progress: show a progress bar; ``None`` shows it in a terminal or
         notebook, as :func:`vijax.fit` does.
@@ -357,7 +361,7 @@ def bam_algorithm(
     *,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = DEFAULT_MAX_KL,
+    max_kl: Optional[float] = BAM_MAX_KL,
 ) -> Algorithm:
     """Batch-and-match as the engine's :class:`vijax.fitting.Algorithm`.
 
