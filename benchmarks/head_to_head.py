@@ -1085,6 +1085,7 @@ def markdown(results: dict) -> str:
         "Written by `python -m benchmarks.head_to_head` (issue #19 item 5); the protocol is "
         "the module docstring of `benchmarks/head_to_head.py`. Float32 throughout. "
         f"vijax commit `{results.get('vijax_commit')}`.",
+        *([f"\n> Rows rerun later: {results['reruns']}"] if results.get("reruns") else []),
         "",
         f"Targets: zoo, every mean within {ZOO_MEAN_TOL} reference sds and every sd within "
         f"{ZOO_SD_TOL:.0%}; BLR / logistic, {KL_TOL:g} nats above the family's optimum "

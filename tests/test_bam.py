@@ -367,11 +367,11 @@ def test_fits_stochastic_volatility_with_a_batch_of_d(seed):
     # radius BaM raised FitError on both seeds (a few draws per batch in the
     # far tails, with scores of 1e18, rejected whole batches); plain BaM's
     # third step moved the mean to 3e10. With the adaptive radius started at
-    # max_kl = 1.0, seeds 0 and 11 ended at ELBOs of -1231 and -2096 (2 of
-    # 40 seeds; on an Intel Xeon): the first steps moved q where its log
-    # weights are heavy-tailed and the ELBO test's margin grew with them.
+    # max_kl = 1.0, keys 0 and 11 ended at ELBOs of -1231 and -2096 (4 of
+    # 80 keys astray, on an Intel Xeon): the first steps moved q where its
+    # log weights are heavy-tailed and the ELBO test's margin grew with them.
     # With BaM's default start of 0.1 the final q's ELBO (4000 draws) was
-    # -128 to -133 on all 160 seeds tried (bam_trust_region.md).
+    # -128 to -132 on all 80 keys of bam_trust_region.md (and 80 more).
     model = vijax.models.stochastic_volatility()
     family = vijax.full_rank()
     result = vijax.batch_and_match(jax.random.key(seed), model.log_joint,

@@ -108,7 +108,8 @@ def make_gsm_step(
     Args:
       log_joint: ``log_joint(z) -> scalar`` for one latent pytree.
       batch_size: samples (score evaluations) per step, B >= 1.
-      max_kl: the trust region, as in :func:`vijax.batch_and_match`.
+      max_kl: the trust region, as in :func:`vijax.batch_and_match`
+        (default 1.0).
 
     Raises:
       TypeError: ``log_joint`` is not callable.
@@ -183,7 +184,8 @@ def gaussian_score_matching(
       num_steps: the number of steps in this call (>= 1).
       batch_size: samples (score evaluations) per step (>= 1; of the order
         of d for a fast start).
-      max_kl: the trust region in nats per coordinate (``None``: off).
+      max_kl: the starting trust region in nats per coordinate, adapted as
+        in :func:`vijax.batch_and_match` (default 1.0; ``None``: off).
       progress, chunk_size, max_nonfinite, checkpoint_dir, checkpoint_every:
         as in :func:`vijax.batch_and_match`.
 
