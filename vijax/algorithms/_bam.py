@@ -207,8 +207,10 @@ def make_bam_step(
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, scale, z, scores, step, weights):
+    def update(mu, scale, z, scores, step, weights, damping):
         lam = default_learning_rate(learning_rate, step, batch_size, mu.shape[0], mu.dtype)
+        if learning_rate is None:
+            lam = lam * damping
         new_mu, new_tril = bam_update(mu, jnp.tril(scale.tril), z, scores, lam, weights)
         return new_mu, CholeskyScale(new_tril), lam > 0
 
@@ -276,7 +278,14 @@ def batch_and_match(
         about ``sqrt(lambda)`` current standard deviations) and decreasing so
         that the iterates settle on non-Gaussian targets. The constant 100
         was chosen on ``benchmarks/fast_vi.py``; it is a heuristic, not the
-        paper's.
+        paper's. With the trust region on, the default is also damped by it:
+        multiplied by ``min(1, radius / (10 max_kl))``
+        (:func:`vijax.algorithms._score.damping`), a tenth at the start and
+        after undone steps, 1 after a few accepted ones. A full match of a
+        batch that is only shrunk towards q can keep making q worse (every
+        step undone, the fit stalled); a smaller lambda blends the batch
+        into q instead (``benchmarks/results/cpu/bam_trust_region.md``
+        measures both). A ``learning_rate`` you pass is not damped.
       max_kl: the starting trust region, in nats per coordinate: a step
         whose ``KL(q_{t+1} || q_t)`` exceeds ``radius * d`` is shrunk
         towards ``q_t`` (mean and Cholesky factor moved by ``sqrt(radius * d

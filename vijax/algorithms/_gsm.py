@@ -120,7 +120,7 @@ def make_gsm_step(
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, scale, z, scores, step, weights):
+    def update(mu, scale, z, scores, step, weights, damping):
         new_mu, new_tril, ok = gsm_update(mu, jnp.tril(scale.tril), z, scores, weights)
         return new_mu, CholeskyScale(new_tril), ok
 

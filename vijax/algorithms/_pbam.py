@@ -277,7 +277,7 @@ def make_pbam_step(
     max_kl = check_max_kl(max_kl)
     patch_steps = _checks.check_positive_int("patch_steps", patch_steps)
 
-    def update(mu, scale, z, scores, step, weights):
+    def update(mu, scale, z, scores, step, weights, damping):
         lam = default_learning_rate(learning_rate, step, batch_size, mu.shape[0], mu.dtype)
         if learning_rate is None:
             lam = jnp.minimum(lam, max_default_learning_rate(mu.dtype))

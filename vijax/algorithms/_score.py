@@ -183,6 +183,22 @@ class TrustState(NamedTuple):
 
 
 GROW, SHRINK, MAX_GROWTH = 1.5, 0.25, 100.0
+# The radius (in multiples of ``max_kl``) below which :func:`damping` is < 1.
+DAMPING_SPAN = 10.0
+
+
+def damping(trust: TrustState, max_kl: Optional[float], dtype) -> jax.Array:
+    """``min(1, radius / (DAMPING_SPAN * max_kl))``: how far the trust region lets a step go.
+
+    Below 1 at the start (the radius starts at ``max_kl``, so 1 / 10) and
+    after undone or skipped steps (which quarter the radius); 1 once the
+    accepted steps have grown it to ``DAMPING_SPAN * max_kl`` (six of them
+    from the start). 1 without a trust region (``max_kl`` None). An update
+    may scale its step size by it (batch-and-match's default schedule does).
+    """
+    if max_kl is None:
+        return jnp.ones((), dtype)
+    return jnp.minimum(trust.radius / (DAMPING_SPAN * max_kl), 1.0).astype(dtype)
 
 
 def init_trust_state(params, max_kl: Optional[float]) -> TrustState:
@@ -193,10 +209,12 @@ def init_trust_state(params, max_kl: Optional[float]) -> TrustState:
                       last_margin=jnp.zeros((), dtype), last_params=params)
 
 
-# ``update(mu, scale, z, scores, step, weights) -> (new_mu, new_scale, ok)``:
+# ``update(mu, scale, z, scores, step, weights, damping) -> (new_mu, new_scale, ok)``:
 # the closed-form move from one batch (``z``, ``scores``: (B, d); ``weights``
 # (B,), 0 for a dropped draw), ``scale`` the
-# family's (a ``CholeskyScale`` or a ``LowRankScale``), ``ok`` a bool scalar
+# family's (a ``CholeskyScale`` or a ``LowRankScale``), ``damping`` the
+# trust region's :func:`damping` (a scalar in (0, 1]; an update may ignore
+# it), ``ok`` a bool scalar
 # that is False when the move is invalid (e.g. a learning rate <= 0).
 Update = Callable[..., tuple]
 
@@ -285,7 +303,8 @@ def score_step(
         trust = state.opt_state
         if not isinstance(trust, TrustState):  # e.g. ``()``: start the adaptation
             trust = init_trust_state(params, max_kl)
-        new_mu, new_scale, update_ok = update(mu, scale, z, scores, state.step, weights)
+        new_mu, new_scale, update_ok = update(mu, scale, z, scores, state.step, weights,
+                                              damping(trust, max_kl, dtype))
         if max_kl is not None:
             new_mu, new_scale, _ = trust_region_scale(
                 mu, scale, new_mu, new_scale, (trust.radius * d).astype(dtype))

@@ -184,7 +184,7 @@ def make_slang_step(
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)
 
-    def update(mu, scale, z, scores, step, weights):
+    def update(mu, scale, z, scores, step, weights, damping):
         if learning_rate is None:
             rho = default_learning_rate(step, mu.dtype)
         elif callable(learning_rate):
