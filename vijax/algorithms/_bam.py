@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from vijax import _checks
 from vijax._gaussian import CholeskyScale
 from vijax.algorithms._score import (
+    DEFAULT_MAX_KL,
     algorithm_of,
     check_common,
     check_max_kl,
@@ -73,10 +74,6 @@ from vijax.fitting._types import FitInfo, FitResult, FitState
 
 ArrayTree = Any
 Schedule = Callable[[jax.Array], jax.Array]
-# BaM's starting trust radius (nats per coordinate), below the other
-# score-based algorithms' DEFAULT_MAX_KL = 1.0; see ``batch_and_match``'s
-# ``max_kl`` and benchmarks/results/cpu/bam_trust_region.md.
-BAM_MAX_KL = 0.1
 
 
 def _lower_from_qr(a: jax.Array) -> jax.Array:
@@ -170,7 +167,7 @@ def make_bam_step(
     *,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = BAM_MAX_KL,
+    max_kl: Optional[float] = DEFAULT_MAX_KL,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns ``step(state) -> (state, info)``: one guarded batch-and-match iteration.
 
@@ -225,7 +222,7 @@ def batch_and_match(
     num_steps: int,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = BAM_MAX_KL,
+    max_kl: Optional[float] = DEFAULT_MAX_KL,
     progress: Optional[bool] = None,
     chunk_size: int = 100,
     max_nonfinite: int = 20,
@@ -280,33 +277,31 @@ def batch_and_match(
         was chosen on ``benchmarks/fast_vi.py``; it is a heuristic, not the
         paper's. With the trust region on, the default is also damped by it:
         multiplied by ``min(1, radius / (10 max_kl))``
-        (:func:`vijax.algorithms._score.damping`), a tenth at the start and
-        after undone steps, 1 after a few accepted ones. A full match of a
-        batch that is only shrunk towards q can keep making q worse (every
-        step undone, the fit stalled); a smaller lambda blends the batch
-        into q instead (``benchmarks/results/cpu/bam_trust_region.md``
-        measures both). A ``learning_rate`` you pass is not damped.
+        (:func:`vijax.algorithms._score.damping`): a tenth at the start,
+        less after undone steps (each quarters the radius), 1 once accepted
+        steps have grown the radius tenfold (six in a row from the start).
+        Undamped, a step that nearly matches a batch of a non-Gaussian
+        target can throw q where its log weights are heavy-tailed, or, shrunk
+        by the trust region, keep making q worse (every step undone, the fit
+        stalled); a smaller lambda blends the batch into q instead
+        (``benchmarks/results/cpu/bam_trust_region.md`` measures both). A
+        ``learning_rate`` you pass is not damped.
       max_kl: the starting trust region, in nats per coordinate: a step
         whose ``KL(q_{t+1} || q_t)`` exceeds ``radius * d`` is shrunk
         towards ``q_t`` (mean and Cholesky factor moved by ``sqrt(radius * d
         / KL)`` of the way, once, no loop), so that one batch of a
         non-Gaussian or badly scaled target cannot throw q where the log
-        density overflows. The radius starts at ``max_kl`` (default 0.1,
-        ``BAM_MAX_KL``) and adapts: it grows by half after each accepted
-        step (up to ``100 * max_kl``); when the batch ELBO at the new q falls
-        below the last one by more than three of its standard errors, the
-        step is undone and the radius quartered (also after a skipped step).
-        Its state is ``state.opt_state``
-        (:class:`vijax.algorithms.TrustState`). The default is below the
-        other score-based algorithms' 1.0 because BaM's default learning
-        rate nearly matches each batch: started at 1.0, the first few steps
-        can move q (by up to ``d`` nats each) to where its log weights are
-        heavy-tailed, and the ELBO test then has too wide a margin to
-        recover (stochastic volatility, B = d). A small start costs a few
-        steps on Gaussian targets from a far start. Measured in
-        ``benchmarks/results/cpu/bam_trust_region.md`` (the rates over
-        seeds and the cost) and ``zoo_bam_adaptive.md``. ``None`` turns it
-        off (the paper's update).
+        density overflows. The radius starts at ``max_kl`` (default 1.0)
+        and adapts: it grows by half after each accepted step (up to
+        ``100 * max_kl``); when the batch ELBO at the new q falls below the
+        last one by more than three of its standard errors, the step is
+        undone and the radius quartered (also after a skipped step). Its
+        state is ``state.opt_state``
+        (:class:`vijax.algorithms.TrustState`). It also damps the default
+        learning rate (above). ``benchmarks/results/cpu/bam_trust_region.md``
+        measures the variants: the cost on Gaussian targets, and how many
+        fit keys go astray on the zoo's stochastic volatility and item
+        response models. ``None`` turns it off (the paper's update).
       progress: show a progress bar; ``None`` shows it in a terminal or
         notebook, as :func:`vijax.fit` does.
       chunk_size: steps per compiled chunk (>= 1).
@@ -370,7 +365,7 @@ def bam_algorithm(
     *,
     batch_size: int,
     learning_rate: Union[None, float, Schedule] = None,
-    max_kl: Optional[float] = BAM_MAX_KL,
+    max_kl: Optional[float] = DEFAULT_MAX_KL,
 ) -> Algorithm:
     """Batch-and-match as the engine's :class:`vijax.fitting.Algorithm`.
 
