@@ -437,7 +437,6 @@ class AdaptiveStop:
         self._stage = self._stage_rule(jax.random.fold_in(self._key, salt))
         return state._replace(params=params, opt_state=restart_average(opt_state, params))
 
-
     def recover(self, state) -> Any:
         """After ``max_nonfinite`` skipped steps: the state to run on from at a lower step, or None.
 
