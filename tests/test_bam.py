@@ -367,6 +367,19 @@ def test_the_returned_params_are_verified_by_the_next_batch(x64, rng):
     chex.assert_trees_all_equal(plain.params, plain.state.params)
 
 
+def _final_elbo_of_bam(name: str, seed: int, *, num_steps: int, num_draws: int) -> float:
+    """A zoo model fitted by default BaM at B = d from its default start; the final ELBO."""
+    model = getattr(vijax.models, name)()
+    family = vijax.full_rank()
+    init = family.init(model.latent)
+    d = sum(int(x.size) for x in jax.tree_util.tree_leaves(init.loc))
+    result = vijax.batch_and_match(jax.random.key(seed), model.log_joint, init,
+                                   num_steps=num_steps, batch_size=d, progress=False)
+    elbo = vijax.elbo(jax.random.key(99), result.params, family, model.log_joint,
+                      num_samples=num_draws, estimator="reparam")
+    return float(elbo)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2, 11])
 def test_fits_stochastic_volatility_with_a_batch_of_d(seed):
@@ -380,14 +393,8 @@ def test_fits_stochastic_volatility_with_a_batch_of_d(seed):
     # them. With the default learning rate damped by the trust region the
     # final q's ELBO (4000 draws) settles near -130 on every key of
     # bam_trust_region.md.
-    model = vijax.models.stochastic_volatility()
-    family = vijax.full_rank()
-    result = vijax.batch_and_match(jax.random.key(seed), model.log_joint,
-                                   family.init(model.latent), num_steps=194,
-                                   batch_size=103, progress=False)
-    elbo = vijax.elbo(jax.random.key(99), result.params, family, model.log_joint,
-                      num_samples=4000, estimator="reparam")
-    assert float(elbo) > -140.0, float(elbo)
+    elbo = _final_elbo_of_bam("stochastic_volatility", seed, num_steps=194, num_draws=4000)
+    assert elbo > -140.0, elbo
 
 
 def test_damping_is_the_radius_over_ten_starting_radii():
@@ -433,11 +440,5 @@ def test_fits_item_response_with_a_batch_of_d(seed):
     # the default learning rate, keys 1 and 3 stalled at ELBOs of -24,989
     # and -22,531 (start 1; every shrunk full match made q worse and was
     # undone); damped, every key of bam_trust_region.md settles near -22,080.
-    model = vijax.models.item_response()
-    family = vijax.full_rank()
-    result = vijax.batch_and_match(jax.random.key(seed), model.log_joint,
-                                   family.init(model.latent), num_steps=39,
-                                   batch_size=501, progress=False)
-    elbo = vijax.elbo(jax.random.key(99), result.params, family, model.log_joint,
-                      num_samples=2000, estimator="reparam")
-    assert float(elbo) > -22200.0, float(elbo)
+    elbo = _final_elbo_of_bam("item_response", seed, num_steps=39, num_draws=2000)
+    assert elbo > -22200.0, elbo
