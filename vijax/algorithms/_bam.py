@@ -34,7 +34,8 @@ from a QR factorization of ``(R Q diag(sqrt t))^T``. Each iteration costs
 ``B`` score evaluations plus O((d + B) d^2) arithmetic.
 
 Robustness (vijax's, not the paper's): an adaptive trust region caps
-``KL(q_{t+1} || q_t)`` per step (:func:`trust_region`, ``max_kl``), draws
+``KL(q_{t+1} || q_t)`` per step (:func:`trust_region`, ``max_kl``) and damps
+the default learning rate while its radius is small, draws
 whose log density or score is not finite are dropped from the batch, and no
 decomposition ever
 sees a non-finite matrix: a batch with non-finite log densities or scores is
