@@ -8,6 +8,8 @@ took" are read off the same trajectory, replayed step by step with
 ``vijax.make_step`` and the same (averaged) optimizer.
 """
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,3 +206,55 @@ def test_checks_follow_the_schedule_past_a_chunk_apart(monkeypatch):
         want.append(c)
         c = _stopping.AutoStop.next_check(c)
     assert seen == want and seen[-1] > 15_000
+
+
+class _Candidate(NamedTuple):
+    params: Any
+    opt_state: Any
+    step: int
+
+
+@pytest.mark.parametrize("g2, g1, stops", [
+    # Both gains below the tolerance, neither resolved on max_draws draws.
+    (0.010, 0.012, True),
+    # The last gain above it on its point estimate: goes on either way.
+    (0.024, 0.030, False),
+    # The last gain below, the one before above with a gap estimate of
+    # 0.01**2 / (0.05 - 0.01) = 0.0025 nats, below GAP_TOL.
+    (0.010, 0.050, True),
+])
+def test_at_its_draw_limit_the_stage_rule_decides_on_the_point_estimates(monkeypatch, g2, g1,
+                                                                          stops):
+    """``decide_at_limit``: a gain still in doubt on ``max_draws`` draws is judged on its mean.
+
+    The candidates' per-draw ELBO terms are faked: candidate ``c`` scores ``c``
+    plus zero-mean noise of unit sd that differs between candidates, so every
+    gain is known exactly and its standard error on 4096 draws (about 0.022
+    nats) leaves it within two of the tolerance, 0.0175.
+    """
+    from vijax.fitting import _stopping
+
+    def values(family, log_joint, key, params, num):
+        r = np.random.default_rng([int(round(float(params) * 1e6)), num])
+        eps = r.standard_normal(num)
+        return float(params) + (eps - eps.mean()) / eps.std()
+
+    monkeypatch.setattr(_stopping, "_values", values)
+    opt = averaging(optax.sgd(0.1), jnp.zeros(()))
+    rules = {limit: _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175,
+                                       max_draws=4096, decide_at_limit=limit)
+             for limit in (False, True)}
+    for limit, rule in rules.items():
+        for step, c in ((100, 0.0), (150, g1)):
+            p = jnp.asarray(c)
+            rule.record(_Candidate(p, opt.init(p), step))
+        p = jnp.asarray(g1 + g2)
+        before = rule.num_evaluations
+        verdict = rule.check(_Candidate(p, opt.init(p), 225))
+        # 64 draws for the candidate (last iterate and average) and its two
+        # references, then refined up to the limit for all three, never past it.
+        assert rule.num_evaluations - before == 4 * 64 + 3 * (256 + 1024 + 4096)
+        assert verdict == (stops and limit), (limit, rule.gap_estimate)
+    stage = _stopping.AdaptiveStop(None, None, jax.random.key(0), 0, None)._stage
+    assert stage.decide_at_limit and stage.max_draws == _stopping.STAGE_MAX_DRAWS
+    assert stage.tol == _stopping.STAGE_RULE_TOL * _stopping.TOL
