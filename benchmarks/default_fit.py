@@ -5,9 +5,11 @@ progress=False)`` with no ``optimizer`` runs ``vijax.adaptive_lr(optax.adam(lr))
 under ``auto_stop``, ``lr = 0.1 * min(1, sqrt(2 d / P))`` (P parameters, d
 latent dimensions; ``_drivers.default_learning_rate(init)``, recorded per
 row): stages at a constant step, each ended by the auto_stop rule (iterates
-stationary; a stage lasts at least 500 steps and at least as long as the one
-before), the step halved and the run restarted from the stage's best
-candidate, a stop when a stage gains < 0.025 nats over the previous one, and
+stationary: the rule's gains below 0.0175 nats, judged on their point estimates
+where 4096 draws leave them in doubt; a stage lasts at least 500 steps and at
+least as long as the one before), the step halved and the run restarted from
+the stage's best candidate, a stop when a stage gains < 0.025 nats over the
+previous one, and
 the step halved too after 20 consecutive non-finite steps
 (``vijax/fitting/_stopping.py``, ``AdaptiveStop``). Nothing is
 swept: one call per problem, family and seed.
@@ -526,7 +528,11 @@ def markdown(results: dict) -> str:
         f"num_steps={s['max_steps']:,}, progress=False)` per problem, family and seed, with "
         f"no optimizer (the default `{s['default_optimizer']}` under auto_stop: stages at a "
         "constant step of at least 500 steps and at least the previous stage's, halved when "
-        "the iterates are stationary or after 20 non-finite steps, stop when a halving gains "
+        "the iterates are stationary"
+        + (f" (gains < {s['stage_rule_tol'] * TOL:g} nats, judged on the point estimates "
+           f"where {s['stage_max_draws']:,} draws leave them in doubt)"
+           if "stage_rule_tol" in s else "")
+        + " or after 20 non-finite steps, stop when a halving gains "
         f"< {_stopping.STAGE_TOL * TOL:g} nats; the first step "
         f"`0.1 * min(1, sqrt(2 d / P))`); head_to_head's problems and start; caps of {s['max_steps']:,} steps "
         f"and a wall time per fit ({', '.join(f'{k}: {v:g} s' for k, v in s['wall_caps'].items())}). "
@@ -670,6 +676,7 @@ def main(argv=None) -> dict:
             ref_steps=QUICK["ref_steps"] if args.quick else REF_STEPS,
             ref_steps_large={} if args.quick else REF_STEPS_LARGE,
             elbo_draws=ELBO_DRAWS, elbo_key=ELBO_KEY, khat_draws=KHAT_DRAWS,
+            stage_rule_tol=_stopping.STAGE_RULE_TOL, stage_max_draws=_stopping.STAGE_MAX_DRAWS,
             default_optimizer=("vijax.adaptive_lr(optax.adam(lr))" + (
                 ", lr = vijax.fitting._drivers.default_learning_rate(init)"
                 if hasattr(_drivers, "default_learning_rate") else

@@ -358,10 +358,10 @@ class AdaptiveStop:
     stop (that is judged by the stage-to-stage gain, on as many draws as it
     takes), only a lower step, and a lower step is safe. Resolving every
     stage gain near its threshold on up to 16384 draws for each of three
-    candidates cost 6 to 56 times the fit's own gradient evaluations; at
-    4096 with a stricter stage tolerance the rule's cost fell up to 3.6
-    times and the fits ended as close to the optimum or closer
-    (``benchmarks/results/cpu/default_fit.md``).
+    candidates cost up to 56 times the fit's own gradient evaluations; at
+    4096, with the stricter stage tolerance, at most 16 times (the rule's
+    evaluations fell up to 4.3 times on a fit), every fit that had converged
+    still did and four more did (``benchmarks/results/cpu/default_fit.md``).
     """
 
     def __init__(self, family, log_joint, key: jax.Array, start: int, params: Any, *,
