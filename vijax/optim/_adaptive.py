@@ -71,7 +71,8 @@ def adaptive_lr(
     from the best candidate, and stops when a stage at the lower step gains
     less than ``0.025`` nats on the one before (RAABBVI, Welandawe et al.
     2022). ``vijax.fit`` without an ``optimizer`` uses
-    ``adaptive_lr(optax.adam(0.1))`` this way.
+    ``adaptive_lr(optax.adam(lr))`` this way, ``lr = 0.1 * min(1, sqrt(2 d / P))``
+    (:func:`vijax.fitting._drivers.default_learning_rate`).
 
     Not for ``vijax.natural_gradient``: its step size enters the precision
     update, not as a last factor, and scaling its updates would break the
