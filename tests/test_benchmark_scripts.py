@@ -209,3 +209,27 @@ def test_stopping_quick_run_writes_its_table(tmp_path):
     assert summary["runs"] == 1 and summary["stops"] == [run["stop"]]
     assert "## Summary" in md and "## Failures" in md and "## Every BLR run" in md
     assert f"| {label} | 1 | {run['stop']} |" in md
+
+
+@pytest.mark.slow
+def test_bam_batch_size_quick_writes_its_table(tmp_path):
+    """``benchmarks/bam_batch_size.py --quick``: B = d and larger batches on BLR at d = 100."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+    env.pop("JAX_ENABLE_X64", None)
+    cmd = [sys.executable, "-m", "benchmarks.bam_batch_size", "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    stored = json.loads((tmp_path / "bam_batch_size_quick.json").read_text())
+    (problem,) = stored["problems"]
+    runs = {r["multiple"]: r for r in problem["runs"]}
+    assert sorted(runs) == [1.0, 1.5, 2.0, 3.0] and problem["d"] == 100
+    for mult, r in runs.items():
+        assert r["batch"] == round(mult * 100) and len(r["gaps"]) == stored["steps"]
+        assert all(g >= -1e-6 for g in r["gaps"])  # an exact KL above the optimum
+    # What the docstring of batch_and_match says: a batch of 1.5 d settles on
+    # this Gaussian posterior, one of d does not.
+    assert runs[1.5]["steps_to_target"] is not None and runs[1.5]["final_gap"] < 1e-3
+    assert runs[1.0]["steps_to_target"] is None
+    md = (tmp_path / "bam_batch_size_quick.md").read_text()
+    assert "| blr_d100 | 150 (1.5 d) |" in md

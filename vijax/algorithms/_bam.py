@@ -245,10 +245,17 @@ def batch_and_match(
     steps. For other targets BaM converges towards the minimiser of the
     score-based divergence, which is close to, but not the same as, the
     minimiser of KL(q || p) that ELBO methods find; it needs a decreasing
-    learning rate to settle. BaM works best with ``batch_size`` of the order
-    of the dimension d or larger; with ``batch_size`` much smaller than d
-    each step only learns about the covariance in the span of the batch and
-    convergence is slow.
+    learning rate to settle. Take ``batch_size`` larger than d, say 1.5 d
+    or more: with ``batch_size <= d`` the batch covariances of the draws and
+    of the scores are singular or nearly so (the smallest eigenvalue of a
+    sample covariance of B draws in d dimensions is of the order of
+    ``(1 - sqrt(d / B))**2``), the match leaves those directions to the
+    proximal term alone, and the trust region undoes most steps: on
+    ill-conditioned regressions at d = 100 and 1000 such fits crawled where
+    1.5 d converged in a few steps (``benchmarks/results/cpu/bam_batch_size.md``).
+    With ``batch_size`` much smaller than d each step only learns about the
+    covariance in the span of the batch (:func:`vijax.patched_batch_and_match`
+    is the low-rank method for that regime).
 
     The loop is the engine :func:`vijax.fit` runs (compiled chunks of
     ``chunk_size`` steps, a progress bar and checkpoints between chunks,
