@@ -56,10 +56,11 @@ every scale 0.1; no correlation), S = ``NUM_SAMPLES`` draws per ELBO step:
   max_variance_growth=2), start=500)``, read with ``averaged_params`` (the
   README's mean-field recipe).
 * ``vijax BaM``, ``vijax GSM``: ``batch_and_match`` / ``gaussian_score_matching``
-  with B = max(d, ``MIN_BATCH``) for BaM and max(d + 1, ``MIN_BATCH``) for GSM
-  (their docstrings: B of the order of d; GSM's: d + 1 draws pin a Gaussian
-  down, and B = d is measured to stall), default learning rate and trust
-  region; full rank, so d <= 1000.
+  with B = max(ceil(1.5 d), ``MIN_BATCH``) for BaM (its docstring: B larger
+  than d; at B = d it crawled on the regressions,
+  ``results/cpu/bam_batch_size.md``) and max(d + 1, ``MIN_BATCH``) for GSM
+  (its docstring: d + 1 draws pin a Gaussian down, and B = d is measured to
+  stall), default learning rate and trust region; full rank, so d <= 1000.
 * ``vijax pBaM``: ``patched_batch_and_match`` with ``low_rank(rank=RANK)``,
   B = ``PBAM_BATCH``, defaults otherwise (d >= 100).
 * ``NumPyro AutoNormal / AutoMVN / AutoLowRankMVN``: ``SVI`` with
@@ -147,6 +148,7 @@ from benchmarks import _machine, _problems, zoo_accuracy
 NUM_SAMPLES = 8
 RANK = 5
 MIN_BATCH = 16
+BAM_BATCH = 1.5  # BaM's B = 1.5 d: at B = d it crawls (results/cpu/bam_batch_size.md)
 PBAM_BATCH = 32
 GROWTH = 1.3
 ZOO_MEAN_TOL, ZOO_SD_TOL = 0.05, 0.10
@@ -833,7 +835,7 @@ def method_list(problem: Problem, quick: bool) -> list:
             out.append((f"vijax Adam {abbrev[g]}", lambda best, g=g, lr=lr: VijaxRunner(
                 p, f"vijax Adam {abbrev[g]} lr={lr:g}", f"vijax Adam {abbrev[g]}", g,
                 seed=seed, optimizer=optax.adam(lr), lr=lr)))
-    b = max(p.d, MIN_BATCH)
+    b = max(math.ceil(BAM_BATCH * p.d), MIN_BATCH)
     if "full_rank" in p.groups:
         fr = vijax.full_rank()
         out.append(("vijax NG FR", lambda best: VijaxRunner(
@@ -1230,7 +1232,7 @@ def main(argv=None) -> dict:
             wall_caps={str(k): (QUICK["wall_cap"] if args.quick else v)
                        for k, v in WALL_CAP_S.items()},
             ng_fr=dict(schedule=NG_SCHEDULE[0], growth=2.0, estimator="stl"),
-            ng_mf=NG_MF, pbam_batch=PBAM_BATCH, min_batch=MIN_BATCH,
+            ng_mf=NG_MF, pbam_batch=PBAM_BATCH, min_batch=MIN_BATCH, bam_batch=BAM_BATCH,
             problems=names, methods=methods,
             env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "JAX_PLATFORMS")}),
         "machine": _machine.describe(),
