@@ -94,7 +94,7 @@ def test_small_run_reports_consistent_rows(tmp_path):
     assert prob["name"] == "blr_d20" and prob["d"] == 20
     runs = prob["runs"]
     labels = [r["label"] for r in runs]
-    assert "vijax Adam MF lr=0.1" in labels and "vijax BaM B=20" in labels
+    assert "vijax Adam MF lr=0.1" in labels and "vijax BaM B=30" in labels  # 1.5 d
     for r in runs:
         if r["status"].startswith("failed to start"):
             continue
