@@ -41,6 +41,7 @@ import jax
 import vijax
 from benchmarks import _machine
 from benchmarks import head_to_head as h2h
+from benchmarks.stopping import first_within
 
 PROBLEMS = ("blr_d100", "logistic_d100", "blr_d1000")
 QUICK_PROBLEMS = ("blr_d100",)
@@ -63,9 +64,7 @@ def run_one(problem, batch: int, key: int, steps: int) -> dict:
         state = result.state
         gaps.append(float(problem.measure(h2h.q_from_vijax(family, result.params),
                                           "full_rank")["value"]))
-    bad = [t for t, g in enumerate(gaps) if not g <= TARGET]
-    settled = 0 if not bad else bad[-1] + 1
-    reached = settled + 1 if settled < steps else None
+    reached = first_within(gaps, TARGET)
     return dict(batch=batch, key=key, gaps=gaps, steps_to_target=reached,
                 evals_to_target=None if reached is None else reached * batch,
                 final_gap=gaps[-1], wall_s=round(time.perf_counter() - start, 2))
