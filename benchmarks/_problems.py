@@ -10,9 +10,11 @@ Two models, both with a (d,) weight vector ``w ~ N(0, I)``:
 * ``logistic``: Bayesian logistic regression, ``y_i ~ Bernoulli(sigmoid(x_i^T
   w))``, true weights ``N(0, I / d)`` (logits of order one). Non-conjugate:
   the "exact" gap ``KL(q || p) - min_family KL = ELBO* - ELBO(q)`` is computed
-  with a 64-point Gauss-Hermite rule (the expected log likelihood depends on
-  ``q`` only through the 1-d marginals of ``x_i^T w``), and ``ELBO*`` by
-  maximizing that deterministic ELBO over the family with L-BFGS in float64.
+  by one-dimensional quadrature (the expected log likelihood depends on ``q``
+  only through the 1-d marginals ``N(m_i, s_i^2)`` of ``x_i^T w``;
+  :func:`expected_softplus`, accurate to about 1e-10 per row at any spread),
+  and ``ELBO*`` by maximizing that deterministic ELBO over the family with
+  L-BFGS in float64.
 
 Everything measured (the gap) is computed in float64 NumPy on the host from
 the implementation's current mean and scale, so every implementation is
@@ -39,6 +41,58 @@ import vijax
 _LOG_2PI = math.log(2.0 * math.pi)
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
 _GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2.0 * math.pi)
+_LAGUERRE_NODES, _LAGUERRE_WEIGHTS = np.polynomial.laguerre.laggauss(64)
+#: Above this spread ``expected_softplus`` splits softplus instead of Gauss-Hermite.
+SPLIT_SPREAD = 2.0
+
+
+def expected_softplus(m, s):
+    """``E[softplus(t)]`` for ``t ~ N(m, s^2)``, elementwise, in JAX (differentiable).
+
+    For ``s <= SPLIT_SPREAD`` a 64-point Gauss-Hermite rule in standard units.
+    For wider marginals that rule fails: softplus bends over a width of about
+    1 in ``t``, finer than the rule's nodes (at ``s = 80``, the logit spread of
+    logistic regression at d = 10^4 under its mean-field optimum, it was off
+    by 0.2 nats per row, 200 nats over 1000 rows). There
+    ``softplus(t) = max(t, 0) + log1p(exp(-|t|))``: the first term's
+    expectation is closed form, ``m Phi(m / s) + s phi(m / s)``, and the second,
+    which decays like ``exp(-|t|)``, is integrated in ``t`` on each half-line
+    by 64-point Gauss-Laguerre. Both branches agree with adaptive quadrature
+    (``scipy.integrate.quad``) to about 1e-10 over ``s`` from 0.01 to 300 and
+    ``|m|`` up to 200 (``tests/test_benchmark_problems.py``).
+    """
+    m = jnp.asarray(m)
+    s = jnp.asarray(s)
+    lead = (1,) * m.ndim  # explicit broadcasting (rank promotion may be set to raise)
+    nodes = jnp.asarray(_GH_NODES, m.dtype).reshape(lead + (-1,))
+    gh = jax.nn.softplus(m[..., None] + s[..., None] * nodes) @ jnp.asarray(_GH_WEIGHTS, m.dtype)
+    wide = s > SPLIT_SPREAD
+    sw = jnp.where(wide, s, 1.0)  # the narrow rows' branch must stay finite under grad
+    r = m / sw
+    relu = m * jax.scipy.special.ndtr(r) + sw * jnp.exp(-0.5 * r * r) / math.sqrt(2.0 * math.pi)
+    u = jnp.asarray(_LAGUERRE_NODES, m.dtype).reshape(lead + (-1,))
+    # log1p(exp(-u)) = exp(-u) * [exp(u) log1p(exp(-u))]; the bracket is smooth in (log 2, 1).
+    bracket = jnp.log1p(jnp.exp(-u)) * jnp.exp(u)
+
+    def density(t):
+        z = (t - m[..., None]) / sw[..., None]
+        return jnp.exp(-0.5 * z * z) / (sw[..., None] * math.sqrt(2.0 * math.pi))
+
+    bump = (bracket * (density(u) + density(-u))) @ jnp.asarray(_LAGUERRE_WEIGHTS, m.dtype)
+    return jnp.where(wide, relu + bump, gh)
+
+
+@jax.jit
+def _expected_log_lik_x64(y, m, s):
+    return jnp.sum(y * m - expected_softplus(m, s))
+
+
+def expected_log_lik(y64, m, s) -> float:
+    """``sum_i E[y_i t_i - softplus(t_i)]``, ``t_i ~ N(m_i, s_i^2)``, in float64."""
+    with jax.enable_x64(True):
+        return float(_expected_log_lik_x64(jnp.asarray(y64, jnp.float64),
+                                           jnp.asarray(m, jnp.float64),
+                                           jnp.asarray(s, jnp.float64)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +217,7 @@ def _blr_optimum_kl(posterior64) -> dict:
 
 
 def _logistic_elbo(x64, y64, mean, scale) -> float:
-    """The exact (quadrature) ELBO of N(mean, S S^T) for logistic regression."""
+    """The quadrature ELBO of N(mean, S S^T) for logistic regression (see :func:`expected_softplus`)."""
     d = mean.shape[0]
     m = x64 @ mean
     if scale.ndim == 1:
@@ -174,8 +228,7 @@ def _logistic_elbo(x64, y64, mean, scale) -> float:
         s = np.sqrt(np.sum(np.square(x64 @ scale), axis=1))
         logdet_q = 2.0 * np.sum(np.log(np.abs(np.diagonal(scale))))
         tr = np.sum(np.square(scale))
-    t = m[:, None] + s[:, None] * _GH_NODES[None, :]
-    lik = np.sum((y64[:, None] * t - np.logaddexp(0.0, t)) @ _GH_WEIGHTS)
+    lik = expected_log_lik(y64, m, s)
     prior = -0.5 * (d * _LOG_2PI + mean @ mean + tr)
     entropy = 0.5 * d * (1.0 + _LOG_2PI) + 0.5 * logdet_q
     return float(lik + prior + entropy)
@@ -186,7 +239,6 @@ def _logistic_reference(x64, y64, family: str) -> dict:
     import scipy.optimize
 
     n, d = x64.shape
-    nodes, weights = np.asarray(_GH_NODES), np.asarray(_GH_WEIGHTS)
     rows, cols = np.tril_indices(d, -1)
 
     with jax.enable_x64(True):
@@ -209,8 +261,7 @@ def _logistic_reference(x64, y64, family: str) -> dict:
             else:
                 s = jnp.sqrt(jnp.sum(jnp.square(x @ scale), axis=1))
                 logdet_q = 2.0 * jnp.sum(jnp.log(jnp.diagonal(scale)))
-            t = m[:, None] + s[:, None] * jnp.asarray(nodes)[None, :]
-            lik = jnp.sum((y[:, None] * t - jax.nn.softplus(t)) @ jnp.asarray(weights))
+            lik = jnp.sum(y * m - expected_softplus(m, s))
             prior = -0.5 * (d * _LOG_2PI + mean @ mean + jnp.sum(jnp.square(scale)))
             entropy = 0.5 * d * (1.0 + _LOG_2PI) + 0.5 * logdet_q
             return -(lik + prior + entropy)

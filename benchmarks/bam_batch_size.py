@@ -6,7 +6,7 @@ posterior. This measures why: the gap of q to the family's optimum after
 each step, for B = d, 1.5 d, 2 d and 3 d, on head_to_head's problems
 (``head_to_head.build_problem``: float32, its data, its start
 ``full_rank().init(latent)`` and its measure: the exact KL for BLR, the
-Gauss-Hermite ELBO gap for logistic regression), with BaM's defaults (its
+quadrature ELBO gap for logistic regression), with BaM's defaults (its
 learning rate, damped by its trust region, ``max_kl=1``), fit keys 0, 1 and
 2, ``STEPS`` steps. Reported: the steps until the gap is <= 0.01 nats and
 stays there (head_to_head's target; evaluations = steps x B), and the gap

@@ -49,7 +49,7 @@ as ``VijaxRunner.khat``).
 **Converged**:
 
 * BLR / logistic: head_to_head's exact gap above the family's optimum (the
-  exact KL for BLR, the Gauss-Hermite ELBO gap for logistic; low-rank rows
+  exact KL for BLR, the quadrature ELBO gap for logistic; low-rank rows
   against the mean-field optimum, as head_to_head measures them) <= 0.05
   nats (the rule's tolerance: "converged"), and <= 0.01 nats
   (head_to_head's target), reported separately.
