@@ -82,6 +82,8 @@ Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.default_fit [--quick]
 [--out DIR] [--problems a,b] [--seeds 0,1,2]``; writes
 ``benchmarks/results/cpu/default_fit.{md,json}`` (``--quick``: the Poisson GLM
 and BLR d = 20 with small caps, about a minute: ``default_fit_quick.*``).
+``--antithetic`` passes ``antithetic=True`` to every fit (not the default;
+``default_fit_antithetic.*``).
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ ELBO_KEY = 4242
 KHAT_DRAWS = h2h.KHAT_DRAWS
 QUICK = dict(max_steps=20_000, wall_cap=20.0, ref_steps=3_000, seeds=(0,))
 OUT = h2h.OUT
+#: ``--antithetic``: every fit passes ``antithetic=True`` (the default's draws in
+#: reflected pairs; written to ``default_fit_antithetic.*``). Not the default.
+ANTITHETIC = False
 FULL_PROBLEMS = h2h.FULL_PROBLEMS
 QUICK_PROBLEMS = h2h.QUICK_PROBLEMS
 H2H_JSON = os.path.join(OUT, "head_to_head.json")
@@ -285,8 +290,9 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     t0 = time.perf_counter()
     with recording_rule(wall_cap) as made:
         try:
+            extra = dict(antithetic=True) if ANTITHETIC else {}
             res = vijax.fit(jax.random.key(seed), family, problem.log_joint, init,
-                            num_steps=max_steps, progress=False)
+                            num_steps=max_steps, progress=False, **extra)
             jax.block_until_ready(res.params)
             error = None
         except vijax.FitError as err:
@@ -520,6 +526,9 @@ def markdown(results: dict) -> str:
         "Written by `python -m benchmarks.default_fit` (issue #19 item 4); the protocol is "
         "the module docstring of `benchmarks/default_fit.py`. vijax commit "
         f"`{results.get('vijax_commit')}`"
+        + (" **with `antithetic=True` in every fit** (`--antithetic`: each step's draws "
+           "in pairs reflected through q's mean; not the default)"
+           if s.get("antithetic") else "")
         + (f" with uncommitted changes (sources sha256 `{results.get('vijax_source_sha256')}`)"
            if results.get("dirty") else "") + ". "
         "Float32 throughout.",
@@ -645,6 +654,8 @@ def main(argv=None) -> dict:
                              "d = 100 only, while the time budget lasts; --quick: 0)")
     parser.add_argument("--time-budget", type=float, default=TIME_BUDGET_S,
                         help="seconds after which seeds > 0 are skipped")
+    parser.add_argument("--antithetic", action="store_true",
+                        help="pass antithetic=True to every fit (default_fit_antithetic.*)")
     parser.add_argument("--render", default=None, help="only rewrite the .md of this .json")
     parser.add_argument("--resume", default=None,
                         help="a stored (partial) .json: its problems' seed-0 rows are kept, "
@@ -662,11 +673,15 @@ def main(argv=None) -> dict:
              else list(QUICK_PROBLEMS if args.quick else FULL_PROBLEMS))
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
              else list(QUICK["seeds"] if args.quick else SEEDS))
-    stem = "default_fit_quick" if args.quick else "default_fit"
+    global ANTITHETIC
+    ANTITHETIC = bool(args.antithetic)
+    stem = ("default_fit_quick" if args.quick else "default_fit") + (
+        "_antithetic" if ANTITHETIC else "")
     h2h_rows = load_h2h(H2H_QUICK_JSON if args.quick else H2H_JSON)
     results = {
         "settings": dict(
-            quick=args.quick, num_samples=NUM_SAMPLES, tol=TOL, kl_tol=KL_TOL, z=Z,
+            quick=args.quick, antithetic=ANTITHETIC, num_samples=NUM_SAMPLES, tol=TOL,
+            kl_tol=KL_TOL, z=Z,
             max_steps=QUICK["max_steps"] if args.quick else MAX_STEPS,
             wall_caps=({"all": QUICK["wall_cap"]} if args.quick
                        else {**{(f"d = {k}" if k != "zoo" else k): v

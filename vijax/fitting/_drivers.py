@@ -136,11 +136,12 @@ def _init_state(optimizer, batch: str, key, params) -> FitState:
 
 
 def _run(family, log_joint, optimizer, num_samples, estimator, state, options, batched,
-         stopper=None):
+         stopper=None, antithetic=False):
     compiled = compiled_chunk(
-        ("fit", family, log_joint, optimizer, num_samples, estimator),
+        ("fit", family, log_joint, optimizer, num_samples, estimator, antithetic),
         lambda: make_step(
-            family, log_joint, optimizer, num_samples=num_samples, estimator=estimator
+            family, log_joint, optimizer, num_samples=num_samples, estimator=estimator,
+            antithetic=antithetic,
         ),
         chunk_size=options.chunk_size,
         max_nonfinite=options.max_nonfinite,
@@ -193,6 +194,7 @@ def fit(
     num_steps: int,
     num_samples: int | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
+    antithetic: bool = False,
     progress: bool | None = None,
     chunk_size: int = 500,
     max_nonfinite: int = 20,
@@ -337,6 +339,14 @@ def fit(
         posterior, so Adam settles far closer to it than with ``"reparam"``,
         and it stays tame far from it, where plain ``"stl"`` can drive a
         full-rank factor singular).
+      antithetic: draw each step's samples in pairs reflected through q's
+        mean, ``mu +- L eps`` (see :func:`vijax.elbo`; default False). For
+        a family with a Gaussian view and a pathwise estimator. It removes
+        the noise of the mean's gradient that is odd in ``eps`` (all of it
+        on a Gaussian posterior) and doubles at most that of the scale's;
+        what it gains at d = 10^4 is in ``benchmarks/results/cpu/``
+        ``default_fit_antithetic.md``. The auto_stop rule already scores
+        its candidates on antithetic pairs, whatever this says.
       progress: show a tqdm progress bar (a widget in notebooks)
         with the step and running ELBO; ``None`` (default) shows it when
         stderr is a terminal or in a Jupyter kernel.
@@ -402,6 +412,7 @@ def fit(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )
     if isinstance(log_joint, DataModel):
+        _no_antithetic_for_data(antithetic)
         return _fit_data(
             key, family, log_joint, init_params, optimizer=optimizer,
             num_samples=DEFAULT_NUM_SAMPLES if num_samples is None else num_samples,
@@ -417,7 +428,7 @@ def fit(
     if num_samples is None:
         num_samples = default_num_samples(start) if default else DEFAULT_NUM_SAMPLES
     family, log_joint, optimizer, num_samples = check_step_config(
-        family, log_joint, optimizer, num_samples, estimator
+        family, log_joint, optimizer, num_samples, estimator, antithetic
     )
     options = check_run_options(**run_options)
     example = _check_params("init_params.params" if resuming else "init_params", start, family)
@@ -453,7 +464,16 @@ def fit(
     elif auto_stop:
         stopper = AutoStop(family, log_joint, state.key)
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
-                stopper)
+                stopper, antithetic)
+
+
+def _no_antithetic_for_data(antithetic) -> None:
+    """Raises for ``antithetic=True`` with a data model (not supported there yet)."""
+    if antithetic is not False:
+        raise ValueError(
+            "`antithetic=True` is not supported for data models (vijax.models.data_model) "
+            f"yet; got antithetic={antithetic!r}. Pass the model's log_joint instead."
+        )
 
 
 def _no_data_options(batch_size, batching, local_family) -> None:
@@ -584,6 +604,7 @@ def fit_batched(
     params_batched: bool = False,
     num_samples: int = DEFAULT_NUM_SAMPLES,
     estimator: str = DEFAULT_ESTIMATOR,
+    antithetic: bool = False,
     progress: bool | None = None,
     chunk_size: int = 500,
     max_nonfinite: int = 20,
@@ -616,7 +637,7 @@ def fit_batched(
         legacy uint32 of shape (B, 2); ``None`` when continuing from a
         batched :class:`FitState`.
       family, log_joint, optimizer, num_steps, num_samples, estimator,
-        progress, chunk_size, max_nonfinite, tol, window, patience,
+        antithetic, progress, chunk_size, max_nonfinite, tol, window, patience,
         checkpoint_dir, checkpoint_every, batch_size, batching,
         local_family: as in :func:`fit` (a data model's data is shared by
         every member; each member draws its own minibatches).
@@ -652,6 +673,7 @@ def fit_batched(
     if isinstance(log_joint, DataModel):
         if not isinstance(params_batched, bool):
             raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
+        _no_antithetic_for_data(antithetic)
         return _fit_data(
             keys, family, log_joint, init_params, optimizer=optimizer, num_samples=num_samples,
             estimator=estimator, run_options=run_options, auto_stop=False, batch_size=batch_size, batching=batching,
@@ -659,7 +681,7 @@ def fit_batched(
         )
     _no_data_options(batch_size, batching, local_family)
     family, log_joint, optimizer, num_samples = check_step_config(
-        family, log_joint, optimizer, num_samples, estimator
+        family, log_joint, optimizer, num_samples, estimator, antithetic
     )
     if not isinstance(params_batched, bool):
         raise TypeError(f"`params_batched` must be a bool; got {params_batched!r}.")
@@ -687,4 +709,5 @@ def fit_batched(
     else:
         batch = "stacked" if params_batched else "shared"
         state = _init_state(optimizer, batch, keys, init_params)
-    return _run(family, log_joint, optimizer, num_samples, estimator, state, options, True)
+    return _run(family, log_joint, optimizer, num_samples, estimator, state, options, True,
+                antithetic=antithetic)

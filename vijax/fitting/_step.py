@@ -18,6 +18,7 @@ from vijax._objectives import (
     ADAPTIVE_ESTIMATORS,
     DEFAULT_ESTIMATOR,
     ELBO_ESTIMATORS,
+    check_antithetic,
     check_estimator,
     elbo,
 )
@@ -52,7 +53,8 @@ def init_fit_state(key: jax.Array, params: Any, optimizer: optax.GradientTransfo
     )
 
 
-def check_step_config(family, log_joint, optimizer, num_samples, estimator):
+def check_step_config(family, log_joint, optimizer, num_samples, estimator,
+                      antithetic=False):
     """Validates what ``make_step``, ``fit`` and ``fit_batched`` share."""
     family = check_family(family)
     if not callable(log_joint):
@@ -62,6 +64,7 @@ def check_step_config(family, log_joint, optimizer, num_samples, estimator):
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     if estimator == "closed_entropy":
         entropy_fn(family, "estimator='closed_entropy'")
+    check_antithetic(antithetic, family, estimator)
     return family, log_joint, optimizer, num_samples
 
 
@@ -110,6 +113,7 @@ def make_step(
     *,
     num_samples: int = 8,
     estimator: str = DEFAULT_ESTIMATOR,
+    antithetic: bool = False,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns ``step(state) -> (state, info)``: one guarded optax step on -ELBO.
 
@@ -141,6 +145,8 @@ def make_step(
       estimator: the gradient estimator of :func:`vijax.elbo` (default
         ``"adaptive_stl"``, sticking the landing where it helps; see
         :func:`vijax.elbo`).
+      antithetic: draw the samples in pairs reflected through q's mean (see
+        :func:`vijax.elbo`; default False).
 
     Returns:
       ``step(state: FitState) -> (FitState, FitInfo)``.
@@ -160,12 +166,13 @@ def make_step(
       >>> state, info = jax.jit(step)(state)
     """
     family, log_joint, optimizer, num_samples = check_step_config(
-        family, log_joint, optimizer, num_samples, estimator
+        family, log_joint, optimizer, num_samples, estimator, antithetic
     )
 
     def neg_elbo(params, key):
         return -elbo(
-            key, params, family, log_joint, num_samples=num_samples, estimator=estimator
+            key, params, family, log_joint, num_samples=num_samples, estimator=estimator,
+            antithetic=antithetic,
         )
 
     loss_and_grad = jax.value_and_grad(neg_elbo)
