@@ -105,6 +105,10 @@ def test_fit_with_antithetic_draws_compiles_apart_and_converges(rng):
     res = vijax.fit(jax.random.key(1), family, model.log_joint, init, num_steps=20_000,
                     antithetic=True, progress=False)
     assert res.stopped_early
+    batched = vijax.fit_batched(jax.vmap(jax.random.key)(jnp.arange(2)), family,
+                                model.log_joint, init, antithetic=True, **kw)
+    np.testing.assert_allclose(_flat(jax.tree_util.tree_map(lambda x: x[0], batched.params)),
+                               _flat(a.params), rtol=1e-4, atol=1e-5)
     step = vijax.make_step(family, model.log_joint, optax.adam(0.05), num_samples=4,
                            antithetic=True)
     state = vijax.init_fit_state(jax.random.key(0), init, optax.adam(0.05))
@@ -136,3 +140,7 @@ def test_bad_arguments_raise_before_work(rng):
     with pytest.raises(ValueError, match="not supported for data models"):
         vijax.fit(key, family, data, family.init(jnp.zeros(2)), optimizer=optax.adam(0.1),
                   num_steps=10, antithetic=True, progress=False)
+    with pytest.raises(TypeError, match="`antithetic` must be a bool"):
+        vijax.fit_batched(jax.random.split(key, 2), family, data, family.init(jnp.zeros(2)),
+                          optimizer=optax.adam(0.1), num_steps=10, antithetic=1,
+                          progress=False)

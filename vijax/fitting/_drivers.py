@@ -343,10 +343,12 @@ def fit(
         mean, ``mu +- L eps`` (see :func:`vijax.elbo`; default False). For
         a family with a Gaussian view and a pathwise estimator. It removes
         the noise of the mean's gradient that is odd in ``eps`` (all of it
-        on a Gaussian posterior) and doubles at most that of the scale's;
-        what it gains at d = 10^4 is in ``benchmarks/results/cpu/``
-        ``default_fit_antithetic.md``. The auto_stop rule already scores
-        its candidates on antithetic pairs, whatever this says.
+        on a Gaussian posterior) and doubles at most that of the scale's.
+        Not the default: what it gains (regressions at d = 1000 and 10^4)
+        and costs (a full-rank fit at d = 501) with the default optimizer
+        is measured in ``benchmarks/results/cpu/default_fit_antithetic.md``.
+        The auto_stop rule scores its candidates on antithetic pairs
+        whatever this says.
       progress: show a tqdm progress bar (a widget in notebooks)
         with the step and running ELBO; ``None`` (default) shows it when
         stderr is a terminal or in a Jupyter kernel.
@@ -469,7 +471,9 @@ def fit(
 
 def _no_antithetic_for_data(antithetic) -> None:
     """Raises for ``antithetic=True`` with a data model (not supported there yet)."""
-    if antithetic is not False:
+    if not isinstance(antithetic, bool):
+        raise TypeError(f"`antithetic` must be a bool; got {antithetic!r}.")
+    if antithetic:
         raise ValueError(
             "`antithetic=True` is not supported for data models (vijax.models.data_model) "
             f"yet; got antithetic={antithetic!r}. Pass the model's log_joint instead."
