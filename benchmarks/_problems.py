@@ -42,6 +42,9 @@ _LOG_2PI = math.log(2.0 * math.pi)
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
 _GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2.0 * math.pi)
 _LAGUERRE_NODES, _LAGUERRE_WEIGHTS = np.polynomial.laguerre.laggauss(64)
+# log1p(exp(-u)) = exp(-u) * [exp(u) log1p(exp(-u))]; the bracket is smooth, in
+# (log 2, 1), and computed here in float64 (exp(u) overflows float32 at u > 88).
+_LAGUERRE_BRACKET = np.log1p(np.exp(-_LAGUERRE_NODES)) * np.exp(_LAGUERRE_NODES)
 #: Above this spread ``expected_softplus`` splits softplus instead of Gauss-Hermite.
 SPLIT_SPREAD = 2.0
 
@@ -71,8 +74,7 @@ def expected_softplus(m, s):
     r = m / sw
     relu = m * jax.scipy.special.ndtr(r) + sw * jnp.exp(-0.5 * r * r) / math.sqrt(2.0 * math.pi)
     u = jnp.asarray(_LAGUERRE_NODES, m.dtype).reshape(lead + (-1,))
-    # log1p(exp(-u)) = exp(-u) * [exp(u) log1p(exp(-u))]; the bracket is smooth in (log 2, 1).
-    bracket = jnp.log1p(jnp.exp(-u)) * jnp.exp(u)
+    bracket = jnp.asarray(_LAGUERRE_BRACKET, m.dtype).reshape(lead + (-1,))
 
     def density(t):
         z = (t - m[..., None]) / sw[..., None]

@@ -49,6 +49,14 @@ def test_expected_softplus_matches_adaptive_quadrature_at_every_spread():
     assert abs(gh - quad_softplus(0.7, 80.0)) > 0.1
 
 
+def test_expected_softplus_is_finite_and_close_in_float32():
+    m = jnp.asarray([-3.0, 0.7, 40.0], jnp.float32)
+    for s in (0.5, 80.0):
+        got = np.asarray(_problems.expected_softplus(m, jnp.full(3, s, jnp.float32)))
+        want = np.array([quad_softplus(float(x), s) for x in m])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("s", [1.0, 1.999, 2.001, 80.0])
 def test_expected_softplus_gradients_match_finite_differences(s):
     with jax.enable_x64(True):
