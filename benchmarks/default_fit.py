@@ -132,9 +132,6 @@ ELBO_KEY = 4242
 KHAT_DRAWS = h2h.KHAT_DRAWS
 QUICK = dict(max_steps=20_000, wall_cap=20.0, ref_steps=3_000, seeds=(0,))
 OUT = h2h.OUT
-#: ``--antithetic``: every fit passes ``antithetic=True`` (the default's draws in
-#: reflected pairs; written to ``default_fit_antithetic.*``). Not the default.
-ANTITHETIC = False
 FULL_PROBLEMS = h2h.FULL_PROBLEMS
 QUICK_PROBLEMS = h2h.QUICK_PROBLEMS
 H2H_JSON = os.path.join(OUT, "head_to_head.json")
@@ -283,16 +280,15 @@ def reference_fit(problem, family, group: str, meter: ElboMeter, steps: int,
 
 # ============================================================ one default fit
 def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_cap: float,
-                log=print) -> tuple:
-    """One default ``vijax.fit`` call; returns ``(row, params)``."""
+                antithetic: bool = False, log=print) -> tuple:
+    """One default ``vijax.fit`` call (``antithetic`` passed on; ``--antithetic``); returns ``(row, params)``."""
     init = family.init(problem.latent)
     row = dict(group=group, seed=seed, max_steps=max_steps, wall_cap_s=wall_cap)
     t0 = time.perf_counter()
     with recording_rule(wall_cap) as made:
         try:
-            extra = dict(antithetic=True) if ANTITHETIC else {}
             res = vijax.fit(jax.random.key(seed), family, problem.log_joint, init,
-                            num_steps=max_steps, progress=False, **extra)
+                            num_steps=max_steps, progress=False, antithetic=antithetic)
             jax.block_until_ready(res.params)
             error = None
         except vijax.FitError as err:
@@ -379,7 +375,8 @@ def load_h2h(path: str) -> dict:
 
 
 # ============================================================ a problem
-def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict, log=print) -> dict:
+def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
+                antithetic: bool = False, log=print) -> dict:
     """Default fits of one problem for ``seeds`` (appending to ``state``, kept across passes)."""
     kind, d = problem.kind, problem.d
     max_steps = QUICK["max_steps"] if quick else MAX_STEPS
@@ -410,7 +407,7 @@ def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict, log
                 f"{h2h._g(ref['measure']['value'])}")
         for seed in seeds:
             row, params = default_fit(problem, fam, group, seed, max_steps=max_steps,
-                                      wall_cap=cap, log=log)
+                                      wall_cap=cap, antithetic=antithetic, log=log)
             if kind == "zoo":
                 lw = slot["meter"](params)
                 row["elbo"] = float(np.mean(lw)) if np.all(np.isfinite(lw)) else math.nan
@@ -673,14 +670,12 @@ def main(argv=None) -> dict:
              else list(QUICK_PROBLEMS if args.quick else FULL_PROBLEMS))
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
              else list(QUICK["seeds"] if args.quick else SEEDS))
-    global ANTITHETIC
-    ANTITHETIC = bool(args.antithetic)
     stem = ("default_fit_quick" if args.quick else "default_fit") + (
-        "_antithetic" if ANTITHETIC else "")
+        "_antithetic" if args.antithetic else "")
     h2h_rows = load_h2h(H2H_QUICK_JSON if args.quick else H2H_JSON)
     results = {
         "settings": dict(
-            quick=args.quick, antithetic=ANTITHETIC, num_samples=NUM_SAMPLES, tol=TOL,
+            quick=args.quick, antithetic=args.antithetic, num_samples=NUM_SAMPLES, tol=TOL,
             kl_tol=KL_TOL, z=Z,
             max_steps=QUICK["max_steps"] if args.quick else MAX_STEPS,
             wall_caps=({"all": QUICK["wall_cap"]} if args.quick
@@ -753,7 +748,7 @@ def main(argv=None) -> dict:
             f"{first[0]}  [{time.perf_counter() - start:.0f} s]")
         states[name] = {}
         rec = run_problem(problem, first, quick=args.quick, h2h_rows=h2h_rows,
-                          state=states[name], log=log)
+                          state=states[name], antithetic=args.antithetic, log=log)
         results["problems"].append(rec)
         results["seeds_run"][name] = list(first)
         if rest and extra(problem):
@@ -778,7 +773,7 @@ def main(argv=None) -> dict:
             states[name] = {"record": rec}
         log(f"{name}, seeds {rest}  [{time.perf_counter() - start:.0f} s]")
         run_problem(problem, rest, quick=args.quick, h2h_rows=h2h_rows, state=states[name],
-                    log=log)
+                    antithetic=args.antithetic, log=log)
         results["seeds_run"][name] = list(first) + list(rest)
         save()
     for rec in results["problems"]:  # rows of a problem in (family, seed) order
