@@ -255,10 +255,8 @@ def sample_with_log_prob(
     has it, else ``(z, None)`` from ``family.sample`` (``log q`` is then
     computed by ``log_prob`` where needed); with ``antithetic``,
     ``(antithetic_sample(...), None)``. The draws are checked."""
-    if antithetic:
-        z = antithetic_sample(key, params, family, num_samples)
-        check_draws(family, z, num_samples)
-        return z, None
+    if antithetic:  # its own draws are checked there; the reflections keep their shape
+        return antithetic_sample(key, params, family, num_samples), None
     if family.sample_and_log_prob is None:
         z = family.sample(key, params, num_samples)
         check_draws(family, z, num_samples)
