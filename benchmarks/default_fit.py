@@ -82,8 +82,9 @@ Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.default_fit [--quick]
 [--out DIR] [--problems a,b] [--seeds 0,1,2]``; writes
 ``benchmarks/results/cpu/default_fit.{md,json}`` (``--quick``: the Poisson GLM
 and BLR d = 20 with small caps, about a minute: ``default_fit_quick.*``).
-``--antithetic`` passes ``antithetic=True`` to every fit (not the default;
-``default_fit_antithetic.*``).
+``--antithetic`` passes ``antithetic=True`` to every fit
+(``default_fit_antithetic.*``); without it fit's default decides (pairs from
+d = 1000 on, ``vijax.fitting._drivers.default_antithetic``).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ import vijax
 from benchmarks import _machine, zoo_accuracy
 from benchmarks import head_to_head as h2h
 from vijax._objectives import draws_and_log_weights
+from vijax._objectives import DEFAULT_ESTIMATOR
 from vijax.fitting import _drivers, _engine, _stopping
 from vijax.fitting._types import FitState
 
@@ -280,7 +282,7 @@ def reference_fit(problem, family, group: str, meter: ElboMeter, steps: int,
 
 # ============================================================ one default fit
 def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_cap: float,
-                antithetic: bool = False, log=print) -> tuple:
+                antithetic: bool | None = None, log=print) -> tuple:
     """One default ``vijax.fit`` call (``antithetic`` passed on; ``--antithetic``); returns ``(row, params)``."""
     init = family.init(problem.latent)
     row = dict(group=group, seed=seed, max_steps=max_steps, wall_cap_s=wall_cap)
@@ -313,6 +315,8 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
                        else float(_drivers.DEFAULT_LEARNING_RATE))
     row["recoveries"] = [int(x) for x in getattr(rule, "recoveries", [])]
     row["num_samples"] = _drivers.default_num_samples(init)
+    row["antithetic"] = bool(antithetic if antithetic is not None else
+                             _drivers.default_antithetic(init, family, DEFAULT_ESTIMATOR))
     row.update(stopped_by=stopped, steps=steps, grad_evals=steps * row["num_samples"],
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),
@@ -376,7 +380,7 @@ def load_h2h(path: str) -> dict:
 
 # ============================================================ a problem
 def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
-                antithetic: bool = False, log=print) -> dict:
+                antithetic: bool | None = None, log=print) -> dict:
     """Default fits of one problem for ``seeds`` (appending to ``state``, kept across passes)."""
     kind, d = problem.kind, problem.d
     max_steps = QUICK["max_steps"] if quick else MAX_STEPS
@@ -524,7 +528,7 @@ def markdown(results: dict) -> str:
         "the module docstring of `benchmarks/default_fit.py`. vijax commit "
         f"`{results.get('vijax_commit')}`"
         + (" **with `antithetic=True` in every fit** (`--antithetic`: each step's draws "
-           "in pairs reflected through q's mean; not the default)"
+           "in pairs reflected through q's mean; fit's default only from d = 1000 on)"
            if s.get("antithetic") else "")
         + (f" with uncommitted changes (sources sha256 `{results.get('vijax_source_sha256')}`)"
            if results.get("dirty") else "") + ". "
@@ -544,7 +548,11 @@ def markdown(results: dict) -> str:
         f"and a wall time per fit ({', '.join(f'{k}: {v:g} s' for k, v in s['wall_caps'].items())}). "
         "Evaluations: gradient evaluations (draws per step x steps; fit's default draws, "
         "`vijax.fitting._drivers.default_num_samples(init)`: 8 up to d = 100, "
-        "`round(8 sqrt(d / 100))` above, shown as S in the table) plus the rule's "
+        "`round(8 sqrt(d / 100))` above, shown as S in the table"
+        + (f"; from d = {s['antithetic_min_dim']:,} on in antithetic pairs, fit's default "
+           "`vijax.fitting._drivers.default_antithetic`"
+           if s.get("antithetic_min_dim") and not s.get("antithetic") else "")
+        + ") plus the rule's "
         "forward-only evaluations of log p. Wall time: the one call, compilation included. Converged: "
         f"BLR / logistic, exact gap above the family's optimum <= {TOL} nats (the rule's "
         f"tolerance; also shown against head_to_head's {KL_TOL:g}; low-rank against the "
@@ -675,7 +683,9 @@ def main(argv=None) -> dict:
     h2h_rows = load_h2h(H2H_QUICK_JSON if args.quick else H2H_JSON)
     results = {
         "settings": dict(
-            quick=args.quick, antithetic=args.antithetic, num_samples=NUM_SAMPLES, tol=TOL,
+            quick=args.quick, antithetic=args.antithetic,
+            antithetic_min_dim=_drivers.ANTITHETIC_MIN_DIM,
+            num_samples=NUM_SAMPLES, tol=TOL,
             kl_tol=KL_TOL, z=Z,
             max_steps=QUICK["max_steps"] if args.quick else MAX_STEPS,
             wall_caps=({"all": QUICK["wall_cap"]} if args.quick
@@ -748,7 +758,7 @@ def main(argv=None) -> dict:
             f"{first[0]}  [{time.perf_counter() - start:.0f} s]")
         states[name] = {}
         rec = run_problem(problem, first, quick=args.quick, h2h_rows=h2h_rows,
-                          state=states[name], antithetic=args.antithetic, log=log)
+                          state=states[name], antithetic=args.antithetic or None, log=log)
         results["problems"].append(rec)
         results["seeds_run"][name] = list(first)
         if rest and extra(problem):
@@ -773,7 +783,7 @@ def main(argv=None) -> dict:
             states[name] = {"record": rec}
         log(f"{name}, seeds {rest}  [{time.perf_counter() - start:.0f} s]")
         run_problem(problem, rest, quick=args.quick, h2h_rows=h2h_rows, state=states[name],
-                    antithetic=args.antithetic, log=log)
+                    antithetic=args.antithetic or None, log=log)
         results["seeds_run"][name] = list(first) + list(rest)
         save()
     for rec in results["problems"]:  # rows of a problem in (family, seed) order

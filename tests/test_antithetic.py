@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 import vijax
 from vijax._objectives import ANTITHETIC_ESTIMATORS, antithetic_sample
+from vijax.fitting._drivers import default_antithetic
 
 from test_objectives import FAMILIES, Z, _assert_mean_within, _flat, _keys, _params, _regression
 
@@ -116,6 +117,39 @@ def test_fit_with_antithetic_draws_compiles_apart_and_converges(rng):
     assert np.isfinite(float(info.elbo))
 
 
+def test_the_default_fit_draws_pairs_from_d_1000():
+    """``antithetic=None``: pairs in the default fit at d >= 1000 where allowed, else not."""
+
+    def log_joint(z):
+        return -0.5 * jnp.sum(jnp.square(z - 1.0))
+
+    family = vijax.mean_field()
+
+    def run(d, **kw):
+        init = family.init(jnp.zeros(d, jnp.float32))
+        res = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=3,
+                        progress=False, **kw)
+        return _flat(res.params)
+
+    big = run(1000)
+    np.testing.assert_array_equal(big, run(1000, antithetic=True))
+    assert not np.array_equal(big, run(1000, antithetic=False))
+    np.testing.assert_array_equal(run(999), run(999, antithetic=False))
+    # A given optimizer, or an estimator pairs cannot serve: independent draws, no error.
+    adam = optax.adam(0.1)
+    np.testing.assert_array_equal(run(1000, optimizer=adam),
+                                  run(1000, optimizer=adam, antithetic=False))
+    np.testing.assert_array_equal(run(1000, estimator="score"),
+                                  run(1000, estimator="score", antithetic=False))
+    params = family.init(jnp.zeros(1000))
+    bare = vijax.VariationalFamily(init=family.init, sample=family.sample,
+                                   log_prob=family.log_prob)
+    assert default_antithetic(params, family, "adaptive_stl")
+    assert not default_antithetic(params, bare, "adaptive_stl")
+    assert not default_antithetic(params, family, "score")
+    assert not default_antithetic(family.init(jnp.zeros(999)), family, "adaptive_stl")
+
+
 def test_bad_arguments_raise_before_work(rng):
     model = _regression(rng, dtype=np.float32)
     family = vijax.mean_field()
@@ -140,6 +174,9 @@ def test_bad_arguments_raise_before_work(rng):
     with pytest.raises(ValueError, match="not supported for data models"):
         vijax.fit(key, family, data, family.init(jnp.zeros(2)), optimizer=optax.adam(0.1),
                   num_steps=10, antithetic=True, progress=False)
+    with pytest.raises(TypeError, match="`antithetic` must be a bool or None"):
+        vijax.fit(key, family, data, family.init(jnp.zeros(2)), optimizer=optax.adam(0.1),
+                  num_steps=10, antithetic="yes", progress=False)
     with pytest.raises(TypeError, match="`antithetic` must be a bool"):
         vijax.fit_batched(jax.random.split(key, 2), family, data, family.init(jnp.zeros(2)),
                           optimizer=optax.adam(0.1), num_steps=10, antithetic=1,

@@ -13,7 +13,7 @@ import optax
 
 from vijax import _checks
 from vijax._cache import LRU
-from vijax._objectives import DEFAULT_ESTIMATOR
+from vijax._objectives import ANTITHETIC_ESTIMATORS, DEFAULT_ESTIMATOR
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
     check_resume_key,
@@ -99,6 +99,35 @@ def default_num_samples(params: Any) -> int:
     """
     d = _sizes(params)[1]
     return max(DEFAULT_NUM_SAMPLES, round(DEFAULT_NUM_SAMPLES * math.sqrt(d / 100)))
+
+
+#: From this latent dimension on, the default fit draws antithetic pairs.
+ANTITHETIC_MIN_DIM = 1000
+
+
+def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
+    """The default fit's draws: antithetic pairs from d = ``ANTITHETIC_MIN_DIM`` (1000) on.
+
+    ``d`` is the size of ``params.loc``. Pairs only where they are allowed:
+    a family with a Gaussian view (``to_gaussian``) and a pathwise estimator
+    (:data:`vijax._objectives.ANTITHETIC_ESTIMATORS`); otherwise independent
+    draws, without an error. Used by ``fit`` when no ``optimizer`` is given
+    and ``antithetic`` is None.
+
+    Why d: a pair ``mu +- L eps`` cancels the part of the mean's gradient
+    noise that is odd in ``eps``, which on a posterior close to Gaussian is
+    the coupling ``(P - diag P) L eps`` between the dimensions, and that
+    grows with d; the scale's gradient gets half as many independent draws.
+    With the default optimizer, pairs made every measured fit at d = 1000
+    and 10^4 better or no worse except the low-rank family (slower to the
+    same gap at d = 1000, further from it at the wall cap at d = 10^4), and
+    two below: a full-rank fit at d = 501 and a mean-field one at d = 102
+    (``benchmarks/results/cpu/default_fit_antithetic.md``, against
+    ``default_fit.md`` before this default).
+    """
+    if _sizes(params)[1] < ANTITHETIC_MIN_DIM:
+        return False
+    return getattr(family, "to_gaussian", None) is not None and estimator in ANTITHETIC_ESTIMATORS
 
 
 def default_optimizer(params: Any = None) -> optax.GradientTransformation:
@@ -194,7 +223,7 @@ def fit(
     num_steps: int,
     num_samples: int | None = None,
     estimator: str = DEFAULT_ESTIMATOR,
-    antithetic: bool = False,
+    antithetic: bool | None = None,
     progress: bool | None = None,
     chunk_size: int = 500,
     max_nonfinite: int = 20,
@@ -273,7 +302,9 @@ def fit(
     shrinks with the step, so the next halving would gain about half as
     much), and returns the better of the two. Any optimizer wrapped in
     :func:`vijax.adaptive_lr` runs this way. The default draws per step
-    grow with d above d = 100 (``num_samples=None``; 25 at d = 1000).
+    grow with d above d = 100 (``num_samples=None``; 25 at d = 1000), and
+    from d = 1000 on they come in antithetic pairs (``antithetic=None``;
+    :func:`vijax.fitting._drivers.default_antithetic`).
     ``num_steps`` is the most steps;
     ``vijax.optim.learning_rate_scale(result)`` is the final step's factor;
     a continued run starts a new stage at the step it had reached.
@@ -340,15 +371,18 @@ def fit(
         and it stays tame far from it, where plain ``"stl"`` can drive a
         full-rank factor singular).
       antithetic: draw each step's samples in pairs reflected through q's
-        mean, ``mu +- L eps`` (see :func:`vijax.elbo`; default False). For
-        a family with a Gaussian view and a pathwise estimator. It removes
-        the noise of the mean's gradient that is odd in ``eps`` (all of it
-        on a Gaussian posterior) and doubles at most that of the scale's.
-        Not the default: what it gains (regressions at d = 1000 and 10^4)
-        and costs (a full-rank fit at d = 501) with the default optimizer
-        is measured in ``benchmarks/results/cpu/default_fit_antithetic.md``.
-        The auto_stop rule scores its candidates on antithetic pairs
-        whatever this says.
+        mean, ``mu +- L eps`` (see :func:`vijax.elbo`), for a family with a
+        Gaussian view and a pathwise estimator. It removes the noise of the
+        mean's gradient that is odd in ``eps`` (all of it on a Gaussian
+        posterior) and doubles at most that of the scale's. ``None`` (the
+        default): pairs in the default fit (no ``optimizer``) from d = 1000
+        on, where the family and estimator allow them
+        (:func:`vijax.fitting._drivers.default_antithetic`), else
+        independent draws; False or True to choose. What pairs gain and cost
+        with the default optimizer at every d measured is in
+        ``benchmarks/results/cpu/default_fit_antithetic.md``. The auto_stop
+        rule scores its candidates on antithetic pairs whatever this says.
+        Not for data models yet (``None`` means False there).
       progress: show a tqdm progress bar (a widget in notebooks)
         with the step and running ELBO; ``None`` (default) shows it when
         stderr is a terminal or in a Jupyter kernel.
@@ -414,7 +448,7 @@ def fit(
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )
     if isinstance(log_joint, DataModel):
-        _no_antithetic_for_data(antithetic)
+        _no_antithetic_for_data(antithetic, allow_none=True)
         return _fit_data(
             key, family, log_joint, init_params, optimizer=optimizer,
             num_samples=DEFAULT_NUM_SAMPLES if num_samples is None else num_samples,
@@ -429,6 +463,8 @@ def fit(
         optimizer = default_optimizer(start)
     if num_samples is None:
         num_samples = default_num_samples(start) if default else DEFAULT_NUM_SAMPLES
+    if antithetic is None:
+        antithetic = default and default_antithetic(start, family, estimator)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator, antithetic
     )
@@ -469,10 +505,17 @@ def fit(
                 stopper, antithetic)
 
 
-def _no_antithetic_for_data(antithetic) -> None:
-    """Raises for ``antithetic=True`` with a data model (not supported there yet)."""
+def _no_antithetic_for_data(antithetic, *, allow_none: bool = False) -> None:
+    """Raises for ``antithetic=True`` with a data model (not supported there yet).
+
+    ``fit``'s default, None, means independent draws there (``allow_none``).
+    """
+    if antithetic is None and allow_none:
+        return
     if not isinstance(antithetic, bool):
-        raise TypeError(f"`antithetic` must be a bool; got {antithetic!r}.")
+        raise TypeError(
+            f"`antithetic` must be a bool{' or None' if allow_none else ''}; got {antithetic!r}."
+        )
     if antithetic:
         raise ValueError(
             "`antithetic=True` is not supported for data models (vijax.models.data_model) "
