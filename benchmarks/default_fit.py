@@ -84,7 +84,10 @@ Run: ``OPENBLAS_NUM_THREADS=1 python -m benchmarks.default_fit [--quick]
 and BLR d = 20 with small caps, about a minute: ``default_fit_quick.*``).
 ``--antithetic`` passes ``antithetic=True`` to every fit
 (``default_fit_antithetic.*``); without it fit's default decides (pairs from
-d = 1000 on, ``vijax.fitting._drivers.default_antithetic``).
+d = 1000 on, ``vijax.fitting._drivers.default_antithetic``). ``--wall-cap S``
+gives every fit one cap of S seconds instead (``default_fit_long.*``: does the
+default converge given time?), ``--max-steps N`` one step cap, and
+``--families a,b`` runs only those families.
 """
 
 from __future__ import annotations
@@ -380,18 +383,24 @@ def load_h2h(path: str) -> dict:
 
 # ============================================================ a problem
 def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
-                antithetic: bool | None = None, log=print) -> dict:
-    """Default fits of one problem for ``seeds`` (appending to ``state``, kept across passes)."""
+                antithetic: bool | None = None, wall_cap: float | None = None,
+                groups: list | None = None, max_steps: int | None = None, log=print) -> dict:
+    """Default fits of one problem for ``seeds`` (appending to ``state``, kept across passes).
+
+    ``wall_cap`` and ``max_steps`` replace the protocol's caps (``--wall-cap``,
+    ``--max-steps``); ``groups`` keeps only those families (``--families``).
+    """
     kind, d = problem.kind, problem.d
-    max_steps = QUICK["max_steps"] if quick else MAX_STEPS
-    cap = (QUICK["wall_cap"] if quick else
-           WALL_CAP_MODEL.get(problem.name, WALL_CAP_S["zoo" if kind == "zoo" else d]))
+    max_steps = max_steps or (QUICK["max_steps"] if quick else MAX_STEPS)
+    cap = wall_cap or (QUICK["wall_cap"] if quick else
+                       WALL_CAP_MODEL.get(problem.name, WALL_CAP_S["zoo" if kind == "zoo" else d]))
+    chosen = [g for g in problem.groups if groups is None or g in groups]
     rec = state.setdefault("record", dict(
-        name=problem.name, kind=kind, d=d, groups=list(problem.groups), info=problem.info,
+        name=problem.name, kind=kind, d=d, groups=chosen, info=problem.info,
         max_steps=max_steps, wall_cap_s=cap, references={}, rows=[],
         head_to_head=h2h_rows.get(problem.name, {}).get("groups", {})))
     families = state.setdefault("families", {})
-    for group in problem.groups:
+    for group in chosen:
         if group not in families:
             families[group] = dict(family=h2h._family(group))
         slot = families[group]
@@ -661,6 +670,13 @@ def main(argv=None) -> dict:
                         help="seconds after which seeds > 0 are skipped")
     parser.add_argument("--antithetic", action="store_true",
                         help="pass antithetic=True to every fit (default_fit_antithetic.*)")
+    parser.add_argument("--wall-cap", type=float, default=None,
+                        help="seconds: one wall cap for every fit instead of the protocol's "
+                             "(writes default_fit_long.*)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="one step cap for every fit instead of the protocol's")
+    parser.add_argument("--families", default=None,
+                        help="comma-separated families to run (default: each problem's all)")
     parser.add_argument("--render", default=None, help="only rewrite the .md of this .json")
     parser.add_argument("--resume", default=None,
                         help="a stored (partial) .json: its problems' seed-0 rows are kept, "
@@ -679,7 +695,8 @@ def main(argv=None) -> dict:
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
              else list(QUICK["seeds"] if args.quick else SEEDS))
     stem = ("default_fit_quick" if args.quick else "default_fit") + (
-        "_antithetic" if args.antithetic else "")
+        "_antithetic" if args.antithetic else "") + ("_long" if args.wall_cap else "")
+    groups = args.families.split(",") if args.families else None
     h2h_rows = load_h2h(H2H_QUICK_JSON if args.quick else H2H_JSON)
     results = {
         "settings": dict(
@@ -687,8 +704,9 @@ def main(argv=None) -> dict:
             antithetic_min_dim=_drivers.ANTITHETIC_MIN_DIM,
             num_samples=NUM_SAMPLES, tol=TOL,
             kl_tol=KL_TOL, z=Z,
-            max_steps=QUICK["max_steps"] if args.quick else MAX_STEPS,
-            wall_caps=({"all": QUICK["wall_cap"]} if args.quick
+            max_steps=args.max_steps or (QUICK["max_steps"] if args.quick else MAX_STEPS),
+            wall_caps=({"all": args.wall_cap or QUICK["wall_cap"]}
+                       if args.quick or args.wall_cap
                        else {**{(f"d = {k}" if k != "zoo" else k): v
                                 for k, v in WALL_CAP_S.items()}, **WALL_CAP_MODEL}),
             seeds=seeds, extra_seeds_for=[str(x) for x in EXTRA_SEEDS_FOR],
@@ -754,11 +772,13 @@ def main(argv=None) -> dict:
         except FileNotFoundError as err:
             results["problems_not_run"][name] = str(err)
             continue
-        log(f"{name} (d = {problem.d}, families {', '.join(problem.groups)}), seed "
+        log(f"{name} (d = {problem.d}, families {', '.join(g for g in problem.groups if groups is None or g in groups)}), seed "
             f"{first[0]}  [{time.perf_counter() - start:.0f} s]")
         states[name] = {}
         rec = run_problem(problem, first, quick=args.quick, h2h_rows=h2h_rows,
-                          state=states[name], antithetic=args.antithetic or None, log=log)
+                          state=states[name], antithetic=args.antithetic or None,
+                          wall_cap=args.wall_cap, groups=groups, max_steps=args.max_steps,
+                          log=log)
         results["problems"].append(rec)
         results["seeds_run"][name] = list(first)
         if rest and extra(problem):
@@ -783,7 +803,8 @@ def main(argv=None) -> dict:
             states[name] = {"record": rec}
         log(f"{name}, seeds {rest}  [{time.perf_counter() - start:.0f} s]")
         run_problem(problem, rest, quick=args.quick, h2h_rows=h2h_rows, state=states[name],
-                    antithetic=args.antithetic or None, log=log)
+                    antithetic=args.antithetic or None, wall_cap=args.wall_cap,
+                    groups=groups, max_steps=args.max_steps, log=log)
         results["seeds_run"][name] = list(first) + list(rest)
         save()
     for rec in results["problems"]:  # rows of a problem in (family, seed) order
