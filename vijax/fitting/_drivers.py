@@ -123,7 +123,8 @@ def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
     same gap at d = 1000, further from it at the wall cap at d = 10^4), and
     two below: a full-rank fit at d = 501 and a mean-field one at d = 102
     (``benchmarks/results/cpu/default_fit_antithetic.md``, against
-    ``default_fit.md`` before this default).
+    independent draws in ``default_fit.md`` below d = 1000 and
+    ``default_fit_independent.md`` above).
     """
     if _sizes(params)[1] < ANTITHETIC_MIN_DIM:
         return False
