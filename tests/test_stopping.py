@@ -153,7 +153,17 @@ def test_polynomial_decay_averaging_matches_its_numpy_weights(x64):
         vijax.iterate_average(optax.sgd(1.0), start=0, eta=-1)
 
 
-def test_auto_stop_arguments_resume_and_the_returned_params():
+def test_auto_stop_arguments_resume_and_the_returned_params(monkeypatch):
+    from vijax.fitting import _drivers, _stopping
+
+    rules = []
+
+    class Recording(_stopping.AutoStop):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rules.append(self)
+
+    monkeypatch.setattr(_drivers, "AutoStop", Recording)
     model = vijax.models.normal_mean(jnp.ones(3), noise_scale=1.0, prior_loc=0.0,
                                      prior_scale=1.0)
     family = vijax.mean_field()
@@ -171,11 +181,13 @@ def test_auto_stop_arguments_resume_and_the_returned_params():
     # Continued with auto_stop, it carries on and stops.
     more = fit(None, short.state, num_steps=5000, auto_stop=True)
     assert more.stopped_early and 60 < int(more.state.step) < 5060
+    # The returned params are a candidate: the average, the last iterate,
+    # or the best candidate of the rule's checks.
     avg = vijax.averaged_params(more)
     last = more.state.params
     assert any(all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(more.params),
                                                          jax.tree_util.tree_leaves(c)))
-               for c in (avg, last))
+               for c in (avg, last, rules[-1].best))
     assert float(vijax.exact_kl(more.params, family, model)) < 0.1
 
 
@@ -208,6 +220,13 @@ def test_checks_follow_the_schedule_past_a_chunk_apart(monkeypatch):
     assert seen == want and seen[-1] > 15_000
 
 
+def _fake_values(family, log_joint, key, params, num):
+    """Candidate ``c`` scores ``c`` plus zero-mean noise of unit sd, different per candidate."""
+    r = np.random.default_rng([int(round(float(params) * 1e6)), num])
+    eps = r.standard_normal(num)
+    return float(params) + (eps - eps.mean()) / eps.std()
+
+
 class _Candidate(NamedTuple):
     params: Any
     opt_state: Any
@@ -234,12 +253,7 @@ def test_at_its_draw_limit_the_stage_rule_decides_on_the_point_estimates(monkeyp
     """
     from vijax.fitting import _stopping
 
-    def values(family, log_joint, key, params, num):
-        r = np.random.default_rng([int(round(float(params) * 1e6)), num])
-        eps = r.standard_normal(num)
-        return float(params) + (eps - eps.mean()) / eps.std()
-
-    monkeypatch.setattr(_stopping, "_values", values)
+    monkeypatch.setattr(_stopping, "_values", _fake_values)
     opt = averaging(optax.sgd(0.1), jnp.zeros(()))
     rules = {limit: _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175,
                                        max_draws=4096, decide_at_limit=limit)
@@ -251,10 +265,55 @@ def test_at_its_draw_limit_the_stage_rule_decides_on_the_point_estimates(monkeyp
         p = jnp.asarray(g1 + g2)
         before = rule.num_evaluations
         verdict = rule.check(_Candidate(p, opt.init(p), 225))
-        # 64 draws for the candidate (last iterate and average) and its two
-        # references, then refined up to the limit for all three, never past it.
-        assert rule.num_evaluations - before == 4 * 64 + 3 * (256 + 1024 + 4096)
+        # 64 draws for the candidate (last iterate and average), the best
+        # candidate so far and the two references, then refined up to the
+        # limit for the candidate and its references, never past it.
+        assert rule.num_evaluations - before == 5 * 64 + 3 * (256 + 1024 + 4096)
         assert verdict == (stops and limit), (limit, rule.gap_estimate)
     stage = _stopping.AdaptiveStop(None, None, jax.random.key(0), 0, None)._stage
     assert stage.decide_at_limit and stage.max_draws == _stopping.STAGE_MAX_DRAWS
     assert stage.tol == _stopping.STAGE_RULE_TOL * _stopping.TOL
+    assert stage.max_fall == _stopping.TOL
+
+
+@pytest.mark.parametrize("last, max_fall, stops", [
+    # 1.8 nats below the best (standard error about 0.18): a stage ends there.
+    (0.2, 0.05, True),
+    # Without max_fall the windows decide: the gain on the candidate at
+    # 2t/3 (0.0) is 0.2, above the tolerance, so the rule goes on.
+    (0.2, None, False),
+    # 0.03 below the best: not more than max_fall, and the gain over the
+    # window is large, so the rule goes on.
+    (1.97, 0.05, False),
+])
+def test_the_best_candidate_is_kept_and_a_fall_below_it_ends_a_stage(monkeypatch, last, max_fall,
+                                                                     stops):
+    """An iterate that spikes does not lose the best candidate of the checks.
+
+    Candidates (faked ELBOs, as above): 2.0 at step 100, 0.0 at step 150 (a
+    spike), then ``last`` at step 225. ``select`` returns the best, 2.0,
+    whatever ``max_fall``; with ``max_fall`` a fall beyond doubt ends the stage.
+    """
+    from vijax.fitting import _stopping
+
+    monkeypatch.setattr(_stopping, "_values", _fake_values)
+    opt = averaging(optax.sgd(0.1), jnp.zeros(()))
+    rule = _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175, max_draws=4096,
+                              decide_at_limit=True, max_fall=max_fall)
+    state = lambda c, step: _Candidate(jnp.asarray(c), opt.init(jnp.asarray(c)), step)  # noqa: E731
+    rule.record(state(2.0, 100))
+    rule.record(state(0.0, 150))
+    assert float(rule.best) == 2.0 and rule.fall[0] == pytest.approx(2.0)
+    assert rule.check(state(last, 225)) == stops
+    assert float(rule.best) == 2.0 and rule.fall[0] == pytest.approx(2.0 - last)
+    before = rule.num_evaluations
+    assert float(rule.select(state(last, 225))) == 2.0
+    # The candidate on FINAL_DRAWS (last iterate and average), then it and
+    # the best on CONFIRM_DRAWS common draws.
+    assert rule.num_evaluations - before == 2 * _stopping.FINAL_DRAWS + 2 * _stopping.CONFIRM_DRAWS
+    # A candidate as good as the best is returned without scoring the two again.
+    good = state(2.5, 300)
+    rule.check(good)
+    before = rule.num_evaluations
+    assert float(rule.select(good)) == 2.5
+    assert rule.num_evaluations - before == 2 * _stopping.FINAL_DRAWS
