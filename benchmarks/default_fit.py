@@ -382,6 +382,11 @@ def load_h2h(path: str) -> dict:
 
 
 # ============================================================ a problem
+def chosen_groups(problem, groups: list | None) -> list:
+    """``problem``'s families to run: all, or those in ``groups`` (``--families``)."""
+    return [g for g in problem.groups if groups is None or g in groups]
+
+
 def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
                 antithetic: bool | None = None, wall_cap: float | None = None,
                 groups: list | None = None, max_steps: int | None = None, log=print) -> dict:
@@ -394,7 +399,7 @@ def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
     max_steps = max_steps or (QUICK["max_steps"] if quick else MAX_STEPS)
     cap = wall_cap or (QUICK["wall_cap"] if quick else
                        WALL_CAP_MODEL.get(problem.name, WALL_CAP_S["zoo" if kind == "zoo" else d]))
-    chosen = [g for g in problem.groups if groups is None or g in groups]
+    chosen = chosen_groups(problem, groups)
     rec = state.setdefault("record", dict(
         name=problem.name, kind=kind, d=d, groups=chosen, info=problem.info,
         max_steps=max_steps, wall_cap_s=cap, references={}, rows=[],
@@ -772,7 +777,7 @@ def main(argv=None) -> dict:
         except FileNotFoundError as err:
             results["problems_not_run"][name] = str(err)
             continue
-        log(f"{name} (d = {problem.d}, families {', '.join(g for g in problem.groups if groups is None or g in groups)}), seed "
+        log(f"{name} (d = {problem.d}, families {', '.join(chosen_groups(problem, groups))}), seed "
             f"{first[0]}  [{time.perf_counter() - start:.0f} s]")
         states[name] = {}
         rec = run_problem(problem, first, quick=args.quick, h2h_rows=h2h_rows,

@@ -13,7 +13,7 @@ import optax
 
 from vijax import _checks
 from vijax._cache import LRU
-from vijax._objectives import ANTITHETIC_ESTIMATORS, DEFAULT_ESTIMATOR
+from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
     check_resume_key,
@@ -128,7 +128,7 @@ def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
     """
     if _sizes(params)[1] < ANTITHETIC_MIN_DIM:
         return False
-    return getattr(family, "to_gaussian", None) is not None and estimator in ANTITHETIC_ESTIMATORS
+    return antithetic_allowed(family, estimator)
 
 
 def default_optimizer(params: Any = None) -> optax.GradientTransformation:
