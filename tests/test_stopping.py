@@ -277,7 +277,8 @@ def test_at_its_draw_limit_the_stage_rule_decides_on_the_point_estimates(monkeyp
 
 
 @pytest.mark.parametrize("last, max_fall, stops", [
-    # 1.8 nats below the best (standard error about 0.18): a stage ends there.
+    # 1.8 nats below the best (standard error about 0.18), and 2.0 below at
+    # the check before (150, = 2t/3): a stage ends there.
     (0.2, 0.05, True),
     # Without max_fall the windows decide: the gain on the candidate at
     # 2t/3 (0.0) is 0.2, above the tolerance, so the rule goes on.
@@ -292,7 +293,8 @@ def test_the_best_candidate_is_kept_and_a_fall_below_it_ends_a_stage(monkeypatch
 
     Candidates (faked ELBOs, as above): 2.0 at step 100, 0.0 at step 150 (a
     spike), then ``last`` at step 225. ``select`` returns the best, 2.0,
-    whatever ``max_fall``; with ``max_fall`` a fall beyond doubt ends the stage.
+    whatever ``max_fall``; with ``max_fall`` a fall beyond doubt held since
+    2t/3 ends the stage.
     """
     from vijax.fitting import _stopping
 
@@ -317,3 +319,30 @@ def test_the_best_candidate_is_kept_and_a_fall_below_it_ends_a_stage(monkeypatch
     before = rule.num_evaluations
     assert float(rule.select(good)) == 2.5
     assert rule.num_evaluations - before == 2 * _stopping.FINAL_DRAWS
+
+
+def test_one_fall_does_not_end_a_stage_a_fall_held_since_two_thirds_does(monkeypatch):
+    """Candidates (faked, as above): 2.0 at step 100, 1.99 at 150, then 0.2 from 225 on.
+
+    The fall starts at 225. There it is one check old, and the windows say
+    go on (the candidate at 2t/3 is no better than the one before it, but
+    not worse beyond doubt either). At 340 every check since 2t/3 = 226.7
+    fell, and the stage ends.
+    """
+    from vijax.fitting import _stopping
+
+    monkeypatch.setattr(_stopping, "_values", _fake_values)
+    opt = averaging(optax.sgd(0.1), jnp.zeros(()))
+    rule = _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175, max_draws=4096,
+                              decide_at_limit=True, max_fall=0.05)
+    state = lambda c, step: _Candidate(jnp.asarray(c), opt.init(jnp.asarray(c)), step)  # noqa: E731
+    rule.record(state(2.0, 100))
+    rule.record(state(1.99, 150))
+    assert rule.fallen_since is None
+    assert not rule.check(state(0.2, 225))
+    assert rule.fallen_since == 225
+    assert rule.check(state(0.2, 340))
+    assert float(rule.select(state(0.2, 340))) == 2.0
+    # A check that does not fall breaks the run.
+    rule.record(state(2.0, 400))
+    assert rule.fallen_since is None
