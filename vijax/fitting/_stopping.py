@@ -10,7 +10,10 @@ needs no tolerance in the user's units, because it measures progress in nats:
   removes the jitter a constant step leaves (Dhaka et al. 2020). At each
   check the candidate is the average, or the last iterate when its ELBO is
   higher beyond doubt (a last iterate converging on its own, as full-rank
-  on a Gaussian posterior does).
+  on a Gaussian posterior does). The best candidate of the checks is kept
+  (scored beside each new one on the check's draws), and the fit returns it
+  when it beats the last one: Adam's iterates can spike after reaching the
+  optimum, and the result reached is not lost.
 * **Progress.** At a check, the candidates compared are scored on one
   fresh noise (common random numbers; antithetic pairs ``mean +- S eps``
   for families with a Gaussian view), so a difference of two candidates'
