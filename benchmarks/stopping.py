@@ -272,6 +272,9 @@ def run_blr_case(d: int, rho: float, name: str, lr: float, keys, log=print) -> d
                 "ratio": None if needed is None else round(stop / needed, 3),
                 "gap": returned_gap,
                 "best_gap_at_stop": float(best[stop - 1]),
+                # fit returns the best candidate of the rule's checks, at or
+                # before the stop: its gap is at least this.
+                "best_gap_to_stop": float(np.min(best[:stop])),
                 "best_gap_at_3x": float(best[-1]),
                 "wall_s": fitted["wall_s"], "first_call_s": fitted["first_call_s"],
                 "plain_wall_s": fitted["plain_wall_s"],

@@ -200,9 +200,11 @@ def test_stopping_quick_run_writes_its_table(tmp_path):
     # The rule's cost was read off a run identical to fit's.
     assert run["counted_matches_fit"] and run["rule_evals"] > 0
     assert run["step_evals"] == run["stop"] * stopping.NUM_SAMPLES
-    # The gaps are consistent: what fit returned is one of the candidates the
-    # replay scored at the stop, so its gap is at least the best one's.
-    assert run["gap"] >= run["best_gap_at_stop"] - 1e-9
+    # The gaps are consistent: what fit returned is a candidate of one of the
+    # rule's checks (the best of them), all at or before the stop, so its gap
+    # is at least the best the replay scored up to there.
+    assert run["gap"] >= run["best_gap_to_stop"] - 1e-9
+    assert run["best_gap_to_stop"] <= run["best_gap_at_stop"]
     if run["needed"] is not None:
         assert run["ratio"] == round(run["stop"] / run["needed"], 3)
     summary = stored["blr"][label]["summary"]
