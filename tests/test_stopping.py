@@ -233,6 +233,12 @@ class _Candidate(NamedTuple):
     step: int
 
 
+def _at(opt, c, step: int) -> _Candidate:
+    """A state whose last iterate and average are both the scalar ``c``, at ``step``."""
+    p = jnp.asarray(c)
+    return _Candidate(p, opt.init(p), step)
+
+
 @pytest.mark.parametrize("g2, g1, stops", [
     # Both gains below the tolerance, neither resolved on max_draws draws.
     (0.010, 0.012, True),
@@ -302,7 +308,7 @@ def test_the_best_candidate_is_kept_and_a_fall_below_it_ends_a_stage(monkeypatch
     opt = averaging(optax.sgd(0.1), jnp.zeros(()))
     rule = _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175, max_draws=4096,
                               decide_at_limit=True, max_fall=max_fall)
-    state = lambda c, step: _Candidate(jnp.asarray(c), opt.init(jnp.asarray(c)), step)  # noqa: E731
+    state = lambda c, step: _at(opt, c, step)  # noqa: E731
     rule.record(state(2.0, 100))
     rule.record(state(0.0, 150))
     assert float(rule.best) == 2.0 and rule.fall[0] == pytest.approx(2.0)
@@ -335,7 +341,7 @@ def test_one_fall_does_not_end_a_stage_a_fall_held_since_two_thirds_does(monkeyp
     opt = averaging(optax.sgd(0.1), jnp.zeros(()))
     rule = _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175, max_draws=4096,
                               decide_at_limit=True, max_fall=0.05)
-    state = lambda c, step: _Candidate(jnp.asarray(c), opt.init(jnp.asarray(c)), step)  # noqa: E731
+    state = lambda c, step: _at(opt, c, step)  # noqa: E731
     rule.record(state(2.0, 100))
     rule.record(state(1.99, 150))
     assert rule.fallen_since is None
