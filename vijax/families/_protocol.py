@@ -16,6 +16,8 @@ capability                used by
                           fitted Gaussian)
 ``sample_and_log_prob``   every objective (``log q`` of the draws computed
                           while sampling: one pass through a flow)
+``average_space``         ``fit(..., auto_stop=True)``'s iterate average
+                          (:func:`vijax.iterate_average`'s ``space``)
 ========================  ===============================================
 
 Every Monte Carlo objective, :func:`vijax.fit` and :func:`vijax.fit_batched`
@@ -79,6 +81,14 @@ class VariationalFamily(NamedTuple):
         ``log_prob`` at the draws (``"reparam"``, ``iwae_bound``,
         ``renyi_bound``, :func:`vijax.diagnose`). The path estimators
         (``"stl"``, ``"dreg"``) still call ``log_prob``.
+      average_space: optional; a pair of functions ``(forward, inverse)``,
+        the parameterization in which ``fit``'s ``auto_stop`` averages the
+        iterates (:func:`vijax.iterate_average`'s ``space``): ``forward(params)``
+        returns a pytree of arrays, ``inverse`` maps it back. The Gaussian
+        families with a diagonal scale average its variances, in which the
+        expected gradient is linear near a Gaussian target, so that the
+        average of a constant step's jittering iterates is not biased by the
+        jitter. Without one the parameters themselves are averaged.
 
     Example:
       A family of your own (here a Gaussian with a learned diagonal, written
@@ -104,6 +114,7 @@ class VariationalFamily(NamedTuple):
     name: Optional[str] = None
     from_gaussian: Optional[Callable[[Any, ArrayTree], Any]] = None
     sample_and_log_prob: Optional[Callable[..., Any]] = None
+    average_space: Optional[tuple[Callable[[Any], Any], Callable[[Any], Any]]] = None
 
 
 def describe(family: VariationalFamily) -> str:
@@ -131,6 +142,12 @@ def check_family(family: Any) -> VariationalFamily:
             raise TypeError(
                 f"`family.{field}` must be None or a callable; got {type(fn).__name__}."
             )
+    space = family.average_space
+    if space is not None and not (
+            isinstance(space, tuple) and len(space) == 2 and all(map(callable, space))):
+        raise TypeError(
+            "`family.average_space` must be None or a pair of callables (forward, "
+            f"inverse); got {type(space).__name__}.")
     if family.name is not None and not isinstance(family.name, str):
         raise TypeError(f"`family.name` must be None or a str; got {family.name!r}.")
     return family

@@ -271,7 +271,10 @@ def fit(
     Automatic stopping (``auto_stop=True``; ``num_steps`` is then the most
     steps): a rule with nothing to tune, measured in nats. The optimizer is
     wrapped in a polynomial-decay iterate average (``vijax.iterate_average(
-    optimizer, start=0, eta=3)``, unless it holds one already), and at steps
+    optimizer, start=0, eta=3, space=family.average_space)``, unless it holds
+    one already; the mean-field and low-rank families average their
+    variances, not their softplus inverse, which a constant step's jitter
+    would bias), and at steps
     growing by 5% the better of the average and the last iterate is scored
     against earlier candidates on common draws (fresh at each check, more of
     them while the decision is in doubt). The fit stops when the ELBO gained over the last
@@ -489,7 +492,7 @@ def fit(
             "(e.g. optax.adam(1e-2))."
         )
     if auto_stop:
-        optimizer = averaging(optimizer, example)
+        optimizer = averaging(optimizer, example, family)
     if resuming:
         check_resume_key("key", key)
         state = _check_state(init_params, family, optimizer, batched=False)

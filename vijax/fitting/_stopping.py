@@ -7,7 +7,12 @@ needs no tolerance in the user's units, because it measures progress in nats:
 * **Candidates.** The optimizer is wrapped in a polynomial-decay iterate
   average (:func:`vijax.iterate_average` with ``start=0, eta=3``; Shamir and
   Zhang 2013), which forgets the burn-in without a ``start`` to tune and
-  removes the jitter a constant step leaves (Dhaka et al. 2020). At each
+  removes the jitter a constant step leaves (Dhaka et al. 2020). It is kept
+  in the family's ``average_space`` where it has one: the mean-field and
+  low-rank families average variances, in which the expected gradient is
+  linear near a Gaussian target, so the average is not biased by the
+  jitter (averaging ``raw_scale`` left mean-field fits at d = 10^4 more
+  than 0.6 nats short at any constant step). At each
   check the candidate is the average, or the last iterate when its ELBO is
   higher beyond doubt (a last iterate converging on its own, as full-rank
   on a Gaussian posterior does). The best candidate of the checks is kept
@@ -108,14 +113,18 @@ _averaged = LRU(32)
 _evaluators = LRU(32)
 
 
-def averaging(optimizer, params) -> Any:
+def averaging(optimizer, params, family=None) -> Any:
     """``optimizer`` wrapped in the rule's iterate average, unless it already holds one.
 
-    Cached on the optimizer, so that repeated fits reuse the compiled chunk.
+    The average is kept in ``family.average_space`` when the family has one
+    (the Gaussian families with a diagonal: their variances). Cached on the
+    optimizer and the space, so that repeated fits reuse the compiled chunk.
     """
     if _find_states(jax.eval_shape(optimizer.init, params)):
         return optimizer
-    return _averaged.get(optimizer, lambda: iterate_average(optimizer, start=0, eta=ETA))
+    space = getattr(family, "average_space", None)
+    return _averaged.get((optimizer, space), lambda: iterate_average(
+        optimizer, start=0, eta=ETA, space=space))
 
 
 def _evaluator(family, log_joint, num_draws) -> Callable:
