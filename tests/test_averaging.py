@@ -314,6 +314,11 @@ def test_the_average_does_not_share_buffers_with_params(rng):
     for p, a in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(state.average)):
         assert p is not a
         assert p.unsafe_buffer_pointer() != a.unsafe_buffer_pointer()
+    # With a space whose forward passes a leaf through (the mean-field loc).
+    family = vijax.mean_field()
+    mf = family.init(jnp.zeros(3))
+    state = vijax.iterate_average(optax.sgd(0.1), start=0, space=family.average_space).init(mf)
+    assert mf.loc.unsafe_buffer_pointer() != state.space_average.loc.unsafe_buffer_pointer()
 
 
 def test_bad_arguments_name_the_argument(rng):

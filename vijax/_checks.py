@@ -272,3 +272,16 @@ def check_optimizer(optimizer: Any, name: str = "optimizer"):
         f"`{name}` must be an optax.GradientTransformation (e.g. "
         f"optax.adam(1e-2)); got {type(optimizer).__name__}.{hint}"
     )
+
+
+def check_space(name: str, space: Any) -> tuple:
+    """``space`` if it is None or a pair of callables ``(forward, inverse)``; else TypeError."""
+    if space is None:
+        return space
+    if not (isinstance(space, tuple) and len(space) == 2 and all(map(callable, space))):
+        length = f" of length {len(space)}" if isinstance(space, (tuple, list)) else ""
+        raise TypeError(
+            f"`{name}` must be None or a pair of callables (forward, inverse); got "
+            f"{type(space).__name__}{length}."
+        )
+    return space

@@ -142,12 +142,7 @@ def check_family(family: Any) -> VariationalFamily:
             raise TypeError(
                 f"`family.{field}` must be None or a callable; got {type(fn).__name__}."
             )
-    space = family.average_space
-    if space is not None and not (
-            isinstance(space, tuple) and len(space) == 2 and all(map(callable, space))):
-        raise TypeError(
-            "`family.average_space` must be None or a pair of callables (forward, "
-            f"inverse); got {type(space).__name__}.")
+    _checks.check_space("family.average_space", family.average_space)
     if family.name is not None and not isinstance(family.name, str):
         raise TypeError(f"`family.name` must be None or a str; got {family.name!r}.")
     return family

@@ -107,8 +107,9 @@ def iterate_average(
     optimum); otherwise it is biased by about the jitter's variance. For a
     Gaussian family on a nearly Gaussian target the expected gradient is
     linear in the variances, not in their softplus inverse, so the
-    Gaussian families give a ``space`` that averages variances
-    (``family.average_space``, which ``fit``'s ``auto_stop`` uses).
+    mean-field and low-rank families give a ``space`` that averages
+    variances (``family.average_space``, which ``fit``'s ``auto_stop``
+    uses).
 
     ``start`` counts calls of ``update``. A step that ``vijax.fit`` skips
     for a non-finite loss or gradient does not call the optimizer, so it is
@@ -135,8 +136,9 @@ def iterate_average(
       ``params``; its state is an :class:`IterateAverageState`.
 
     Raises:
-      TypeError: ``optimizer`` is not an ``optax.GradientTransformation`` or
-        ``start`` is not an int.
+      TypeError: ``optimizer`` is not an ``optax.GradientTransformation``,
+        ``start`` is not an int, or ``space`` is not None or a pair of
+        callables.
       ValueError: ``start`` out of range or ``eta`` negative; and, from ``update``, missing
         ``params``.
 
@@ -157,7 +159,7 @@ def iterate_average(
     optimizer = _checks.check_optimizer(optimizer)
     start = _checks.check_positive_int("start", start, minimum=0)
     eta = _check_eta(eta)
-    forward, inverse = check_space(space)
+    forward, inverse = _checks.check_space("space", space) or (None, None)
     if start > _INT32_MAX:
         raise ValueError(
             f"`start` must be an int in [0, {_INT32_MAX}] (the update count is "
@@ -171,7 +173,7 @@ def iterate_average(
             num_averaged=jnp.zeros((), jnp.int32),
             # A copy, so that a jitted step may donate the state.
             average=_host.fresh_copy(params),
-            space_average=None if forward is None else forward(params),
+            space_average=None if forward is None else _host.fresh_copy(forward(params)),
         )
 
     def update(updates, state, params=None):
@@ -209,19 +211,6 @@ def iterate_average(
         return updates, IterateAverageState(inner_state, count, num, average, space_average)
 
     return optax.GradientTransformation(init, update)
-
-
-def check_space(space: Any) -> tuple[Optional[Callable], Optional[Callable]]:
-    """``(forward, inverse)`` of a ``space`` argument, or ``(None, None)`` for None."""
-    if space is None:
-        return None, None
-    if not (isinstance(space, tuple) and len(space) == 2 and all(map(callable, space))):
-        raise TypeError(
-            "`space` must be None or a pair of callables (forward, inverse); got "
-            f"{type(space).__name__}"
-            + (f" of length {len(space)}" if isinstance(space, tuple) else "") + "."
-        )
-    return space
 
 
 def _check_eta(eta: Any) -> float:
