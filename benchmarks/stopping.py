@@ -14,7 +14,7 @@ computed in closed form; the *gap* is the KL above the family's optimum
 variances ``1 / P_ii``, ``P`` the posterior precision), in NumPy for the
 returned parameters. The trajectory is then replayed step by step
 (``vijax.make_step`` with the same averaged optimizer, ``auto_stop``'s
-``averaging(optax.adam(lr), params)``, and the same key: the steps ``fit``
+``averaging(optax.adam(lr), params, family)``, and the same key: the steps ``fit``
 took) to ``HORIZON`` times the stop, and after every step the better of the
 last iterate and the average (smaller exact KL, ``vijax.exact_kl``) gives
 the *best gap*. Two readings of "the steps really needed":
@@ -166,7 +166,7 @@ def counted_fit(key, family, log_joint, params, optimizer, num_steps: int):
     options = check_run_options(num_steps=num_steps, chunk_size=500, max_nonfinite=20,
                                 progress=False)
     params = _drivers._check_params("init_params", params, family)
-    optimizer = _stopping.averaging(optimizer, params)
+    optimizer = _stopping.averaging(optimizer, params, family)
     state = _drivers._init_state(optimizer, "none", key, params)
     stopper = _stopping.AutoStop(family, log_joint, state.key)
     result = _drivers._run(family, log_joint, optimizer, num_samples, _drivers.DEFAULT_ESTIMATOR,
@@ -253,7 +253,7 @@ def run_blr_case(d: int, rho: float, name: str, lr: float, keys, log=print) -> d
             return np_kl(np.asarray(g.mean), np.asarray(g.scale.cov()), mean, cov) - optimum
 
         opt = optax.adam(lr)
-        replay = replayer(family, model.log_joint, _stopping.averaging(opt, params),
+        replay = replayer(family, model.log_joint, _stopping.averaging(opt, params, family),
                           lambda p: vijax.exact_kl(p, family, model), every=1)
         runs = []
         for k in keys:
@@ -310,7 +310,7 @@ def run_zoo_case(model_name: str, name: str, lr: float, keys, log=print,
 
         elbo_jit = jax.jit(elbo)
         opt = optax.adam(lr)
-        replay = replayer(family, model.log_joint, _stopping.averaging(opt, params), elbo,
+        replay = replayer(family, model.log_joint, _stopping.averaging(opt, params, family), elbo,
                           every=EVERY)
         runs, skipped = [], []
         d = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(model.latent)))

@@ -83,7 +83,7 @@ def test_stops_after_the_kl_is_within_a_tenth_and_within_twice_the_steps(x64, d,
     # Within twice the steps really needed, on the replayed trajectory: the
     # first step after which the better of the last iterate and the average
     # stays within 0.1.
-    opt = averaging(optax.adam(lr), params)
+    opt = averaging(optax.adam(lr), params, family)  # what fit wraps it in
     raw, avg = _replay(key, family, model.log_joint, params, opt, stop)
     kl = jax.jit(jax.vmap(lambda p: vijax.exact_kl(p, family, model)))
     best = np.minimum(np.asarray(kl(raw)), np.asarray(kl(avg))) - optimum
@@ -112,7 +112,7 @@ def test_on_the_zoo_it_stops_within_twice_the_steps_the_elbo_needs(model_name, n
     assert result.stopped_early
 
     every = 10
-    opt = averaging(optax.adam(lr), params)
+    opt = averaging(optax.adam(lr), params, family)  # what fit wraps it in
     raw, avg = _replay(key, family, model.log_joint, params, opt, 3 * stop)
     noise = jax.random.key(99)
 
