@@ -419,9 +419,8 @@ class AdaptiveStop:
     #19's notes). If the lower step gained less
     than ``STAGE_TOL * tol`` = 0.025 nats, the fit stops and returns the
     better of the two; otherwise the step is lowered again
-    (:func:`vijax.optim.decrease`) and the run restarts from the stage's
-    candidate; the iterate average runs on (its weights forget the earlier
-    stages), except after non-finite steps, where it restarts there. Once
+    (:func:`vijax.optim.decrease`), the run restarts from the stage's
+    candidate, and the iterate average restarts there. Once
     ``max_decreases`` decreases were made, the step stays where it is and
     the next stages restart at it, until one gains less than the threshold
     (a stage still gaining is not a reason to stop).
@@ -548,29 +547,21 @@ class AdaptiveStop:
             self.decreases.append(step)
         self._min_length = (step - self._offset) * MIN_STAGE
         opt_state = decrease(state.opt_state) if lower else state.opt_state
-        return self._new_stage(state, current, opt_state, salt=self._num_stages,
-                               keep_average=True)
+        return self._new_stage(state, current, opt_state, salt=self._num_stages)
 
-    def _new_stage(self, state, params, opt_state, *, salt: int, keep_average: bool) -> Any:
-        """``state`` restarted at ``params``, with a fresh stage rule.
+    def _new_stage(self, state, params, opt_state, *, salt: int) -> Any:
+        """``state`` restarted at ``params`` (its iterate average too), with a fresh stage rule.
 
-        At a stage's end (``keep_average``) the iterate average runs on: its
-        polynomial-decay weights forget the earlier stages (the previous
-        stages, at most half of the steps, keep under 1/16 of the weight by
-        the new stage's end), and where averaging is unbiased (variances on
-        a near-Gaussian target) restarting it would throw away the steps
-        that its precision grows with: on BLR at d = 2500 a restarted
-        average ended 0.067 nats from the optimum after 27,292 steps, a
-        continued one 0.041 after 18,162. After non-finite steps the average
-        restarts at ``params`` too: the iterates before a divergence may be
-        far off.
+        The average restarts because the step changed. A continued average
+        is more precise where averaging is unbiased, but it lags an iterate
+        still drifting at the lower step, so that a stage's gain can look
+        like none and the fit stop early (the low-rank family; issue #19's
+        notes).
         """
         self._offset = int(state.step)
         self._spent += self._stage.num_evaluations
         self._stage = self._stage_rule(jax.random.fold_in(self._key, salt))
-        if not keep_average:
-            opt_state = restart_average(opt_state, params)
-        return state._replace(params=params, opt_state=opt_state)
+        return state._replace(params=params, opt_state=restart_average(opt_state, params))
 
     def recover(self, state) -> Any:
         """After ``max_nonfinite`` skipped steps: the state to run on from at a lower step, or None.
@@ -592,5 +583,5 @@ class AdaptiveStop:
         if params is None:
             params = self._best if self._best is not None else self._start_params
         return self._new_stage(state, params, decrease(state.opt_state),
-                               salt=1000 + len(self.recoveries), keep_average=False)
+                               salt=1000 + len(self.recoveries))
 

@@ -67,8 +67,8 @@ def adaptive_lr(
     same as lowering its learning rate, and its moment estimates are kept.
 
     Under ``vijax.fit(..., auto_stop=True)`` the rule lowers the scale each
-    time it finds the iterates stationary, restarting the iterate from the
-    best candidate (the iterate average runs on), and stops when a stage at the lower step gains
+    time it finds the iterates stationary, restarting the iterate average
+    from the best candidate, and stops when a stage at the lower step gains
     less than ``0.025`` nats on the one before (RAABBVI, Welandawe et al.
     2022). ``vijax.fit`` without an ``optimizer`` uses
     ``adaptive_lr(optax.adam(lr))`` this way, ``lr = 0.1 * min(1, sqrt(2 d / P))``
