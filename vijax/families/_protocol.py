@@ -84,8 +84,8 @@ class VariationalFamily(NamedTuple):
       average_space: optional; a pair of functions ``(forward, inverse)``,
         the parameterization in which ``fit``'s ``auto_stop`` averages the
         iterates (:func:`vijax.iterate_average`'s ``space``): ``forward(params)``
-        returns a pytree of arrays, ``inverse`` maps it back. The Gaussian
-        families with a diagonal scale average its variances, in which the
+        returns a pytree of arrays, ``inverse`` maps it back. The mean-field
+        and low-rank families average their diagonal's variances, in which the
         expected gradient is linear near a Gaussian target, so that the
         average of a constant step's jittering iterates is not biased by the
         jitter. Without one the parameters themselves are averaged.

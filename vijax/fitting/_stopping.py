@@ -11,8 +11,7 @@ needs no tolerance in the user's units, because it measures progress in nats:
   in the family's ``average_space`` where it has one: the mean-field and
   low-rank families average variances, in which the expected gradient is
   linear near a Gaussian target, so the average is not biased by the
-  jitter (averaging ``raw_scale`` left mean-field fits at d = 10^4 more
-  than 0.6 nats short at any constant step). At each
+  jitter (the bias that averaging ``raw_scale`` leaves grows with d). At each
   check the candidate is the average, or the last iterate when its ELBO is
   higher beyond doubt (a last iterate converging on its own, as full-rank
   on a Gaussian posterior does). The best candidate of the checks is kept
@@ -117,7 +116,7 @@ def averaging(optimizer, params, family=None) -> Any:
     """``optimizer`` wrapped in the rule's iterate average, unless it already holds one.
 
     The average is kept in ``family.average_space`` when the family has one
-    (the Gaussian families with a diagonal: their variances). Cached on the
+    (the mean-field and low-rank families: their variances). Cached on the
     optimizer and the space, so that repeated fits reuse the compiled chunk.
     """
     if _find_states(jax.eval_shape(optimizer.init, params)):
