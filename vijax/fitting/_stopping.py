@@ -43,17 +43,17 @@ needs no tolerance in the user's units, because it measures progress in nats:
 Measured (``benchmarks/results/cpu/stopping.md``; ``tests/test_stopping.py``
 checks a subset): over 25 runs on Bayesian linear regression (d = 10 to 100,
 mean-field and full-rank, Adam at learning rates whose noise floor is below
-0.1 nats) the returned q was within 0.062 nats of the family's optimum, and
+0.1 nats) the returned q was within 0.059 nats of the family's optimum, and
 the stop came after 1.15 to 2.01 times the steps that took; on four zoo
 models (12 runs), within 0.08 nats of the ELBO of a run three times as long,
-after 1.5 to 2.04 times the steps. Known limits, measured there too: on
-Neal's funnel the ELBO still creeps up by 0.15 to 0.19 nats over 20,000
+after 1.47 to 2.04 times the steps. Known limits, measured there too: on
+Neal's funnel the ELBO still creeps up by 0.13 to 0.17 nats over 20,000
 steps after the rule has stopped (slow progress looks like none); like every
 rule that reads progress, a plateau can fool it; with a learning rate too
 large for 0.1 nats to be reachable it stops at the optimizer's noise floor
 (lower the learning rate then). Its checks are not free: on these small
-models they spend 3 to 60 times the steps' own log-joint evaluations (forward
-only, in large batches), 0.1 to 3 s of wall time per fit.
+models they spend 2 to 88 times the steps' own log-joint evaluations (forward
+only, in large batches), 0.05 to 1.5 s of wall time per fit.
 
 References:
   A. K. Dhaka, A. Catalina, M. R. Andersen, M. Magnusson, J. Huggins,
