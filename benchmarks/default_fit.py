@@ -48,11 +48,16 @@ as ``VijaxRunner.khat``).
 
 **Converged**:
 
-* BLR / logistic: head_to_head's exact gap above the family's optimum (the
-  exact KL for BLR, the quadrature ELBO gap for logistic; low-rank rows
-  against the mean-field optimum, as head_to_head measures them) <= 0.05
-  nats (the rule's tolerance: "converged"), and <= 0.01 nats
-  (head_to_head's target), reported separately.
+* BLR / logistic: the exact gap above the family's own optimum (the exact
+  KL for BLR, the quadrature ELBO gap for logistic; low-rank rows against
+  the rank-5 family's optimum, ``head_to_head.Problem.family_gap`` and
+  ``_problems.low_rank_optimum``, not against the mean-field optimum as
+  head_to_head's accuracy column measures them) <= 0.05 nats (the rule's
+  tolerance: "converged"), and <= 0.01 nats (head_to_head's target),
+  reported separately. Reports written before that change judged low-rank
+  rows against the mean-field optimum, which any reasonable rank-5 q beats
+  (by 3.7 nats at BLR d = 1000, 17 at d = 10^4), so "converged" there did not
+  say the low-rank family had converged.
 * Zoo: ``ELBO(family optimum) - ELBO(q) <= 0.05 + 2 s.e.`` The family
   optimum is approximated once per (model, family) by a long reference fit:
   ``vijax.iterate_average(optax.adam(lr), start=0, eta=3)`` at the
@@ -331,7 +336,10 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
         row["final_scale"] = None
         row["scale_error"] = str(err)[:200]
     params = res.params
-    row["measure"] = problem.measure(h2h.q_from_vijax(family, params), group)
+    q = h2h.q_from_vijax(family, params)
+    row["measure"] = problem.measure(q, group)
+    if getattr(problem, "family_gap", None) is not None:
+        row["family_gap"] = problem.family_gap(q, group)
     try:
         target = problem.model if problem.model is not None else problem.log_joint
         row["khat"] = float(vijax.diagnose(jax.random.key(77), params, family, target,
@@ -339,6 +347,12 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     except Exception as err:  # noqa: BLE001: a report column, not a gate
         row["khat"], row["khat_error"] = None, f"{type(err).__name__}: {str(err)[:100]}"
     return row, params
+
+
+def _own_gap(row: dict) -> float:
+    """A GLM row's nats above its family's optimum (low-rank: the rank-k optimum)."""
+    v = row.get("family_gap")
+    return row["measure"]["value"] if v is None else v
 
 
 def judge(row: dict, kind: str) -> None:
@@ -351,7 +365,7 @@ def judge(row: dict, kind: str) -> None:
             row["converged"] = bool(g["mean"] <= TOL + Z * g["se"])
         row["converged_tight"] = None
     else:
-        v = row["measure"]["value"]
+        v = _own_gap(row)
         row["converged"] = bool(math.isfinite(v) and v <= TOL)
         row["converged_tight"] = bool(math.isfinite(v) and v <= KL_TOL)
 
@@ -443,7 +457,7 @@ def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
     return rec
 
 
-FAMILY = {"mean_field": "mean-field", "full_rank": "full-rank", "low_rank": "low-rank (vs MF optimum)"}
+FAMILY = {"mean_field": "mean-field", "full_rank": "full-rank", "low_rank": "low-rank"}
 
 
 def _acc(prob: dict, m: Optional[dict]) -> str:
@@ -456,7 +470,8 @@ def _gap_cell(prob: dict, r: dict) -> str:
         if not g or not math.isfinite(g["mean"]):
             return "—"
         return f"{g['mean']:.2g} ± {g['se']:.1g}"
-    return f"{r['measure']['value']:.3g}" if math.isfinite(r["measure"]["value"]) else "inf"
+    v = _own_gap(r)
+    return f"{v:.3g}" if math.isfinite(v) else "inf"
 
 
 def _conv_cell(prob: dict, r: dict) -> str:
@@ -501,7 +516,7 @@ def verdict_lines(prob: dict) -> list:
                     f"(the reference q's: {h2h._g(ref.get('measure', {}).get('value'), 2)}"
                     f"{'' if ref.get('converged', True) else ', reference not converged'})")
         else:
-            gaps = ", ".join(h2h._g(r["measure"]["value"], 2) for r in rows)
+            gaps = ", ".join(h2h._g(_own_gap(r), 2) for r in rows)
             n_tight = sum(bool(r["converged_tight"]) for r in rows)
             what = (f"gap {gaps} nats ({n_tight}/{len(rows)} within head_to_head's "
                     f"{KL_TOL:g})")
@@ -523,9 +538,14 @@ def verdict_lines(prob: dict) -> list:
                 tail = (f"; best-tuned Adam: not reached in {a.get('evals_run') or 0:,} "
                         f"(best {_acc(prob, a.get('best'))})")
         if g == "low_rank":
-            what += (" (against the mean-field optimum, as head_to_head measures it: a "
-                     "negative gap is a q better than the best mean-field one, not a test "
-                     "that the low-rank family converged)")
+            if all(r.get("family_gap") is not None for r in rows):
+                mf = ", ".join(h2h._g(r["measure"]["value"], 2) for r in rows)
+                what += (f" (against the rank-{h2h.RANK} family's own optimum; against the "
+                         f"mean-field optimum, as head_to_head measures it: {mf})")
+            else:
+                what += (" (against the mean-field optimum, as head_to_head measures it: a "
+                         "negative gap is a q better than the best mean-field one, not a test "
+                         "that the low-rank family converged)")
         lines.append(f"- {name}, seed{'s' if len(rows) > 1 else ''} {seeds}: {verdict}; "
                      f"{what}; {cost}{tail}.")
     return lines
