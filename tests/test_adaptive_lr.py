@@ -342,3 +342,66 @@ def test_only_the_default_fit_takes_the_default_draws(monkeypatch):
 
 def _std_normal(z):
     return -0.5 * jnp.sum(z**2)
+
+
+def _state_with_average(family, model, opt, loc, variances, count):
+    """A FitState whose iterate average (and last iterate) is N(loc, diag(variances))."""
+    params = family.init(model.latent)._replace(
+        loc=jnp.asarray(loc), raw_scale=vijax.families._gaussian._softplus_inverse(
+            jnp.sqrt(jnp.asarray(variances))))
+    opt_state = opt.init(params)
+    (avg,) = vijax.optim._averaging._find_states(opt_state)
+    swapped = avg._replace(num_averaged=jnp.asarray(count, jnp.int32), average=params,
+                           space_average=family.average_space[0](params))
+    opt_state = jax.tree_util.tree_map(
+        lambda n: swapped if isinstance(n, vijax.IterateAverageState) else n, opt_state,
+        is_leaf=lambda n: isinstance(n, vijax.IterateAverageState))
+    return vijax.FitState(params, opt_state, jnp.asarray(1000, jnp.int32), jax.random.key(0))
+
+
+@pytest.mark.parametrize("low, high, pooled_wins", [(0.5, 1.5, True), (0.3, 1.0, False)])
+def test_the_result_pools_the_last_two_stages_averages_where_that_scores_higher(
+        x64, low, high, pooled_wins):
+    # The previous stage's average has variances `low` times the mean-field
+    # optimum's, this stage's `high` times, 300 and 100 iterates: pooled in
+    # variance space they are (3 low + high) / 4 times the optimum.
+    from vijax.fitting._stopping import averaging
+
+    model, mean, prec = _blr(10, 0.5)
+    family = vijax.mean_field()
+    opt = averaging(vijax.adaptive_lr(optax.adam(0.01)), family.init(model.latent), family)
+    v_opt = 1.0 / np.diag(prec)
+    before = _state_with_average(family, model, opt, mean, low * v_opt, 300)
+    state = _state_with_average(family, model, opt, mean, high * v_opt, 100)
+    rule = AdaptiveStop(family, model.log_joint, jax.random.key(5), 0, state.params)
+    rule._previous = rule._average_of(before)
+    pooled = rule._pooled(state)
+    want = (300 * low + 100 * high) / 400 * v_opt  # NumPy, float64
+    g = family.to_gaussian(pooled)
+    np.testing.assert_allclose(np.square(np.asarray(g.scale.scale)), want, rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(g.mean), mean, rtol=1e-12)
+    # select returns whichever is nearer the optimum (exact KL, NumPy).
+    chosen = rule.select(state)
+    kl = {name: _np_kl_to_posterior(*_moments(family, p), mean, prec)
+          for name, p in [("pooled", pooled), ("current", state.params), ("chosen", chosen)]}
+    assert (kl["pooled"] < kl["current"]) == pooled_wins
+    assert kl["chosen"] == pytest.approx(min(kl["pooled"], kl["current"]), abs=1e-12)
+    # A recovery forgets the previous stage: nothing to pool with then.
+    rule._previous = None
+    assert rule._pooled(state) is None
+
+
+def test_an_average_in_a_space_the_rule_does_not_know_is_not_pooled(x64):
+    model, mean, prec = _blr(4, 0.5)
+    family = vijax.mean_field()
+    other = (lambda p: {"v": jnp.exp(p.raw_scale)},
+             lambda s: family.init(model.latent)._replace(raw_scale=jnp.log(s["v"])))
+    opt = vijax.iterate_average(vijax.adaptive_lr(optax.adam(0.01)), start=0, eta=3,
+                                space=other)
+    params = family.init(model.latent)
+    state = vijax.FitState(params, opt.init(params), jnp.asarray(10, jnp.int32),
+                           jax.random.key(0))
+    rule = AdaptiveStop(family, model.log_joint, jax.random.key(5), 0, params)
+    assert rule._average_of(state) is None
+    rule._previous = (family.average_space[0](params), 5)
+    assert rule._pooled(state) is None

@@ -424,6 +424,17 @@ class AdaptiveStop:
     the next stages restart at it, until one gains less than the threshold
     (a stage still gaining is not a reason to stop).
 
+    The result is also offered the last two stages' iterate averages pooled
+    (weighted by the iterates each holds, in the family's averaging space),
+    and returns it where it scores higher on common draws. The average
+    restarts at each stage, so the final one holds only the last stage's
+    iterates; where both stages' averages are unbiased (the variances of a
+    mean-field or low-rank q near a Gaussian target), pooling them halves the
+    Monte Carlo noise the result keeps, and where the earlier one is
+    biased the comparison keeps the stage's own. At a cap (``num_steps``,
+    a wall clock) the pool is of the previous stage and the current one so
+    far.
+
     Why the gain decides: averaged iterates at a constant step keep a bias
     of the order of the step, so halving it removes about half of the bias
     left; a halving that gains ``g`` leaves a gap of about ``g``, and the
@@ -467,6 +478,10 @@ class AdaptiveStop:
         self.recoveries: list[int] = []
         self._spent = 0
         self._min_length = 0.0
+        #: The previous stage's iterate average at its end, in the averaging
+        #: space, and how many iterates it held (None before a stage ended,
+        #: and after a recovery).
+        self._previous: tuple | None = None
 
     def _stage_rule(self, key) -> AutoStop:
         """The rule that ends a stage: :class:`AutoStop` at ``STAGE_RULE_TOL * tol``.
@@ -499,9 +514,58 @@ class AdaptiveStop:
         if self._done:
             return self._best
         current = self._stage.select(self._shifted(state))
-        if self._best is None:
-            return current
-        return self._better(current, self._best, self._num_stages)[0]
+        if self._best is not None:
+            current = self._better(current, self._best, self._num_stages)[0]
+        return self._with_pooled(state, current, salt=2000 + self._num_stages)
+
+    def _average_of(self, state) -> tuple[Any, int] | None:
+        """The outermost iterate average of ``state``: ``(mean in its space, count)``.
+
+        None where it cannot be pooled: its space is not the family's (a
+        user's own ``iterate_average`` with another ``space``, whose inverse
+        the rule does not know).
+        """
+        avg = _find_states(state.opt_state)[0]
+        if avg.space_average is None:
+            return avg.average, int(avg.num_averaged)
+        space = getattr(self._family, "average_space", None)
+        if space is None or (jax.tree_util.tree_structure(space[0](avg.average))
+                             != jax.tree_util.tree_structure(avg.space_average)):
+            return None
+        return avg.space_average, int(avg.num_averaged)
+
+    def _pooled(self, state) -> Any:
+        """The previous stage's average and this stage's, pooled; None where there are not two.
+
+        Each is weighted by the iterates it holds (both polynomial-decay
+        averages with the same ``eta``): at the end of the fit the last two
+        stages differ by less than the stop threshold, so where their
+        averages are unbiased (mean-field and low-rank variances near a
+        Gaussian target) pooling them halves the noise each leaves. Kept in
+        the averaging space, read back through the family's inverse.
+        """
+        current = self._average_of(state)
+        if self._previous is None or current is None:
+            return None
+        (a, na), (b, nb) = self._previous, current
+        if na == 0 or nb == 0 or (jax.tree_util.tree_structure(a)
+                                  != jax.tree_util.tree_structure(b)):
+            return None
+        w = na / (na + nb)
+        pooled = jax.tree_util.tree_map(lambda x, y: (w * x + (1.0 - w) * y).astype(y.dtype),
+                                        a, b)
+        if _find_states(state.opt_state)[0].space_average is not None:
+            params = _find_states(state.opt_state)[0].average
+            pooled = jax.tree_util.tree_map(lambda p, q: jnp.asarray(q, p.dtype), params,
+                                            self._family.average_space[1](pooled))
+        return pooled
+
+    def _with_pooled(self, state, chosen, *, salt: int) -> Any:
+        """``chosen``, or the pooled average of the last two stages where it scores higher."""
+        pooled = self._pooled(state)
+        if pooled is None:
+            return chosen
+        return self._better(pooled, chosen, salt)[0]
 
     def _better(self, new, old, salt: int) -> tuple[Any, float]:
         """The better of two candidates on common draws, and the gain of ``new`` (nats)."""
@@ -539,12 +603,14 @@ class AdaptiveStop:
             current, gain = self._better(current, self._best, self._num_stages)
         self._best = current
         if gain < STAGE_TOL * self.tol:
+            self._best = self._with_pooled(state, current, salt=2000 + self._num_stages)
             self._done = True
             return True
         lower = int(adaptive.num_decreases) < self.max_decreases
         if lower:
             self.decreases.append(step)
         self._min_length = (step - self._offset) * MIN_STAGE
+        self._previous = self._average_of(state)
         opt_state = decrease(state.opt_state) if lower else state.opt_state
         return self._new_stage(state, current, opt_state, salt=self._num_stages)
 
@@ -581,6 +647,8 @@ class AdaptiveStop:
         params = self._stage.last_finite
         if params is None:
             params = self._best if self._best is not None else self._start_params
+        # A stage ended by non-finite steps is not one to pool with.
+        self._previous = None
         return self._new_stage(state, params, decrease(state.opt_state),
                                salt=1000 + len(self.recoveries))
 
