@@ -7,7 +7,10 @@ the exact one (``vijax.exact_kl``'s) for every key, to float64 precision; on
 every family and pathwise estimator, with S even and odd, the mean over
 independent keys of the whole gradient must lie within ``Z`` standard errors
 (computed here) of the exact ``-grad KL``; and fit, make_step and elbo must
-refuse what they cannot do before any work.
+refuse what they cannot do before any work. For the low-rank family the
+draws come in fours (every sign combination of the factor's and the
+diagonal's noise), and its factor's STL gradient is then exactly zero at the
+family's optimum on a Gaussian target, for every key.
 """
 
 import jax
@@ -181,3 +184,68 @@ def test_bad_arguments_raise_before_work(rng):
         vijax.fit_batched(jax.random.split(key, 2), family, data, family.init(jnp.zeros(2)),
                           optimizer=optax.adam(0.1), num_steps=10, antithetic=1,
                           progress=False)
+
+
+@pytest.mark.parametrize("num_samples, want", [
+    (4, ((0, 0, 0, 0), 4)),
+    (5, ((0, 0, 0, 0, 1), 4)),
+    (6, ((0, 0, 0, 0, 1, 1), 4)),
+    (7, ((0, 0, 0, 0, 1, 1, 2), 4)),
+    (9, ((0, 0, 0, 0, 1, 1, 1, 1, 2), 8)),
+])
+def test_low_rank_draws_come_in_fours_of_sign_combinations(x64, rng, num_samples, want):
+    from vijax._objectives import antithetic_layout
+
+    groups, signs = antithetic_layout(num_samples, True)
+    assert groups == want[0]
+    assert signs[:4] == ((1, 1), (-1, -1), (1, -1), (-1, 1))
+    family = vijax.low_rank(rank=2)
+    params = _params(rng, family, jnp.zeros(5))
+    z = np.asarray(antithetic_sample(jax.random.key(1), params, family, num_samples))
+    g = family.to_gaussian(params)
+    mean = np.asarray(g.mean)
+    w, sd = np.asarray(g.scale.cov_factor), np.asarray(g.scale.diag_scale)
+    # Each full group of four: z(+,+) + z(-,-) = 2 mean = z(+,-) + z(-,+), and
+    # z(+,+) - z(+,-) = 2 diag(sd) eps_D lies in the diagonal block only:
+    # z(+,+) - z(-,+) = 2 W eps_W lies in the factor's column space.
+    for b in range(want[1] // 4):
+        pp, mm, pm, mp = z[4 * b: 4 * b + 4]
+        np.testing.assert_allclose(pp + mm, 2 * mean, atol=1e-12)
+        np.testing.assert_allclose(pm + mp, 2 * mean, atol=1e-12)
+        eps_w = np.linalg.lstsq(w, (pp - mp) / 2, rcond=None)[0]
+        np.testing.assert_allclose(w @ eps_w, (pp - mp) / 2, atol=1e-12)
+        eps_d = (pp - pm) / (2 * sd)
+        np.testing.assert_allclose(pp, mean + w @ eps_w + sd * eps_d, atol=1e-12)
+    # What is left of S mod 4: a pair reflected through the mean, then one draw.
+    rest = z[want[1]:]
+    if len(rest) >= 2:
+        np.testing.assert_allclose(rest[0] + rest[1], 2 * mean, atol=1e-12)
+
+
+def test_on_a_gaussian_target_the_factors_stl_gradient_vanishes_at_the_low_rank_optimum(x64, rng):
+    # The factor's stationarity condition is (H - Sigma^-1) W = 0; with the
+    # four sign combinations the factor's STL gradient is exactly
+    # -(H - Sigma^-1) W eps_W eps_W^T, so zero there for every key.
+    # Independent draws keep the cross term H diag(s) eps_D eps_W^T.
+    import scipy.optimize
+
+    model = _regression(rng, n=12, d=5)
+    family = vijax.low_rank(rank=1)
+    params0 = _params(rng, family, model.latent)
+    flat0, unravel = ravel_pytree(params0)
+    kl = jax.jit(jax.value_and_grad(lambda f: vijax.exact_kl(unravel(f), family, model)))
+    res = scipy.optimize.minimize(lambda f: tuple(np.asarray(a, np.float64) for a in kl(f)),
+                                  np.asarray(flat0), jac=True, method="L-BFGS-B",
+                                  options={"gtol": 1e-13, "ftol": 1e-16, "maxiter": 10000})
+    opt = unravel(jnp.asarray(res.x))
+    assert np.max(np.abs(np.asarray(kl(jnp.asarray(res.x))[1]))) < 1e-6
+    assert np.max(np.abs(np.asarray(opt.cov_factor))) > 0.05  # a factor that matters
+
+    def factor_grads(antithetic):
+        return np.asarray(jax.vmap(lambda k: jax.grad(vijax.elbo, argnums=1)(
+            k, opt, family, model.log_joint, num_samples=8, estimator="stl",
+            antithetic=antithetic).cov_factor)(_keys(9, 50)))
+
+    # Zero up to the optimum's own residual gradient (< 1e-6), times eps_W^2.
+    assert np.max(np.abs(factor_grads(True))) < 2e-5
+    assert np.max(np.std(factor_grads(False), axis=0)) > 0.05

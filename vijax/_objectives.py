@@ -26,6 +26,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 
 from vijax import _checks
+from vijax._gaussian import LowRankScale
 from vijax.families._protocol import (
     VariationalFamily,
     check_draws,
@@ -163,22 +164,20 @@ def _sums_of_others(x: jax.Array) -> jax.Array:
     )
 
 
-def _sums_of_other_pairs(x: jax.Array) -> jax.Array:
-    """For antithetic draws: ``sum`` of ``x`` over every pair but draw ``s``'s own.
+def _sums_of_other_groups(x: jax.Array, groups: tuple[int, ...]) -> jax.Array:
+    """For antithetic draws: ``sum`` of ``x`` over every group of draws but draw ``s``'s own.
 
-    Draw ``s < h`` and draw ``s + h`` are a pair (``h = ceil(S / 2)``; with S
-    odd, draw ``h - 1`` is alone). Leaving the partner out too keeps the sum
-    independent of draw ``s``.
+    ``groups[s]`` is the base draw that draw ``s`` reflects (its pair, or
+    its four sign combinations for a low-rank family: :func:`antithetic_layout`).
+    Leaving the partners out too keeps the sum independent of draw ``s``.
     """
-    s = x.shape[0]
-    h = (s + 1) // 2
-    padded = jnp.concatenate([x, jnp.zeros((2 * h - s,), x.dtype)])
-    others = _sums_of_others(padded[:h] + padded[h:])
-    return jnp.concatenate([others, others])[:s]
+    ids = jnp.asarray(groups)
+    per_group = jax.ops.segment_sum(x, ids, num_segments=max(groups) + 1)
+    return _sums_of_others(per_group)[ids]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _stl_mix(paired, z_p, z_q, entropy):
+def _stl_mix(groups, z_p, z_q, entropy):
     """Identity. Its VJP weights the STL path term of ``log q`` at draw ``s`` by ``c_s``.
 
     ``z_p`` feeds ``log p``, ``z_q`` the parameter-stopped ``log q``, and
@@ -194,17 +193,18 @@ def _stl_mix(paired, z_p, z_q, entropy):
     path term's expectation is ``grad H``, as is either entropy term's, so
     ``c_s * (path term) + (1 - c_s) * (entropy term)`` is unbiased. At a
     Gaussian posterior (a posterior in the family) ``a_s = b_s`` and ``c_s =
-    1``: plain STL, as when S = 1. With ``paired`` (antithetic draws) the sums
-    leave out draw ``s``'s partner too, which is not independent of it.
+    1``: plain STL, as when S = 1. With ``groups`` (antithetic draws: the
+    base draw of each draw, a static tuple; None for independent draws) the
+    sums leave out draw ``s``'s partners too, which are not independent of it.
     """
     return z_p, z_q, entropy
 
 
-def _stl_mix_fwd(paired, z_p, z_q, entropy):
+def _stl_mix_fwd(groups, z_p, z_q, entropy):
     return (z_p, z_q, entropy), None
 
 
-def _stl_mix_bwd(paired, _, cts):
+def _stl_mix_bwd(groups, _, cts):
     ct_p, ct_q, ct_h = cts
     leaves_q = jax.tree_util.tree_leaves(ct_q)
     s = leaves_q[0].shape[0]
@@ -213,7 +213,10 @@ def _stl_mix_bwd(paired, _, cts):
         return jnp.sum(jnp.reshape(x, (s, -1)), axis=1)
 
     pairs = zip(jax.tree_util.tree_leaves(ct_p), leaves_q)
-    others = _sums_of_other_pairs if paired else _sums_of_others
+    if groups is None:
+        others = _sums_of_others
+    else:
+        others = functools.partial(_sums_of_other_groups, groups=groups)
     num = others(functools.reduce(jnp.add, [per_draw(-p * q) for p, q in pairs]))
     den = others(functools.reduce(jnp.add, [per_draw(q * q) for q in leaves_q]))
     ok = den > 0  # else no other draw (S = 1) or no STL cotangent: c = 1
@@ -229,17 +232,69 @@ def _stl_mix_bwd(paired, _, cts):
 _stl_mix.defvjp(_stl_mix_fwd, _stl_mix_bwd)
 
 
+def reflection_blocks(family: VariationalFamily, params: Any) -> tuple[int, int] | None:
+    """The sizes of the two independent blocks of q's base noise, where it has them.
+
+    A :class:`vijax.LowRankScale` draws ``z = mu + W eps_W + diag(s) eps_D``
+    (``eps_W`` of ``rank`` entries, then ``eps_D`` of ``dim``): returns
+    ``(rank, dim)``. None for any other Gaussian view (one block).
+    """
+    scale = family.to_gaussian(params).scale
+    if isinstance(scale, LowRankScale):
+        return scale.rank, scale.dim
+    return None
+
+
+def antithetic_layout(num_samples: int, blocked: bool) -> tuple[tuple[int, ...], tuple]:
+    """``(groups, signs)``: each draw's base draw and the signs of its noise blocks.
+
+    Without blocks, draws ``s`` and ``s + ceil(S / 2)`` are a pair
+    ``(+eps, -eps)`` (with S odd the last reflection is dropped). With two
+    blocks, ``S // 4`` base draws each give the four sign combinations
+    ``(+, +), (-, -), (+, -), (-, +)`` of ``(eps_W, eps_D)``, then what is
+    left (``S mod 4`` draws) is a pair and/or one single draw.
+    """
+    if not blocked:
+        half = (num_samples + 1) // 2
+        groups = (tuple(range(half)) * 2)[:num_samples]
+        signs = tuple([(1, 1)] * half + [(-1, -1)] * half)[:num_samples]
+        return groups, signs
+    quads, rest = divmod(num_samples, 4)
+    groups, signs = [], []
+    for b in range(quads):
+        groups += [b] * 4
+        signs += [(1, 1), (-1, -1), (1, -1), (-1, 1)]
+    if rest >= 2:
+        groups += [quads] * 2
+        signs += [(1, 1), (-1, -1)]
+    if rest % 2:
+        groups.append(max(groups, default=-1) + 1)
+        signs.append((1, 1))
+    return tuple(groups), tuple(signs)
+
+
 def antithetic_sample(
     key: jax.Array, params: Any, family: VariationalFamily, num_samples: int
 ) -> ArrayTree:
-    """``ceil(S / 2)`` draws of ``family.sample`` followed by their reflections through q's mean.
+    """Draws of q in reflected groups (:func:`antithetic_layout`).
 
     For a Gaussian ``z = mu + L eps``, the reflection ``2 mu - z = mu - L eps``
-    is the draw of ``-eps``: each half is a sample of q, and the terms of
+    is the draw of ``-eps``: ``ceil(S / 2)`` draws of ``family.sample``
+    followed by their reflections, each half a sample of q, and the terms of
     ``f(z)`` odd in ``eps`` cancel within a pair. With ``S`` odd the last
     reflection is dropped. ``mu`` is the family's Gaussian view's mean, so
     the reflections depend on ``params`` as the draws do (pathwise).
+
+    For a low-rank family (:func:`reflection_blocks`) each base draw
+    ``(eps_W, eps_D)`` gives its four sign combinations instead, each a
+    draw of q: on a quadratic ``log p`` the gradient with respect to the
+    factor ``W`` then holds only ``eps_W eps_W^T`` noise (the cross term
+    ``H diag(s) eps_D eps_W^T``, most of its noise at large d, cancels), and
+    with STL it vanishes at the family's optimum.
     """
+    blocks = reflection_blocks(family, params)
+    if blocks is not None:
+        return _blocked_sample(key, params, family, num_samples, blocks)
     half = (num_samples + 1) // 2
     z = family.sample(key, params, half)
     check_draws(family, z, half)
@@ -249,6 +304,21 @@ def antithetic_sample(
     return jax.tree_util.tree_map(
         lambda a, m: jnp.concatenate([a, (2 * m)[None].astype(a.dtype) - a])[:num_samples],
         z, mean)
+
+
+def _blocked_sample(key, params, family, num_samples: int, blocks) -> ArrayTree:
+    groups, signs = antithetic_layout(num_samples, True)
+    g = family.to_gaussian(params)
+    rank, dim = blocks
+    eps = jax.random.normal(key, (max(groups) + 1, rank + dim), g.mean.dtype)
+    flips = jnp.asarray([[a] * rank + [b] * dim for a, b in signs], g.mean.dtype)
+    flat = g.mean[None, :] + g.scale.apply(eps[jnp.asarray(groups)] * flips)
+    shapes = jax.eval_shape(lambda: family.sample(key, params, 1))
+    example = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape[1:], a.dtype), shapes)
+    unravel = jax.flatten_util.ravel_pytree(example)[1]
+    z = jax.vmap(unravel)(flat)
+    check_draws(family, z, num_samples)
+    return z
 
 
 def sample_with_log_prob(
@@ -301,13 +371,16 @@ def draw(
     )
     if not (pathwise and adaptive):
         return z, batched_log_joint(log_joint, z, num_samples), None, log_q
+    groups = None
+    if antithetic:
+        groups = antithetic_layout(num_samples, reflection_blocks(family, params) is not None)[0]
     if family.entropy is not None or family.to_gaussian is not None:
         z_p, z_stl, entropy = _stl_mix(
-            antithetic, z, z, entropy_fn(family, "adaptive_stl")(params))
+            groups, z, z, entropy_fn(family, "adaptive_stl")(params))
     elif log_q is not None:
         # No closed form, but log q of the draws came with them (a flow): the
         # Monte Carlo entropy -mean(log q) is the unbiased alternative.
-        z_p, z_stl, mixed = _stl_mix(antithetic, z, z, log_q)
+        z_p, z_stl, mixed = _stl_mix(groups, z, z, log_q)
         entropy = -jnp.mean(mixed)
     else:
         # Neither: plain STL (no entropy term, no dtype promotion).
@@ -480,9 +553,16 @@ def elbo(
         gradient with respect to the mean is exact, and near any posterior
         its noise shrinks with the third derivative instead of the second.
         The scale's gradient gets only ``ceil(S / 2)`` independent draws, so
-        its noise grows by up to twice. Needs a family with a Gaussian view
+        its noise grows by up to twice. For :func:`vijax.low_rank` (``z = mu +
+        W eps_W + diag(s) eps_D``) the draws come in fours instead, every sign
+        combination of ``(eps_W, eps_D)``: the mean's gradient is still exact
+        on a quadratic ``log p`` (with ``S`` a multiple of 4, or 2 more), and
+        the factor's gradient loses the term ``H diag(s) eps_D eps_W^T``, which
+        dominates its noise at large d (with ``"stl"`` it is zero at the
+        family's optimum on a Gaussian target), for ``S / 4`` independent
+        draws of ``eps_D``. Needs a family with a Gaussian view
         (``to_gaussian``) and a pathwise estimator (not ``"score"``). With
-        ``"adaptive_stl"`` the weight of draw ``s`` leaves its partner out too.
+        ``"adaptive_stl"`` the weight of draw ``s`` leaves its partners out too.
 
     Returns:
       A scalar ELBO estimate (a bound: larger is better).
