@@ -554,11 +554,11 @@ class AdaptiveStop:
         w = na / (na + nb)
         pooled = jax.tree_util.tree_map(lambda x, y: (w * x + (1.0 - w) * y).astype(y.dtype),
                                         a, b)
-        if _find_states(state.opt_state)[0].space_average is not None:
-            params = _find_states(state.opt_state)[0].average
-            pooled = jax.tree_util.tree_map(lambda p, q: jnp.asarray(q, p.dtype), params,
-                                            self._family.average_space[1](pooled))
-        return pooled
+        avg = _find_states(state.opt_state)[0]
+        if avg.space_average is None:
+            return pooled
+        return jax.tree_util.tree_map(lambda p, q: jnp.asarray(q, p.dtype), avg.average,
+                                      self._family.average_space[1](pooled))
 
     def _with_pooled(self, state, chosen, *, salt: int) -> Any:
         """``chosen``, or the pooled average of the last two stages where it scores higher."""
