@@ -137,3 +137,43 @@ def test_low_rank_optimum_at_full_rank_is_the_full_rank_optimum():
     assert ref["elbo"] == pytest.approx(full, abs=1e-7)
     mf = _problems._logistic_reference(x, y, "mean_field")["elbo"]
     assert ref["elbo"] >= mf - 1e-9
+
+
+def test_low_rank_optimum_returns_its_moments():
+    """The optimum's mean and marginal sds: at rank = d, BLR's are the posterior's."""
+    x, y = _problems._data("blr", 8, 3, 1)
+    ref = _problems.low_rank_optimum("blr", x, y, 3)
+    cov = np.linalg.inv(x.T @ x + np.eye(3))  # NumPy reference (d = 3)
+    np.testing.assert_allclose(ref["mean"], cov @ x.T @ y, rtol=1e-10)
+    np.testing.assert_allclose(ref["sd"], np.sqrt(np.diagonal(cov)), rtol=1e-5)
+    x, y = _problems._data("logistic", 20, 3, 1)
+    full = _problems._logistic_reference(x, y, "full_rank")
+    ref = _problems.low_rank_optimum("logistic", x, y, 3)
+    np.testing.assert_allclose(ref["mean"], full["mean"], atol=1e-5)
+    np.testing.assert_allclose(ref["sd"], full["sd"], rtol=1e-4)
+
+
+@pytest.mark.parametrize("n, d", [(30, 12), (8, 20)])
+def test_blr_variance_noise_matches_the_dense_formula_and_monte_carlo(n, d):
+    """``r_i = 2 + sum_{j != i} rho_ij^2``, and it is the variance of a pair's curvature estimate.
+
+    The dense reference forms ``H = I + X^T X``; the Monte Carlo draws
+    ``eps`` and computes ``eps_i (H (sd * eps))_i / sd_i / H_ii`` at the
+    mean-field optimum ``sd = H_ii^(-1/2)``: its variance is ``r_i``,
+    checked within 5 standard errors (the variance's s.e. from the fourth
+    moment, computed here).
+    """
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((n, d)) * rng.uniform(0.3, 2.0, size=d)
+    r = _problems.blr_variance_noise(x)
+    h = np.eye(d) + x.T @ x
+    rho = h / np.sqrt(np.outer(np.diagonal(h), np.diagonal(h)))
+    np.testing.assert_allclose(r, 2.0 + np.sum(rho**2, axis=1) - 1.0, rtol=1e-10)
+    sd = 1.0 / np.sqrt(np.diagonal(h))
+    eps = rng.standard_normal((200_000, d))
+    est = eps * ((eps * sd) @ h) / sd / np.diagonal(h)
+    assert np.allclose(est.mean(axis=0), 1.0, atol=5 * np.sqrt(r / eps.shape[0]))
+    centred = est - est.mean(axis=0)
+    var = np.mean(centred**2, axis=0)
+    se = np.sqrt((np.mean(centred**4, axis=0) - var**2) / eps.shape[0])
+    assert np.all(np.abs(var - r) < 5 * se)

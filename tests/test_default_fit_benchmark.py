@@ -81,6 +81,12 @@ def test_quick_run_reports_consistent_rows(tmp_path):
                     assert v == pytest.approx(m["value"], abs=1e-9)
                 assert r["converged"] == (v <= df.TOL)
                 assert r["converged_tight"] == (v <= df.KL_TOL)
+                # Issue #19's moments yardstick, against the same optimum.
+                fm = r["family_moments"]
+                assert r["converged_moments"] == fm["reached"] == (
+                    fm["max_mean_err"] <= 0.05 and fm["sd_ratio_min"] >= 0.9
+                    and fm["sd_ratio_max"] <= 1.1)
+                assert "noise_floor" not in r  # d = 20: independent draws
             assert isinstance(m["reached"], bool)
             assert r["khat"] is None or isinstance(r["khat"], (float, str))
         if prob["kind"] == "zoo":
@@ -99,7 +105,7 @@ def test_quick_run_reports_consistent_rows(tmp_path):
         rows = [line for line in md.splitlines()
                 if line.startswith(f"| {prob['name']} | {prob['d']} |")]
         assert len(rows) == len(prob["rows"])
-        assert all(row.count("|") == 15 for row in rows)
+        assert all(row.count("|") == 16 for row in rows)
         for g in prob["groups"]:
             assert f"**{prob['name']}** ({df.FAMILY[g]})" in md
 
@@ -116,3 +122,19 @@ def test_low_rank_rows_are_judged_against_their_own_family_optimum():
     row = {"group": "mean_field", "measure": {"value": 0.004, "reached": True}}
     df.judge(row, "blr")
     assert row["converged"] is True and row["converged_tight"] is True
+
+
+def test_moments_verdict_and_noise_floor():
+    """``converged_moments`` follows the moments; the floor is sum(r) / (2 E) nats."""
+    row = {"group": "mean_field", "measure": {"value": 0.3, "reached": False},
+           "family_moments": {"max_mean_err": 0.01, "sd_ratio_min": 0.97,
+                              "sd_ratio_max": 1.02, "reached": True}}
+    df.judge(row, "blr")
+    assert row["converged"] is False and row["converged_moments"] is True
+    assert df._moments_cell(row) == "0.01; 0.970-1.020"
+    row["family_moments"] = dict(row["family_moments"], sd_ratio_max=1.2, reached=False)
+    df.judge(row, "blr")
+    assert row["converged_moments"] is False and df._moments_cell(row).startswith("**")
+    floor = df.noise_floor(12_000.0, 600_000)
+    assert floor["gap"] == pytest.approx(0.01)
+    assert floor["evals_for_tol"] == 120_000  # 12,000 / (2 x 0.05)

@@ -125,3 +125,20 @@ def test_small_run_reports_consistent_rows(tmp_path):
     assert len(rows) == len(runs)
     assert all(row.count("|") == 10 for row in rows)
     assert "**blr_d20** (full-rank)" in md and "**blr_d20** (mean-field)" in md
+
+
+def test_moments_against_and_the_blr_posterior_sd():
+    """``moments_against`` reads means in the reference's sds and sd ratios; the posterior sd both ways."""
+    q = h2h.q_low_rank(np.array([0.0, 1.0, 2.0]), np.array([[0.3], [0.0], [0.4]]),
+                       np.array([0.4, 1.0, 0.3]))
+    m = h2h.moments_against(q, np.array([0.01, 1.0, 2.0]), np.array([0.5, 1.05, 0.5]))
+    # sds: sqrt(0.16 + 0.09) = 0.5, 1.0, sqrt(0.09 + 0.16) = 0.5.
+    assert m["max_mean_err"] == pytest.approx(0.02)
+    assert m["sd_ratio_min"] == pytest.approx(1.0 / 1.05) and m["sd_ratio_max"] == pytest.approx(1.0)
+    assert m["reached"] is True
+    assert h2h.moments_against(q, q.mean, np.array([0.5, 1.2, 0.5]))["reached"] is False
+    rng = np.random.default_rng(3)
+    for n, d in ((30, 6), (6, 30)):  # both sides of the Woodbury switch
+        x = rng.standard_normal((n, d))
+        ref = np.sqrt(np.diagonal(np.linalg.inv(np.eye(d) + x.T @ x)))  # NumPy reference
+        np.testing.assert_allclose(h2h._blr_posterior_sd(x), ref, rtol=1e-10)
