@@ -58,11 +58,14 @@ as ``VijaxRunner.khat``).
   rows against the mean-field optimum, which any reasonable rank-5 q beats
   (by 3.7 nats at BLR d = 1000, 17 at d = 10^4), so "converged" there did not
   say the low-rank family had converged. Beside the gap, issue #19's own
-  yardstick against the same optimum: q's means within 0.05 of the
-  optimum's sds and its marginal sds within 10% of the optimum's
-  (``Problem.family_moments``, ``head_to_head.moments_against``). The nats
-  test is the stricter one at large d: 0.05 nats over d = 10^4 variances is
-  about 0.45% rms error in each.
+  yardstick against the same optimum: q's means within 0.05 posterior sds
+  of the optimum's (logistic: the mean-field optimum's sds, which are
+  smaller) and its marginal sds within 10% of the optimum's, except for
+  low-rank, whose optimal marginals are not identified where the
+  posterior's largest variances tie (``Problem.family_moments``,
+  ``head_to_head.moments_against``). The nats test is the stricter one at
+  large d: 0.05 nats over d = 10^4 variances is about 0.45% rms error in
+  each.
 * Mean-field BLR with paired draws (d >= 1000): the noise floor
   ``sum_i r_i / (2 E)`` nats after the row's E gradient evaluations
   (``_problems.blr_variance_noise``): no fit that updates each variance from
@@ -397,7 +400,7 @@ def judge(row: dict, kind: str) -> None:
         row["converged"] = bool(math.isfinite(v) and v <= TOL)
         row["converged_tight"] = bool(math.isfinite(v) and v <= KL_TOL)
         if row.get("family_moments") is not None:
-            row["converged_moments"] = bool(row["family_moments"]["reached"])
+            row["converged_moments"] = row["family_moments"]["reached"]
 
 
 # ============================================================ head_to_head's Adam
@@ -517,6 +520,8 @@ def _moments_cell(r: dict) -> str:
     m = r.get("family_moments")
     if not m:
         return "—"
+    if m["sd_ratio_min"] is None:  # sds not identified: the means only
+        return f"{h2h._g(m['max_mean_err'], 2)}; —"
     cell = f"{h2h._g(m['max_mean_err'], 2)}; {m['sd_ratio_min']:.3f}-{m['sd_ratio_max']:.3f}"
     return cell if m["reached"] else f"**{cell}**"
 
@@ -560,13 +565,17 @@ def verdict_lines(prob: dict) -> list:
             what = (f"gap {gaps} nats ({n_tight}/{len(rows)} within head_to_head's "
                     f"{KL_TOL:g})")
             moments = [r["family_moments"] for r in rows if r.get("family_moments")]
-            if moments:
+            worst = h2h._g(max((m["max_mean_err"] for m in moments), default=None), 2)
+            if moments and all(m["reached"] is not None for m in moments):
                 n_mom = sum(m["reached"] for m in moments)
-                what += (f"; means and sds against the optimum's: {n_mom}/{len(moments)} "
+                what += (f"; moments against the optimum's: {n_mom}/{len(moments)} "
                          f"within {h2h.ZOO_MEAN_TOL:g} sds and {h2h.ZOO_SD_TOL:.0%} (worst "
-                         f"mean error {h2h._g(max(m['max_mean_err'] for m in moments), 2)} "
-                         f"sds, sd ratios {min(m['sd_ratio_min'] for m in moments):.3f}"
+                         f"mean error {worst} sds, sd ratios "
+                         f"{min(m['sd_ratio_min'] for m in moments):.3f}"
                          f"-{max(m['sd_ratio_max'] for m in moments):.3f})")
+            elif moments:
+                what += (f"; worst mean error {worst} sds (the rank-{h2h.RANK} optimum's "
+                         "sds are not identified)")
             floors = [r["noise_floor"] for r in rows if r.get("noise_floor")]
             if floors and not all(r["converged"] for r in rows):
                 what += (f"; noise floor at these evaluations {', '.join(h2h._g(f['gap'], 2) for f in floors)} "
@@ -649,8 +658,9 @@ def markdown(results: dict) -> str:
            "low-rank rows is still measured against the mean-field optimum"
            if own_optimum else "low-rank against the mean-field optimum")
         + ")"
-        + ("; also for BLR / logistic, means within 0.05 of the family optimum's sds and "
-           "marginal sds within 10% of its (issue #19's yardstick; `head_to_head."
+        + ("; also for BLR / logistic, issue #19's moments against the family optimum "
+           "(means within 0.05 posterior sds, or the mean-field optimum's for logistic, and "
+           "marginal sds within 10% of the optimum's where identified; `head_to_head."
            "moments_against`), and for mean-field BLR in pairs the noise floor sum_i r_i "
            "/ (2 E) nats after E gradient evaluations (`_problems.blr_variance_noise`: the "
            "least gap any per-coordinate average of those draws allows)" if moments else "")
@@ -690,9 +700,12 @@ def markdown(results: dict) -> str:
     lines += [
         "", "## Every fit", "",
         "Gap: BLR / logistic, nats above the family's optimum (exact); zoo, ELBO(reference) "
-        "- ELBO(q) ± s.e. Moments vs optimum (BLR / logistic): the largest mean error in "
-        "the optimum's sds; the lowest-highest ratio of q's marginal sds to the optimum's "
-        f"(bold: beyond {h2h.ZOO_MEAN_TOL:g} sds or {h2h.ZOO_SD_TOL:.0%}). Evals: gradient + the rule's forward evaluations. The final step "
+        "- ELBO(q) ± s.e. Moments vs optimum (BLR / logistic): the largest error of q's "
+        "means against the family optimum's, in posterior sds (BLR) or the mean-field "
+        "optimum's (logistic); the lowest-highest ratio of q's marginal sds to the "
+        f"optimum's (bold: beyond {h2h.ZOO_MEAN_TOL:g} sds or {h2h.ZOO_SD_TOL:.0%}; — for "
+        "low-rank, whose optimal marginals are not identified where the posterior's largest "
+        "variances tie). Evals: gradient + the rule's forward evaluations. The final step "
         "is scale x the first step (Adam's learning rate). Adam: head_to_head's best-tuned Adam, evaluations to its "
         "target (bold) or not reached, and its best accuracy within its budget.",
         "",

@@ -135,6 +135,11 @@ def test_moments_verdict_and_noise_floor():
     row["family_moments"] = dict(row["family_moments"], sd_ratio_max=1.2, reached=False)
     df.judge(row, "blr")
     assert row["converged_moments"] is False and df._moments_cell(row).startswith("**")
+    row = {"group": "low_rank", "measure": {"value": -3.0, "reached": True}, "family_gap": 0.3,
+           "family_moments": {"max_mean_err": 0.02, "sd_ratio_min": None,
+                              "sd_ratio_max": None, "reached": None}}
+    df.judge(row, "blr")
+    assert row["converged_moments"] is None and df._moments_cell(row) == "0.02; —"
     floor = df.noise_floor(12_000.0, 600_000)
     assert floor["gap"] == pytest.approx(0.01)
     assert floor["evals_for_tol"] == 120_000  # 12,000 / (2 x 0.05)

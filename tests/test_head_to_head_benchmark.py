@@ -128,15 +128,21 @@ def test_small_run_reports_consistent_rows(tmp_path):
 
 
 def test_moments_against_and_the_blr_posterior_sd():
-    """``moments_against`` reads means in the reference's sds and sd ratios; the posterior sd both ways."""
+    """``moments_against`` reads means in the given units and sd ratios; the posterior sd both ways."""
     q = h2h.q_low_rank(np.array([0.0, 1.0, 2.0]), np.array([[0.3], [0.0], [0.4]]),
                        np.array([0.4, 1.0, 0.3]))
-    m = h2h.moments_against(q, np.array([0.01, 1.0, 2.0]), np.array([0.5, 1.05, 0.5]))
+    unit = np.array([0.5, 2.0, 1.0])
+    m = h2h.moments_against(q, np.array([0.01, 1.0, 2.06]), unit, np.array([0.5, 1.05, 0.5]))
     # sds: sqrt(0.16 + 0.09) = 0.5, 1.0, sqrt(0.09 + 0.16) = 0.5.
-    assert m["max_mean_err"] == pytest.approx(0.02)
+    assert m["max_mean_err"] == pytest.approx(0.06)
     assert m["sd_ratio_min"] == pytest.approx(1.0 / 1.05) and m["sd_ratio_max"] == pytest.approx(1.0)
-    assert m["reached"] is True
-    assert h2h.moments_against(q, q.mean, np.array([0.5, 1.2, 0.5]))["reached"] is False
+    assert m["reached"] is False  # 0.06 units > 0.05
+    m = h2h.moments_against(q, np.array([0.01, 1.0, 2.0]), unit, np.array([0.5, 1.05, 0.5]))
+    assert m["max_mean_err"] == pytest.approx(0.02) and m["reached"] is True
+    assert h2h.moments_against(q, q.mean, unit, np.array([0.5, 1.2, 0.5]))["reached"] is False
+    # Without reference sds: the means only, no verdict.
+    m = h2h.moments_against(q, q.mean, unit)
+    assert m["max_mean_err"] == 0.0 and m["sd_ratio_min"] is None and m["reached"] is None
     rng = np.random.default_rng(3)
     for n, d in ((30, 6), (6, 30)):  # both sides of the Woodbury switch
         x = rng.standard_normal((n, d))
