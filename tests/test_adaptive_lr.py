@@ -405,3 +405,26 @@ def test_an_average_in_a_space_the_rule_does_not_know_is_not_pooled(x64):
     assert rule._average_of(state) is None
     rule._previous = (family.average_space[0](params), 5)
     assert rule._pooled(state) is None
+
+
+def test_the_default_moves_the_low_rank_factor_in_units_of_the_diagonal_sds():
+    """``default_optimizer`` for LowRankParams: Adam's update, the factor's rows times softplus(raw)."""
+    family = vijax.low_rank(rank=2)
+    params = family.init(jnp.zeros(6))
+    params = params._replace(raw_scale=jnp.linspace(-3.0, 1.0, 6),
+                             cov_factor=jnp.arange(12.0).reshape(6, 2) / 10)
+    grads = jax.tree_util.tree_map(lambda x: jnp.sin(3.0 * x + 1.0), params)
+    opt = _drivers.default_optimizer(params)
+    assert opt is _drivers.default_optimizer(params)
+    assert opt is not _drivers.default_optimizer(vijax.mean_field().init(jnp.zeros(6)))
+    got = opt.update(grads, opt.init(params), params)[0]
+    lr = _drivers.default_learning_rate(params)
+    adam = optax.adam(lr)
+    want = adam.update(grads, adam.init(params), params)[0]
+    sd = np.log1p(np.exp(np.asarray(params.raw_scale)))
+    np.testing.assert_allclose(got.cov_factor, np.asarray(want.cov_factor) * sd[:, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(got.raw_scale, want.raw_scale, rtol=1e-6)
+    np.testing.assert_allclose(got.loc, want.loc, rtol=1e-6)
+    with pytest.raises(ValueError, match="needs `params`"):
+        _drivers.factor_in_sd_units().update(grads, optax.EmptyState())

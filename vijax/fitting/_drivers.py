@@ -14,6 +14,7 @@ import optax
 from vijax import _checks
 from vijax._cache import LRU
 from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
+from vijax.families._gaussian import LowRankParams
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
     check_resume_key,
@@ -136,12 +137,46 @@ def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
     return antithetic_allowed(family, estimator)
 
 
+def factor_in_sd_units() -> optax.GradientTransformation:
+    """Multiplies the updates of a low-rank factor ``W`` by the diagonal's sds, row by row.
+
+    For :class:`vijax.LowRankParams` (``cov = W W^T + diag(sd^2)``): after
+    Adam, whose steps are about its learning rate in every entry, row i of
+    ``W``'s update is scaled by ``sd_i = softplus(raw_scale_i)``, so ``W``
+    moves in units of the posterior's scale, as the full-rank family's
+    dimensionless factor does. ``W``'s entries are about ``sd_i`` times a
+    dimensionless number (a direction of extra variance spread over d
+    coordinates); an unscaled step of 0.053 against entries near 0.01 (BLR
+    at d = 10^4, where sd is about 0.03) left the last iterate 10^5 nats
+    from the optimum and the average 6.8. Other parameters pass unchanged.
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("factor_in_sd_units needs `params` in update (the current sds).")
+        sd = jax.nn.softplus(params.raw_scale)
+        factor = updates.cov_factor * sd[:, None].astype(updates.cov_factor.dtype)
+        return updates._replace(cov_factor=factor), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def default_optimizer(params: Any = None) -> optax.GradientTransformation:
     """``fit``'s optimizer when none is given: ``adaptive_lr(optax.adam(default_learning_rate(params)))``.
 
-    One object per learning rate, so that repeated fits reuse the compiled chunk.
+    For the low-rank family (:class:`vijax.LowRankParams`), Adam's updates of
+    the factor are then scaled by the diagonal's sds
+    (:func:`factor_in_sd_units`). One object per learning rate and kind, so
+    that repeated fits reuse the compiled chunk.
     """
     lr = DEFAULT_LEARNING_RATE if params is None else default_learning_rate(params)
+    if isinstance(params, LowRankParams):
+        return _defaults.get((lr, "low_rank"), lambda: adaptive_lr(
+            optax.chain(optax.adam(lr), factor_in_sd_units())))
     return _defaults.get(lr, lambda: adaptive_lr(optax.adam(lr)))
 
 
@@ -300,7 +335,9 @@ def fit(
     ``vijax.adaptive_lr(optax.adam(lr))`` with ``auto_stop``, from
     ``lr = 0.1`` for mean-field, lower for families with more parameters per
     latent dimension (``0.1 * sqrt(2 d / P)``: 0.014 for full rank at
-    d = 100; :func:`vijax.fitting._drivers.default_learning_rate`). The run is cut
+    d = 100; :func:`vijax.fitting._drivers.default_learning_rate`); for the
+    low-rank family, Adam's steps on the factor ``W`` are scaled by the
+    diagonal's sds (:func:`vijax.fitting._drivers.factor_in_sd_units`). The run is cut
     into stages at a constant step; a stage ends where the rule above, at
     0.35 times its tolerance (0.0175 nats, judged on the point estimates
     where 4096 draws leave it in doubt), finds the iterates stationary (and

@@ -72,7 +72,9 @@ def adaptive_lr(
     less than ``0.025`` nats on the one before (RAABBVI, Welandawe et al.
     2022). ``vijax.fit`` without an ``optimizer`` uses
     ``adaptive_lr(optax.adam(lr))`` this way, ``lr = 0.1 * min(1, sqrt(2 d / P))``
-    (:func:`vijax.fitting._drivers.default_learning_rate`).
+    (:func:`vijax.fitting._drivers.default_learning_rate`; for the low-rank
+    family with the factor's steps in units of the diagonal's sds,
+    :func:`vijax.fitting._drivers.factor_in_sd_units`).
 
     Not for ``vijax.natural_gradient``: its step size enters the precision
     update, not as a last factor, and scaling its updates would break the
