@@ -822,7 +822,10 @@ def main(argv=None) -> dict:
             default_optimizer=("vijax.adaptive_lr(optax.adam(lr))" + (
                 ", lr = vijax.fitting._drivers.default_learning_rate(init)"
                 if hasattr(_drivers, "default_learning_rate") else
-                f", lr = {_drivers.DEFAULT_LEARNING_RATE:g}")), problems=names,
+                f", lr = {_drivers.DEFAULT_LEARNING_RATE:g}") + (
+                "; for low-rank, Adam's steps on the factor times the diagonal's sds "
+                "(`vijax.fitting._drivers.factor_in_sd_units`)"
+                if hasattr(_drivers, "factor_in_sd_units") else "")), problems=names,
             env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "JAX_PLATFORMS")}),
         "machine": _machine.describe(),
         "versions": zoo_accuracy._versions(),
