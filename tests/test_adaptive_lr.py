@@ -425,6 +425,40 @@ def test_the_default_moves_the_low_rank_factor_in_units_of_the_diagonal_sds():
     np.testing.assert_allclose(got.cov_factor, np.asarray(want.cov_factor) * sd[:, None],
                                rtol=1e-6)
     np.testing.assert_allclose(got.raw_scale, want.raw_scale, rtol=1e-6)
-    np.testing.assert_allclose(got.loc, want.loc, rtol=1e-6)
+    # The mean moves at the mean-field family's step (loc_steps_scaled).
+    np.testing.assert_allclose(got.loc, np.asarray(want.loc) * (0.1 / lr), rtol=1e-6)
     with pytest.raises(ValueError, match="needs `params`"):
         _drivers.factor_in_sd_units().update(grads, optax.EmptyState())
+
+
+@pytest.mark.parametrize("family", [vijax.mean_field(), vijax.full_rank()],
+                         ids=["mean_field", "full_rank"])
+def test_the_default_is_plain_adam_outside_the_low_rank_family(family):
+    """Mean-field and full-rank: Adam at the family's step on every parameter, mean included."""
+    params = family.init({"a": jnp.zeros(3), "b": jnp.zeros((2, 2))})
+    grads = jax.tree_util.tree_map(lambda x: jnp.cos(2.0 * x + 0.3), params)
+    lr = _drivers.default_learning_rate(params)
+    opt = _drivers.default_optimizer(params)
+    assert opt is _drivers.default_optimizer(params)
+    got = opt.update(grads, opt.init(params), params)[0]
+    want = optax.adam(lr).update(grads, optax.adam(lr).init(params), params)[0]
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_loc_steps_scaled_scales_the_mean_only():
+    params = vijax.full_rank().init({"a": jnp.zeros(3), "b": jnp.zeros(2)})
+    updates = jax.tree_util.tree_map(lambda x: jnp.cos(2.0 * x + 0.3), params)
+    got = _drivers.loc_steps_scaled(2.5).update(updates, optax.EmptyState())[0]
+    for name in params._fields:
+        for g, u in zip(jax.tree_util.tree_leaves(getattr(got, name)),
+                        jax.tree_util.tree_leaves(getattr(updates, name))):
+            np.testing.assert_allclose(g, np.asarray(u) * (2.5 if name == "loc" else 1.0),
+                                       rtol=1e-6)
+
+
+def test_loc_steps_scaled_checks_its_input():
+    with pytest.raises(ValueError, match="`ratio` must be a positive finite number; got -1.0"):
+        _drivers.loc_steps_scaled(-1.0)
+    with pytest.raises(ValueError, match="needs parameters with a `loc` field"):
+        _drivers.loc_steps_scaled(2.0).update({"w": jnp.ones(2)}, optax.EmptyState())
