@@ -825,7 +825,9 @@ def main(argv=None) -> dict:
                 f", lr = {_drivers.DEFAULT_LEARNING_RATE:g}") + (
                 "; for low-rank, Adam's steps on the factor times the diagonal's sds "
                 "(`vijax.fitting._drivers.factor_in_sd_units`)"
-                if hasattr(_drivers, "factor_in_sd_units") else "")), problems=names,
+                if hasattr(_drivers, "factor_in_sd_units") else "") + (
+                " and on the mean times 0.1 / lr (`vijax.fitting._drivers.loc_steps_scaled`)"
+                if hasattr(_drivers, "loc_steps_scaled") else "")), problems=names,
             env={k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "JAX_PLATFORMS")}),
         "machine": _machine.describe(),
         "versions": zoo_accuracy._versions(),
