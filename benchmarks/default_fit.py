@@ -600,9 +600,10 @@ def verdict_lines(prob: dict) -> list:
                         f"(best {_acc(prob, a.get('best'))})")
         if g == "low_rank":
             if all(r.get("family_gap") is not None for r in rows):
-                mf = ", ".join(h2h._g(r["measure"]["value"], 2) for r in rows)
+                mf = ", ".join(h2h._g(r["measure"].get("vs_mean_field", r["measure"]["value"]),
+                                      2) for r in rows)
                 what += (f" (against the rank-{h2h.RANK} family's own optimum; against the "
-                         f"mean-field optimum, as head_to_head measures it: {mf})")
+                         f"mean-field optimum: {mf})")
             else:
                 what += (" (against the mean-field optimum, as head_to_head measures it: a "
                          "negative gap is a q better than the best mean-field one, not a test "

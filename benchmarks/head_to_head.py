@@ -33,12 +33,15 @@ best accuracy seen within the caps, and the PSIS k-hat of the q reported.
   where the logit spread is at most 2, else softplus split into a closed-form
   part and a Gauss-Laguerre part), ELBO* the float64 L-BFGS optimum of
   ``_problems._logistic_reference``. Low-rank rows and Pathfinder are
-  measured against the *mean-field* optimum (whose KL is at least the
-  rank-k optimum's), i.e. "evaluations to be as good as the best
-  mean-field q"; ``Problem.family_gap`` measures a low-rank q against the
-  rank-``RANK`` family's own optimum (``_problems.low_rank_optimum``,
-  computed on first use: 4 to 160 s), which ``benchmarks.default_fit``
-  judges its low-rank rows by; ``Problem.family_moments`` compares q's
+  measured against the rank-``RANK`` family's own optimum
+  (``_problems.low_rank_optimum``, computed on first use, outside the
+  timed steps: 4 to 160 s), the gap above the mean-field optimum recorded
+  beside it (``vs_mean_field``). Pathfinder's q (diagonal plus rank up to
+  twice its L-BFGS history) is a larger family, so its target is "as good
+  as the best rank-``RANK`` q". (Reports before 2026-12-05 measured both
+  against the mean-field optimum, which any fair rank-k q beats.)
+  ``Problem.family_gap`` is the same gap, which ``benchmarks.default_fit``
+  judges its rows by; ``Problem.family_moments`` compares q's
   means with the family optimum's (in posterior sds for BLR, in the
   mean-field optimum's for logistic) and its marginal sds with the
   optimum's where those are identified (``moments_against``: the zoo's
@@ -513,12 +516,17 @@ def glm_problem(kind: str, d: int, n: int, *, budget: int, wall_cap: float,
                                        iterations=v["iterations"]) for k, v in refs.items()})
 
     def measure(q: Q, group: str) -> dict:
+        # Low-rank rows (and Pathfinder's) against the rank-RANK family's own
+        # optimum, with the gap above the mean-field optimum beside it.
         if not q.finite():
             return dict(value=math.inf, reached=False, note="non-finite q")
-        g = gap(q, group)
+        g = own_gap(q, group)
         if not math.isfinite(g):
             return dict(value=math.inf, reached=False, note="non-finite gap")
-        return dict(value=g, reached=g <= KL_TOL)
+        out = dict(value=g, reached=g <= KL_TOL)
+        if group == "low_rank":
+            out["vs_mean_field"] = gap(q, group)
+        return out
 
     def family_gap(q: Q, group: str) -> float:
         g = own_gap(q, group) if q.finite() else math.inf
@@ -1120,7 +1128,7 @@ def _ratio(a: Optional[dict], b: Optional[dict]) -> str:
 
 
 GROUP_NAMES = {"zoo": "any Gaussian", "mean_field": "mean-field",
-               "full_rank": "full-rank", "low_rank": "low-rank / Pathfinder (vs MF optimum)"}
+               "full_rank": "full-rank", "low_rank": f"low-rank / Pathfinder (vs the rank-{RANK} optimum)"}
 
 
 def verdict_groups(prob: dict) -> list:
@@ -1200,7 +1208,8 @@ def markdown(results: dict) -> str:
         f"Targets: zoo, every mean within {ZOO_MEAN_TOL} reference sds and every sd within "
         f"{ZOO_SD_TOL:.0%}; BLR / logistic, {KL_TOL:g} nats above the family's optimum "
         "(exact KL for BLR, the quadrature ELBO gap for logistic; low-rank and "
-        "Pathfinder rows against the mean-field optimum). Evaluations of log p: S = "
+        f"Pathfinder rows against the rank-{s['rank']} family's optimum, "
+        "`_problems.low_rank_optimum`). Evaluations of log p: S = "
         f"{s['num_samples']} per ELBO step, B per BaM / GSM / pBaM step, counted for "
         "Pathfinder. Adam is the best of the learning-rate sweep "
         f"({', '.join(f'{x:g}' for x in s['lrs'])}; at d >= 1000 "

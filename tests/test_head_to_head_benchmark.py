@@ -80,6 +80,18 @@ def test_blr_yardstick_is_the_exact_kl(x64, n):
     # variances 1 / P_ii, whose gap is therefore 0.
     best = h2h.q_diag(np.asarray(post.mean), 1 / np.sqrt(np.diagonal(prec)))
     assert abs(problem.measure(best, "mean_field")["value"]) < 1e-9
+    # Low-rank rows: above the rank-5 family's own optimum, and the gap above
+    # the mean-field optimum (0.5 (sum log P_ii - log det P)) beside it.
+    q, g = cases[2]
+    exact = float(vijax.gaussian_kl(g, post))
+    mf_optimum = 0.5 * (np.sum(np.log(np.diagonal(prec))) - np.linalg.slogdet(prec)[1])
+    own = h2h._problems.low_rank_optimum("blr", x, y, h2h.RANK)["kl"]
+    assert 0.0 < own < mf_optimum
+    m = problem.measure(q, "low_rank")
+    np.testing.assert_allclose(m["value"], exact - own, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(m["vs_mean_field"], exact - mf_optimum, rtol=1e-9, atol=1e-9)
+    assert m["reached"] == (m["value"] <= h2h.KL_TOL)
+    np.testing.assert_allclose(problem.family_gap(q, "low_rank"), m["value"], rtol=1e-12)
 
 
 @pytest.mark.slow
