@@ -74,7 +74,8 @@ def adaptive_lr(
     ``adaptive_lr(optax.adam(lr))`` this way, ``lr = 0.1 * min(1, sqrt(2 d / P))``
     (:func:`vijax.fitting._drivers.default_learning_rate`; for the low-rank
     family with the factor's steps in units of the diagonal's sds,
-    :func:`vijax.fitting._drivers.factor_in_sd_units`).
+    :func:`vijax.fitting._drivers.factor_in_sd_units`, and its mean's at 0.1,
+    :func:`vijax.fitting._drivers.loc_steps_scaled`).
 
     Not for ``vijax.natural_gradient``: its step size enters the precision
     update, not as a last factor, and scaling its updates would break the
