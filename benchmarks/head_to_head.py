@@ -38,8 +38,9 @@ best accuracy seen within the caps, and the PSIS k-hat of the q reported.
   timed steps: 4 to 160 s), the gap above the mean-field optimum recorded
   beside it (``vs_mean_field``). Pathfinder's q (diagonal plus rank up to
   twice its L-BFGS history) is a larger family, so its target is "as good
-  as the best rank-``RANK`` q". (Reports before 2026-12-05 measured both
-  against the mean-field optimum, which any fair rank-k q beats.)
+  as the best rank-``RANK`` q". (Rows run before vijax commit 03f9d46
+  measured both against the mean-field optimum, which any fair rank-k q
+  beats.)
   ``Problem.family_gap`` is the same gap, which ``benchmarks.default_fit``
   judges its rows by; ``Problem.family_moments`` compares q's
   means with the family optimum's (in posterior sds for BLR, in the

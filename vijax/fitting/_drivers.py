@@ -203,13 +203,14 @@ def default_optimizer(params: Any = None) -> optax.GradientTransformation:
     (:func:`factor_in_sd_units`). The mean's are multiplied by
     ``DEFAULT_LEARNING_RATE / default_learning_rate(params)``
     (:func:`loc_steps_scaled`), so the mean moves at the mean-field family's
-    step, 0.1, while the diagonal and the factor move at 0.053: on BLR at
-    d = 10^4 the mean at 0.053 was still 8.7 nats from the posterior mean
-    after 90 s (1.3 at 0.1). The full-rank family keeps one step for all
+    step, 0.1, while the diagonal and the factor move at 0.053: the mean has
+    d parameters in every family, and at 0.053 it was the slow part of
+    low-rank fits at large d. The full-rank family keeps one step for all
     its parameters: its mean at 0.1 (23 times its factor's step at d = 1000)
-    took BLR at d = 1000 twice the steps to stop. Measured in
-    ``benchmarks/results/cpu/default_fit.md``. One object per learning rate
-    and kind, so that repeated fits reuse the compiled chunk.
+    made BLR's fit slower, not faster. What each choice measured is in the
+    README's "No tuning" and ``benchmarks/results/cpu/default_fit.md``. One
+    object per learning rate and kind, so that repeated fits reuse the
+    compiled chunk.
     """
     lr = DEFAULT_LEARNING_RATE if params is None else default_learning_rate(params)
     if isinstance(params, LowRankParams):
