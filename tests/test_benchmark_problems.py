@@ -122,9 +122,20 @@ def test_low_rank_optimum_blr_matches_a_dense_scipy_search():
     # curvature start finds the optimum, where sd_0 -> 0 and F holds z_0.
     assert ref["rank"] == 1 and ref["spread"] > 0.05
     np.testing.assert_allclose(ref["kl"], best.fun, rtol=0, atol=1e-7)
+    assert ref["collapsed"] == 1 and ref["min_diagonal_share"] < 1e-3  # sd_0 -> 0
+    # The dense search's optimum agrees: the first coordinate's diagonal
+    # variance is a vanishing part of its marginal variance there.
+    assert np.exp(2 * best.x[0]) < 0.01 * (np.exp(2 * best.x[0]) + best.x[4] ** 2)
     # Strictly better than the mean-field optimum on this correlated posterior.
     assert ref["kl"] < _problems._blr_optimum_kl(_problems._blr_posterior(x, y))[
         "mean_field"] - 1e-3
+
+
+def test_low_rank_optimum_off_the_boundary_collapses_nothing():
+    """An optimum inside the family: every coordinate keeps a share of its variance in the diagonal."""
+    x, y = _problems._data("blr", 50, 6, 0)
+    ref = _problems.low_rank_optimum("blr", x, y, 1)
+    assert ref["collapsed"] == 0 and ref["min_diagonal_share"] > 0.1
 
 
 def test_low_rank_optimum_at_full_rank_is_the_full_rank_optimum():
