@@ -146,23 +146,19 @@ def factor_in_sd_units() -> optax.GradientTransformation:
     moves in units of the posterior's scale, as the full-rank family's
     dimensionless factor does. ``W``'s entries are about ``sd_i`` times a
     dimensionless number (a direction of extra variance spread over d
-    coordinates); an unscaled step of 0.053 against entries near 0.01 (BLR
-    at d = 10^4, where sd is about 0.03) left the last iterate 10^5 nats
-    from the optimum and the average 6.8. Other parameters pass unchanged.
+    coordinates), so an unscaled step can be many times an entry at large
+    d (measured in the README's "No tuning"). Other parameters pass
+    unchanged.
     """
 
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
+    def scale(updates, params):
         if params is None:
             raise ValueError("factor_in_sd_units needs `params` in update (the current sds).")
         sd = jax.nn.softplus(params.raw_scale)
         factor = updates.cov_factor * sd[:, None].astype(updates.cov_factor.dtype)
-        return updates._replace(cov_factor=factor), state
+        return updates._replace(cov_factor=factor)
 
-    return optax.GradientTransformation(init, update)
+    return optax.stateless(scale)
 
 
 def loc_steps_scaled(ratio: float) -> optax.GradientTransformation:
@@ -179,20 +175,16 @@ def loc_steps_scaled(ratio: float) -> optax.GradientTransformation:
     if not math.isfinite(ratio) or ratio <= 0:
         raise ValueError(f"`ratio` must be a positive finite number; got {ratio!r}.")
 
-    def init(params):
-        del params
-        return optax.EmptyState()
-
-    def update(updates, state, params=None):
+    def scale(updates, params):
         del params
         if getattr(updates, "loc", None) is None or not hasattr(updates, "_replace"):
             raise ValueError("loc_steps_scaled needs parameters with a `loc` field "
                              f"(a NamedTuple such as vijax.MeanFieldParams); got "
                              f"{type(updates).__name__}.")
         loc = jax.tree_util.tree_map(lambda u: u * jnp.asarray(ratio, u.dtype), updates.loc)
-        return updates._replace(loc=loc), state
+        return updates._replace(loc=loc)
 
-    return optax.GradientTransformation(init, update)
+    return optax.stateless(scale)
 
 
 def default_optimizer(params: Any = None) -> optax.GradientTransformation:
@@ -377,7 +369,8 @@ def fit(
     latent dimension (``0.1 * sqrt(2 d / P)``: 0.014 for full rank at
     d = 100; :func:`vijax.fitting._drivers.default_learning_rate`); for the
     low-rank family, Adam's steps on the factor ``W`` are scaled by the
-    diagonal's sds (:func:`vijax.fitting._drivers.factor_in_sd_units`). The run is cut
+    diagonal's sds (:func:`vijax.fitting._drivers.factor_in_sd_units`) and
+    its mean's kept at 0.1 (:func:`vijax.fitting._drivers.loc_steps_scaled`). The run is cut
     into stages at a constant step; a stage ends where the rule above, at
     0.35 times its tolerance (0.0175 nats, judged on the point estimates
     where 4096 draws leave it in doubt), finds the iterates stationary (and
