@@ -27,10 +27,12 @@ needs no tolerance in the user's units, because it measures progress in nats:
   before ``2a/3``, the gains are ``G2 = ELBO(c_t) - ELBO(c_a)`` and ``G1 =
   ELBO(c_a) - ELBO(c_b)``, with standard errors from the per-draw
   differences. A gain starts on 256 draws (64 before step 2048, where the
-  gains are large); while it is within ``Z = 2`` standard errors of
-  ``tol``, the candidates involved are scored again on four times as many
-  draws, up to 16384, so the draws are spent only where the decision is in
+  gains are large); while ``G2`` is within ``Z = 2`` standard errors of
+  ``tol``, its two candidates are scored again on more draws (4, 16, ...
+  times as many, the first that its standard error says may resolve it),
+  up to 16384, so the draws are spent only where the decision is in
   doubt; a gain that says "stop" is always confirmed on at least 4096.
+  ``c_b`` is scored on those draws too only when a stop hangs on ``G1``.
 * **Remaining gap.** If the gap to the optimum shrinks like a power of the
   step count (what averaging gives), gains over geometrically spaced windows
   form a geometric sequence, and Aitken's extrapolation ``G2**2 / (G1 - G2)``
@@ -179,6 +181,25 @@ def _gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(diff.size))
 
 
+def _more_draws(num: int, margin: float, se: float, max_draws: int, at_least: int = 0) -> int:
+    """The draws to score a gain on next, when ``num`` left it in doubt.
+
+    ``margin`` is the gain's distance from its threshold and ``se`` its
+    standard error on ``num`` draws. The standard error shrinks like
+    ``1 / sqrt(draws)``, so resolving the gain needs about ``num * (Z * se /
+    margin)**2`` draws: the next size is the first of ``num * REFINE**k``
+    (k >= 1) that reaches that, ``at_least``, or ``max_draws``. A gain that
+    ``REFINE`` times as many draws would not resolve goes straight to the
+    size that may, rather than through every size in between (each size
+    scores the candidates afresh).
+    """
+    need = max(float(at_least), num * (Z * se / abs(margin)) ** 2 if margin else math.inf)
+    nxt = num * REFINE
+    while nxt < need and nxt < max_draws:
+        nxt *= REFINE
+    return min(nxt, max_draws)
+
+
 def _same(a, b) -> bool:
     """Whether two parameter pytrees are the same arrays (not only equal values)."""
     la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
@@ -194,9 +215,11 @@ class AutoStop:
 
     A gain is first estimated on ``num_draws`` draws; while it is within two
     standard errors of ``tol`` (the decision is in doubt), the candidates
-    involved are scored again on four times as many draws, up to
+    involved are scored again on more draws (:func:`_more_draws`), up to
     ``max_draws``. Far from convergence the gains are large and the cheap
-    estimate decides; near it, the extra draws are spent only where needed.
+    estimate decides; near it, the extra draws are spent only where needed:
+    on the last gain's two candidates, and on the older reference only when
+    a stop depends on the gain before.
 
     A gain still in doubt on ``max_draws`` draws does not stop the fit,
     unless ``decide_at_limit``: then the point estimates decide, as if the
@@ -355,22 +378,37 @@ class AutoStop:
         # Older snapshots can never be a reference again.
         self._snapshots = [s for s in self._snapshots if s.step >= b.step]
         va, vb = self._score(key, a.params, num), self._score(key, b.params, num)
+        if not all(np.all(np.isfinite(v)) for v in (values, va, vb)):
+            return False
+        va_first, vb_num = va, num
         while True:
-            if not all(np.all(np.isfinite(v)) for v in (values, va, vb)):
-                return False
             g2, se2 = _gain(values, va)
             doubt = abs(g2 - self.tol) < Z * se2
             # A "stop" is always confirmed on at least CONFIRM_DRAWS draws.
             if num >= self.max_draws or not (doubt or (g2 < self.tol and num < CONFIRM_DRAWS)):
                 break
-            num = min(num * REFINE, self.max_draws)
-            values, va, vb = (self._score(key, p, num) for p in (params, a.params, b.params))
-        g1, se1 = _gain(va, vb)
+            num = _more_draws(num, g2 - self.tol, se2, self.max_draws,
+                              CONFIRM_DRAWS if g2 < self.tol else 0)
+            # Only the last gain decides whether to refine: the reference
+            # before it (b) is scored on these draws only if a stop hangs
+            # on the gain before (below).
+            values, va = self._score(key, params, num), self._score(key, a.params, num)
+            if not (np.all(np.isfinite(values)) and np.all(np.isfinite(va))):
+                return False
+        limit = self.decide_at_limit and num >= self.max_draws and abs(g2 - self.tol) < Z * se2
+        if g2 < self.tol and (limit or g2 + Z * se2 < self.tol) and vb_num != num:
+            # A stop now depends on the gain before: both its terms on the
+            # last gain's draws (common noise, as if b had been refined too).
+            vb, vb_num = self._score(key, b.params, num), num
+            if not np.all(np.isfinite(vb)):
+                return False
+        g1, se1 = _gain(va if vb_num == num else va_first, vb)
         # Aitken's extrapolation from the point estimates; the confidence
-        # bounds guard the gains themselves.
+        # bounds guard the gains themselves. (Where no stop hangs on it, G1
+        # is from the check's first draws, for the message only.)
         g2_pos = max(g2, 0.0)
         self.gap_estimate = g2_pos**2 / (g1 - g2_pos) if g1 > g2_pos else float("inf")
-        if self.decide_at_limit and num >= self.max_draws and abs(g2 - self.tol) < Z * se2:
+        if limit:
             # Unresolved on the most draws allowed: the point estimates decide.
             return g2 < self.tol and (g1 < self.tol or self.gap_estimate < GAP_TOL)
         if g2 + Z * se2 >= self.tol:
@@ -580,7 +618,7 @@ class AdaptiveStop:
             gain, se = _gain(a, b)
             if num >= MAX_DRAWS or abs(gain - STAGE_TOL * self.tol) >= Z * se:
                 return (new if gain > 0 else old), gain
-            num = min(num * REFINE, MAX_DRAWS)
+            num = _more_draws(num, gain - STAGE_TOL * self.tol, se, MAX_DRAWS)
 
     def _score(self, key, params, num: int) -> np.ndarray:
         self._spent += num
