@@ -380,7 +380,9 @@ class AutoStop:
         va, vb = self._score(key, a.params, num), self._score(key, b.params, num)
         if not all(np.all(np.isfinite(v)) for v in (values, va, vb)):
             return False
-        va_first, vb_num = va, num
+        # G1 on the check's first draws: for the message, and for the
+        # decision unless the refinement below rescores it.
+        first, (g1, se1) = num, _gain(va, vb)
         while True:
             g2, se2 = _gain(values, va)
             doubt = abs(g2 - self.tol) < Z * se2
@@ -389,23 +391,19 @@ class AutoStop:
                 break
             num = _more_draws(num, g2 - self.tol, se2, self.max_draws,
                               CONFIRM_DRAWS if g2 < self.tol else 0)
-            # Only the last gain decides whether to refine: the reference
-            # before it (b) is scored on these draws only if a stop hangs
-            # on the gain before (below).
             values, va = self._score(key, params, num), self._score(key, a.params, num)
             if not (np.all(np.isfinite(values)) and np.all(np.isfinite(va))):
                 return False
         limit = self.decide_at_limit and num >= self.max_draws and abs(g2 - self.tol) < Z * se2
-        if g2 < self.tol and (limit or g2 + Z * se2 < self.tol) and vb_num != num:
-            # A stop now depends on the gain before: both its terms on the
-            # last gain's draws (common noise, as if b had been refined too).
-            vb, vb_num = self._score(key, b.params, num), num
+        if num != first and g2 < self.tol and (limit or g2 + Z * se2 < self.tol):
+            # A stop now hangs on G1: b is scored on the last gain's draws
+            # (common noise with a's, as if it had been refined along).
+            vb = self._score(key, b.params, num)
             if not np.all(np.isfinite(vb)):
                 return False
-        g1, se1 = _gain(va if vb_num == num else va_first, vb)
+            g1, se1 = _gain(va, vb)
         # Aitken's extrapolation from the point estimates; the confidence
-        # bounds guard the gains themselves. (Where no stop hangs on it, G1
-        # is from the check's first draws, for the message only.)
+        # bounds guard the gains themselves.
         g2_pos = max(g2, 0.0)
         self.gap_estimate = g2_pos**2 / (g1 - g2_pos) if g1 > g2_pos else float("inf")
         if limit:
