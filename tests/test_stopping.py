@@ -285,6 +285,39 @@ def test_at_its_draw_limit_the_stage_rule_decides_on_the_point_estimates(monkeyp
     assert stage.decide_at_limit and stage.max_draws == _stopping.STAGE_MAX_DRAWS
     assert stage.tol == _stopping.STAGE_RULE_TOL * _stopping.TOL
     assert stage.max_fall == _stopping.TOL
+    assert stage.go_on_z == _stopping.STAGE_GO_ON_Z == 1.0
+
+
+@pytest.mark.parametrize("margin, go_on_z, more", [
+    # In doubt (within two standard errors of about 0.18 on 64 draws) but
+    # above the tolerance by more than one: goes on at once.
+    (0.27, 1.0, 0),
+    # The same gain without go_on_z: refined, on the 256 draws that
+    # _more_draws says may resolve it (64 * (2 * 0.18 / 0.27)^2 = 113), and
+    # resolved there.
+    (0.27, None, 256),
+    # Within one standard error above: refined, as it might end the stage
+    # (64 * (2 * 0.18 / 0.1)^2 = 830 -> 1024 draws).
+    (0.10, 1.0, 1024),
+])
+def test_the_stage_rule_goes_on_without_more_draws_where_a_gain_is_likely_above(
+        monkeypatch, margin, go_on_z, more):
+    """``go_on_z``: a gain above the tolerance by more than that many standard errors goes on."""
+    from vijax.fitting import _stopping
+
+    monkeypatch.setattr(_stopping, "_values", _fake_values)
+    opt = averaging(optax.sgd(0.1), jnp.zeros(()))
+    rule = _stopping.AutoStop(None, None, jax.random.key(0), tol=0.0175, max_draws=4096,
+                              decide_at_limit=True, go_on_z=go_on_z)
+    for step, c in ((100, 0.0), (150, 0.03)):
+        rule.record(_at(opt, c, step))
+    before = rule.num_evaluations
+    verdict = rule.check(_at(opt, 0.03 + 0.0175 + margin, 225))
+    assert verdict is False
+    # 64 draws for the candidate (last iterate and average), the best so
+    # far and the two references; then the candidate and the reference at
+    # 2t/3 on ``more`` draws each.
+    assert rule.num_evaluations - before == 5 * 64 + 2 * more
 
 
 @pytest.mark.parametrize("last, max_fall, stops", [
