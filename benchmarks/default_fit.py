@@ -135,6 +135,7 @@ from benchmarks import _machine, zoo_accuracy
 from benchmarks import head_to_head as h2h
 from vijax._objectives import draws_and_log_weights
 from vijax._objectives import DEFAULT_ESTIMATOR
+from vijax import _taylor
 from vijax.fitting import _drivers, _engine, _stopping
 from vijax.fitting._types import FitState
 
@@ -305,15 +306,18 @@ def reference_fit(problem, family, group: str, meter: ElboMeter, steps: int,
 
 # ============================================================ one default fit
 def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_cap: float,
-                antithetic: bool | None = None, log=print) -> tuple:
-    """One default ``vijax.fit`` call (``antithetic`` passed on; ``--antithetic``); returns ``(row, params)``."""
+                antithetic: bool | None = None, control_variate: str | None = None,
+                num_samples: int | None = None, log=print) -> tuple:
+    """One default ``vijax.fit`` call (``antithetic`` and ``control_variate`` passed on;
+    ``--antithetic``, ``--control-variate``); returns ``(row, params)``."""
     init = family.init(problem.latent)
     row = dict(group=group, seed=seed, max_steps=max_steps, wall_cap_s=wall_cap)
     t0 = time.perf_counter()
     with recording_rule(wall_cap) as made:
         try:
             res = vijax.fit(jax.random.key(seed), family, problem.log_joint, init,
-                            num_steps=max_steps, progress=False, antithetic=antithetic)
+                            num_steps=max_steps, progress=False, antithetic=antithetic,
+                            control_variate=control_variate, num_samples=num_samples)
             jax.block_until_ready(res.params)
             error = None
         except vijax.FitError as err:
@@ -337,9 +341,18 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     row["first_lr"] = (float(lr_of(init)) if lr_of is not None
                        else float(_drivers.DEFAULT_LEARNING_RATE))
     row["recoveries"] = [int(x) for x in getattr(rule, "recoveries", [])]
-    row["num_samples"] = _drivers.default_num_samples(init)
+    row["num_samples"] = num_samples or _drivers.default_num_samples(init)
     row["antithetic"] = bool(antithetic if antithetic is not None else
                              _drivers.default_antithetic(init, family, DEFAULT_ESTIMATOR))
+    control = res.state.control
+    if control is not None:  # "auto" by default (vijax.fitting._drivers.default_control_variate)
+        row.update(control_variate=control_variate or "auto",
+                   control_ratio=float(control.ratio), control_step=int(control.step))
+        if control_variate == "taylor":
+            # One Hessian-vector product per draw, and d per reference point.
+            every = _taylor.refresh_steps(problem.d, row["num_samples"])
+            row.update(refresh_every=every,
+                       hvp_evals=steps * row["num_samples"] + -(-steps // every) * problem.d)
     row.update(stopped_by=stopped, steps=steps, grad_evals=steps * row["num_samples"],
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),
@@ -436,7 +449,9 @@ def chosen_groups(problem, groups: list | None) -> list:
 
 def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
                 antithetic: bool | None = None, wall_cap: float | None = None,
-                groups: list | None = None, max_steps: int | None = None, log=print) -> dict:
+                groups: list | None = None, max_steps: int | None = None,
+                control_variate: str | None = None, num_samples: int | None = None,
+                log=print) -> dict:
     """Default fits of one problem for ``seeds`` (appending to ``state``, kept across passes).
 
     ``wall_cap`` and ``max_steps`` replace the protocol's caps (``--wall-cap``,
@@ -472,7 +487,9 @@ def run_problem(problem, seeds, *, quick: bool, h2h_rows: dict, state: dict,
                 f"{h2h._g(ref['measure']['value'])}")
         for seed in seeds:
             row, params = default_fit(problem, fam, group, seed, max_steps=max_steps,
-                                      wall_cap=cap, antithetic=antithetic, log=log)
+                                      wall_cap=cap, antithetic=antithetic,
+                                      control_variate=control_variate,
+                                      num_samples=num_samples, log=log)
             if kind == "zoo":
                 lw = slot["meter"](params)
                 row["elbo"] = float(np.mean(lw)) if np.all(np.isfinite(lw)) else math.nan
@@ -655,7 +672,12 @@ def markdown(results: dict) -> str:
            "`vijax.fitting._drivers.default_antithetic`"
            if s.get("antithetic_min_dim") and not s.get("antithetic") else "")
         + ") plus the rule's "
-        "forward-only evaluations of log p. Wall time: the one call, compilation included. Converged: "
+        "forward-only evaluations of log p (with a control variate, each draw costs a "
+        "Hessian-vector product more). Control variate: fit's default for mean-field and "
+        "low-rank, `control_variate=\"auto\"` (`vijax._taylor`), uses log p's second-order "
+        "expansion where its last probe left less than "
+        f"{_taylor.AUTO_MAX_RATIO:g} of the gradient's variation over q (shown: that share, "
+        "the step of the probe, on or off). Wall time: the one call, compilation included. Converged: "
         f"BLR / logistic, exact gap above the family's optimum <= {TOL} nats (the rule's "
         f"tolerance; also shown against head_to_head's {KL_TOL:g}; "
         + ("low-rank against the rank-5 family's own optimum, found by L-BFGS in float64 "
@@ -715,16 +737,17 @@ def markdown(results: dict) -> str:
         "is scale x the first step (Adam's learning rate). Adam: head_to_head's best-tuned Adam, evaluations to its "
         "target (bold) or not reached, and its best accuracy within its budget.",
         "",
-        "| problem | d | family | seed | stopped by | steps (S) | evals (grad + rule) | "
+        "| problem | d | family | seed | stopped by | steps (S) | control variate | "
+        "evals (grad + rule) | "
         "decreases (scale x first step) | wall s | accuracy | gap | converged | "
         "moments vs optimum | k-hat | best-tuned Adam |",
-        "|---|---:|---|---:|---|---:|---|---|---:|---|---|---|---|---:|---|",
+        "|---|---:|---|---:|---|---:|---|---|---|---:|---|---|---|---|---:|---|",
     ]
     for p in results["problems"]:
         for r in p["rows"]:
             lines.append(
                 f"| {p['name']} | {p['d']} | {r['group']} | {r['seed']} | {r['stopped_by']} | "
-                f"{r['steps']:,} ({r.get('num_samples', NUM_SAMPLES)}) | "
+                f"{r['steps']:,} ({r.get('num_samples', NUM_SAMPLES)}) | {_cv_cell(r)} | "
                 f"{r['grad_evals']:,} + {r['rule_evals']:,} | "
                 f"{_steps_cell(r)} | {r['wall_s']:.1f} | "
                 f"{_acc(p, r['measure'])} | {_gap_cell(p, r)} | {_conv_cell(p, r)} | "
@@ -737,6 +760,17 @@ def markdown(results: dict) -> str:
               f"at start {results.get('load_average_start')}. Total run time "
               f"{results.get('total_wall_s', 0):.0f} s.", ""]
     return "\n".join(lines)
+
+
+def _cv_cell(row: dict) -> str:
+    """The control variate's last probe: its ratio and whether that turns it on."""
+    ratio = row.get("control_ratio")
+    if row.get("control_variate") is None or ratio is None:
+        return "none"
+    if row["control_variate"] == "taylor":
+        return "taylor (always on)"
+    state = "on" if ratio < _taylor.AUTO_MAX_RATIO else "off"
+    return f"{h2h._g(ratio, 2)} at step {row.get('control_step', 0):,} ({state})"
 
 
 # ============================================================ driver
@@ -787,6 +821,10 @@ def main(argv=None) -> dict:
                         help="one step cap for every fit instead of the protocol's")
     parser.add_argument("--families", default=None,
                         help="comma-separated families to run (default: each problem's all)")
+    parser.add_argument("--control-variate", default=None, choices=_taylor.CONTROL_VARIATES,
+                        help="pass fit(control_variate=...) (vijax._taylor)")
+    parser.add_argument("--num-samples", type=int, default=None,
+                        help="pass fit(num_samples=...) instead of the default's")
     parser.add_argument("--render", default=None, help="only rewrite the .md of this .json")
     parser.add_argument("--resume", default=None,
                         help="a stored (partial) .json: its problems' seed-0 rows are kept, "
@@ -805,12 +843,16 @@ def main(argv=None) -> dict:
     seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds
              else list(QUICK["seeds"] if args.quick else SEEDS))
     stem = ("default_fit_quick" if args.quick else "default_fit") + (
-        "_antithetic" if args.antithetic else "") + ("_long" if args.wall_cap else "")
+        "_antithetic" if args.antithetic else "") + (
+        f"_{args.control_variate}" if args.control_variate else "") + (
+        f"_s{args.num_samples}" if args.num_samples else "") + (
+        "_long" if args.wall_cap else "")
     groups = args.families.split(",") if args.families else None
     h2h_rows = load_h2h(H2H_QUICK_JSON if args.quick else H2H_JSON)
     results = {
         "settings": dict(
-            quick=args.quick, antithetic=args.antithetic,
+            quick=args.quick, antithetic=args.antithetic, control_variate=args.control_variate,
+            num_samples_given=args.num_samples,
             antithetic_min_dim=_drivers.ANTITHETIC_MIN_DIM,
             num_samples=NUM_SAMPLES, tol=TOL,
             kl_tol=KL_TOL, z=Z,
@@ -893,7 +935,8 @@ def main(argv=None) -> dict:
         rec = run_problem(problem, first, quick=args.quick, h2h_rows=h2h_rows,
                           state=states[name], antithetic=args.antithetic or None,
                           wall_cap=args.wall_cap, groups=groups, max_steps=args.max_steps,
-                          log=log)
+                          control_variate=args.control_variate,
+                          num_samples=args.num_samples, log=log)
         results["problems"].append(rec)
         results["seeds_run"][name] = list(first)
         if rest and extra(problem):
@@ -919,7 +962,9 @@ def main(argv=None) -> dict:
         log(f"{name}, seeds {rest}  [{time.perf_counter() - start:.0f} s]")
         run_problem(problem, rest, quick=args.quick, h2h_rows=h2h_rows, state=states[name],
                     antithetic=args.antithetic or None, wall_cap=args.wall_cap,
-                    groups=groups, max_steps=args.max_steps, log=log)
+                    groups=groups, max_steps=args.max_steps,
+                    control_variate=args.control_variate, num_samples=args.num_samples,
+                    log=log)
         results["seeds_run"][name] = list(first) + list(rest)
         save()
     for rec in results["problems"]:  # rows of a problem in (family, seed) order

@@ -130,8 +130,10 @@ def test_the_default_fit_draws_pairs_from_d_1000():
 
     def run(d, **kw):
         init = family.init(jnp.zeros(d, jnp.float32))
+        # No control variate: it makes this quadratic target's gradient exact
+        # whatever the draws.
         res = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=3,
-                        progress=False, **kw)
+                        progress=False, control_variate=False, **kw)
         return _flat(res.params)
 
     big = run(1000)

@@ -20,6 +20,7 @@ module                         owns
 ``vijax.interop._arviz``       :func:`to_arviz` (optional extra ``arviz``)
 ``vijax._exact``               :func:`exact_kl`, :func:`exact_elbo`
 ``vijax._objectives``          :func:`elbo` and its estimators, :func:`iwae_bound`, :func:`renyi_bound`, :func:`estimator_gradients`
+``vijax._taylor``              :func:`taylor_reference`, :class:`TaylorReference` (the Taylor control variate)
 ``vijax._compare``             :func:`compare_gradients`, :class:`GradientComparison`
 ``vijax.fitting._types``       :class:`FitState`, :class:`FitInfo`, :class:`FitResult`, :class:`FitError`
 ``vijax.fitting._step``        :func:`make_step`, :func:`init_fit_state` (the pure optax step)
@@ -92,6 +93,8 @@ from vijax._objectives import elbo
 from vijax._objectives import estimator_gradients
 from vijax._objectives import iwae_bound
 from vijax._objectives import renyi_bound
+from vijax._taylor import TaylorReference
+from vijax._taylor import taylor_reference
 from vijax.optim._adaptive import AdaptiveLRState
 from vijax.optim._adaptive import adaptive_lr
 from vijax.optim._averaging import IterateAverageState
@@ -124,6 +127,7 @@ __all__ = [
     "NaturalGradientState",
     "PrecisionScale",
     "Summary",
+    "TaylorReference",
     "VariationalFamily",
     "adaptive_lr",
     "averaged_params",
@@ -166,5 +170,6 @@ __all__ = [
     "save_checkpoint",
     "slang",
     "summary",
+    "taylor_reference",
     "to_arviz",
 ]

@@ -25,7 +25,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 
-from vijax import _checks
+from vijax import _checks, _taylor
 from vijax._gaussian import LowRankScale
 from vijax.families._protocol import (
     VariationalFamily,
@@ -463,11 +463,14 @@ def surrogates(
 
 
 def _objective(key, params, family, log_joint, num_samples, name,
-               antithetic: bool = False) -> jax.Array:
+               antithetic: bool = False, control=None) -> jax.Array:
     z, log_p, adaptive, log_q = draw(
         key, params, family, log_joint, num_samples, pathwise=name != "score",
         adaptive=name == "adaptive_stl", antithetic=antithetic,
     )
+    if control is not None:
+        q_s, expected = _taylor.control_terms(control, log_joint, params, family, z)
+        log_p = log_p - q_s + expected
     return surrogates(params, family, z, log_p, (name,), adaptive, log_q)[name]
 
 
@@ -480,6 +483,7 @@ def elbo(
     num_samples: int,
     estimator: str = DEFAULT_ESTIMATOR,
     antithetic: bool = False,
+    control: Any = None,
 ) -> jax.Array:
     """Returns an unbiased Monte Carlo ELBO estimate whose gradient is ``estimator``.
 
@@ -563,6 +567,14 @@ def elbo(
         draws of ``eps_D``. Needs a family with a Gaussian view
         (``to_gaussian``) and a pathwise estimator (not ``"score"``). With
         ``"adaptive_stl"`` the weight of draw ``s`` leaves its partners out too.
+      control: a :class:`vijax.TaylorReference` (:func:`vijax.taylor_reference`)
+        for the Taylor control variate, or None. With one, ``log p(z_s)`` is
+        replaced by ``log p(z_s) - Q(z_s) + E_q[Q]``, ``Q`` the second-order
+        expansion of ``log p`` at ``control.loc``, whose expectation is exact
+        (:mod:`vijax._taylor`): still unbiased, value and gradient, and with
+        ``"closed_entropy"`` the gradient is exact for a Gaussian posterior.
+        Each draw costs one Hessian-vector product more. For families with a
+        diagonal or low-rank-plus-diagonal covariance and pathwise estimators.
 
     Returns:
       A scalar ELBO estimate (a bound: larger is better).
@@ -592,7 +604,9 @@ def elbo(
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     num_samples = _check_common(family, log_joint, num_samples)
     antithetic = check_antithetic(antithetic, family, estimator)
-    return _objective(key, params, family, log_joint, num_samples, estimator, antithetic)
+    _taylor.check_control(control, family, params, estimator)
+    return _objective(key, params, family, log_joint, num_samples, estimator, antithetic,
+                      control)
 
 
 def iwae_bound(

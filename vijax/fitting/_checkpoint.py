@@ -161,7 +161,11 @@ def _fsync_dir(folder: str) -> None:
 
 # ----------------------------------------------------------------- decoding
 def _find_class(module: Any, name: Any, fields: list):
-    """The NamedTuple class ``module.name`` if already imported and matching, else None."""
+    """The NamedTuple class ``module.name`` if already imported and matching, else None.
+
+    Matching: the saved fields are the class's, or their first ones where the
+    class's others have defaults.
+    """
     if not isinstance(module, str) or not isinstance(name, str):
         return None
     obj = sys.modules.get(module)
@@ -170,11 +174,13 @@ def _find_class(module: Any, name: Any, fields: list):
             return None
         # vars(), not getattr: no module __getattr__ or descriptor runs.
         obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None
-    if (
-        isinstance(obj, type)
-        and issubclass(obj, tuple)
-        and list(getattr(obj, "_fields", ())) == fields
-    ):
+    if not (isinstance(obj, type) and issubclass(obj, tuple)):
+        return None
+    have = list(getattr(obj, "_fields", ()))
+    # A class that has since gained fields with defaults (FitState.control)
+    # still reads what an older version saved.
+    defaults = getattr(obj, "_field_defaults", {})
+    if have[:len(fields)] == fields and all(f in defaults for f in have[len(fields):]):
         return obj
     return None
 

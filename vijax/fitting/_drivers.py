@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jax.flatten_util import ravel_pytree
+
 from vijax import _checks
 from vijax._cache import LRU
+from vijax._taylor import TaylorReference, check_family_supports, placeholder
 from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
 from vijax.families._gaussian import LowRankParams
 from vijax.families._protocol import VariationalFamily, check_params
@@ -23,7 +26,13 @@ from vijax.fitting._engine import (
     resume_state,
     run,
 )
-from vijax.fitting._step import check_step_config, init_fit_state, make_data_step, make_step
+from vijax.fitting._step import (
+    check_control_variate,
+    check_step_config,
+    init_fit_state,
+    make_data_step,
+    make_step,
+)
 from vijax.models._data import DataModel
 from vijax.fitting._stopping import AdaptiveStop, AutoStop, averaging
 from vijax.optim._adaptive import adaptive_lr, check_nesting, find_adaptive
@@ -137,6 +146,36 @@ def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
     return antithetic_allowed(family, estimator)
 
 
+def default_control_variate(params: Any, family: Any, log_joint: Callable,
+                            estimator: str) -> str | None:
+    """The default fit's control variate: ``"auto"`` where it can run, else None.
+
+    It can run for a family whose Gaussian view has a diagonal or
+    low-rank-plus-diagonal covariance (:func:`vijax.mean_field`,
+    :func:`vijax.low_rank`), a pathwise ``estimator``, and a ``log_joint``
+    whose Hessian-vector products trace (forward over reverse mode; a
+    ``custom_vjp`` inside it does not); the check traces one, abstractly.
+    Used by ``fit`` when no ``optimizer`` is given and ``control_variate``
+    is None. ``"auto"`` uses the Taylor control variate only where it cuts
+    the gradient's variance by more than 4 (:mod:`vijax._taylor`); what it
+    changed in the default fit is in ``benchmarks/results/cpu/default_fit.md``.
+    """
+    if estimator == "score":
+        return None
+    try:
+        check_family_supports(family, params)
+        flat, unravel = ravel_pytree(params.loc)
+
+        def hvp(m):
+            grad = jax.grad(lambda z: log_joint(unravel(z)))
+            return jax.jvp(grad, (m,), (m,))
+
+        jax.eval_shape(hvp, flat)
+    except Exception:  # noqa: BLE001 - any failure means: not this model
+        return None
+    return "auto"
+
+
 def factor_in_sd_units() -> optax.GradientTransformation:
     """Multiplies the updates of a low-rank factor ``W`` by the diagonal's sds, row by row.
 
@@ -238,12 +277,13 @@ def _init_state(optimizer, batch: str, key, params) -> FitState:
 
 
 def _run(family, log_joint, optimizer, num_samples, estimator, state, options, batched,
-         stopper=None, antithetic=False):
+         stopper=None, antithetic=False, control_variate=None):
     compiled = compiled_chunk(
-        ("fit", family, log_joint, optimizer, num_samples, estimator, antithetic),
+        ("fit", family, log_joint, optimizer, num_samples, estimator, antithetic,
+         control_variate),
         lambda: make_step(
             family, log_joint, optimizer, num_samples=num_samples, estimator=estimator,
-            antithetic=antithetic,
+            antithetic=antithetic, control_variate=control_variate,
         ),
         chunk_size=options.chunk_size,
         max_nonfinite=options.max_nonfinite,
@@ -295,7 +335,7 @@ def fit(
     optimizer: optax.GradientTransformation | None = None,
     num_steps: int,
     num_samples: int | None = None,
-    estimator: str = DEFAULT_ESTIMATOR,
+    estimator: str | None = None,
     antithetic: bool | None = None,
     progress: bool | None = None,
     chunk_size: int = 500,
@@ -309,6 +349,7 @@ def fit(
     batch_size: int | None = None,
     batching: str = "epoch",
     local_family: Any = None,
+    control_variate: str | bool | None = None,
 ) -> FitResult:
     """Returns the result of maximizing the ELBO over ``family`` with ``optimizer``.
 
@@ -448,7 +489,8 @@ def fit(
         ``"adaptive_stl"``: unbiased, its noise vanishes near a Gaussian
         posterior, so Adam settles far closer to it than with ``"reparam"``,
         and it stays tame far from it, where plain ``"stl"`` can drive a
-        full-rank factor singular).
+        full-rank factor singular; ``"closed_entropy"`` with a
+        ``control_variate``).
       antithetic: draw each step's samples in pairs reflected through q's
         mean, ``mu +- L eps`` (see :func:`vijax.elbo`), for a family with a
         Gaussian view and a pathwise estimator. It removes the noise of the
@@ -488,6 +530,30 @@ def fit(
       batching: data models only: ``"epoch"`` or ``"with_replacement"``.
       local_family: data models with local latents only: the amortized
         family of ``q(z_i | x_i)``.
+      control_variate: ``"taylor"``: subtract from ``log p`` its
+        second-order expansion at a reference point and add back its exact
+        expectation (:func:`vijax.elbo`'s ``control``; :mod:`vijax._taylor`).
+        Still unbiased; with the closed-form entropy (the estimator it
+        defaults to) the gradient is exact on a Gaussian posterior, and near
+        one its noise shrinks with how far ``log p`` is from quadratic over
+        q. Each draw costs a Hessian-vector product more (about twice the
+        step), and the reference point moves to q's mean every
+        ``max(50, 10 ceil(d / num_samples))`` steps (``d`` Hessian-vector
+        products each time; kept in ``result.state.control``). Where the
+        expansion is poor (far from q's mean, or ``log p`` far from
+        quadratic over q) it can add noise instead. ``"auto"``: the same
+        where it pays, and the plain ``estimator`` elsewhere: every 50 steps
+        a probe on ``num_samples`` fresh draws measures the share of the
+        gradient's variation over q that the expansion leaves
+        (``result.state.control.ratio``), and the control variate is used
+        (with ``"closed_entropy"``) while that share is below a quarter
+        (:data:`vijax._taylor.AUTO_MAX_RATIO`); a new point is taken when the
+        share at the current one is not, or after the interval above. For
+        the mean-field and low-rank families and a ``log_joint`` that
+        differentiates in forward mode; not for data models. ``False``: none.
+        None (the default): ``"auto"`` in the default fit (no ``optimizer``)
+        where it can run (:func:`vijax.fitting._drivers.default_control_variate`),
+        else none.
 
     Returns:
       A :class:`FitResult`: ``params``, ``state`` (to continue), ``trace``
@@ -526,7 +592,13 @@ def fit(
         progress=progress, tol=tol, window=window, patience=patience,
         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
     )
+    if estimator is None:
+        estimator = "closed_entropy" if control_variate == "taylor" else DEFAULT_ESTIMATOR
     if isinstance(log_joint, DataModel):
+        if control_variate not in (None, False):
+            raise ValueError(
+                "`control_variate` is not supported for a data model (vijax.models."
+                f"DataModel) yet; got control_variate={control_variate!r}.")
         _no_antithetic_for_data(antithetic, allow_none=True)
         return _fit_data(
             key, family, log_joint, init_params, optimizer=optimizer,
@@ -535,6 +607,8 @@ def fit(
             batch_size=batch_size, batching=batching, local_family=local_family,
         )
     _no_data_options(batch_size, batching, local_family)
+    if control_variate is not False:
+        check_control_variate(control_variate, estimator)
     resuming = isinstance(init_params, FitState)
     start = init_params.params if resuming else init_params
     default = optimizer is None
@@ -544,6 +618,11 @@ def fit(
         num_samples = default_num_samples(start) if default else DEFAULT_NUM_SAMPLES
     if antithetic is None:
         antithetic = default and default_antithetic(start, family, estimator)
+    if control_variate is None:
+        control_variate = (default_control_variate(start, family, log_joint, estimator)
+                           if default else False)
+    control_variate = control_variate or None  # False: none
+    control_variate = check_control_variate(control_variate, estimator)
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator, antithetic
     )
@@ -575,13 +654,33 @@ def fit(
         key = _checks.typed_key("key", key)
         params = _check_params("init_params", init_params, family)
         state = _init_state(optimizer, "none", key, params)
+    state = _with_control(state, control_variate, family)
     stopper = None
     if adaptive:
         stopper = AdaptiveStop(family, log_joint, state.key, int(state.step), state.params)
     elif auto_stop:
         stopper = AutoStop(family, log_joint, state.key)
     return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
-                stopper, antithetic)
+                stopper, antithetic, control_variate)
+
+
+def _with_control(state: FitState, control_variate, family) -> FitState:
+    """``state`` with a control-variate reference where ``fit`` uses one (a placeholder
+    the first step replaces), checked when a resumed state brings its own; None otherwise."""
+    if control_variate is None:
+        return state._replace(control=None)
+    check_family_supports(family, state.params)
+    if state.control is None:
+        return state._replace(control=placeholder(state.params.loc))
+    d = ravel_pytree(state.params.loc)[0].shape[0]
+    ok = isinstance(state.control, TaylorReference) and all(
+        tuple(jnp.shape(getattr(state.control, f))) == (d,) for f in ("loc", "hess_diag"))
+    if not ok:
+        raise ValueError(
+            "`init_params.control` must be None or a vijax.TaylorReference over the "
+            f"flat latent (shape ({d},)); got {type(state.control).__name__}."
+        )
+    return state
 
 
 def _no_antithetic_for_data(antithetic, *, allow_none: bool = False) -> None:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vijax import _checks, _tree
+from vijax import _checks, _taylor, _tree
 from vijax._objectives import (
     ADAPTIVE_ESTIMATORS,
     DEFAULT_ESTIMATOR,
@@ -95,9 +95,7 @@ def guarded_update(optimizer, state: FitState, loss, grads) -> tuple[FitState, F
     # ``cond`` (not a select after the fact) skips the optimizer update of
     # a step that is already known to be bad; measured slightly cheaper.
     params, opt_state, ok = jax.lax.cond(finite, update, keep, None)
-    new_state = FitState(
-        params=params, opt_state=opt_state, step=state.step + 1, key=state.key
-    )
+    new_state = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
     info = FitInfo(
         elbo=(-loss).astype(dtype),
         grad_norm=grad_norm.astype(dtype),
@@ -114,6 +112,8 @@ def make_step(
     num_samples: int = 8,
     estimator: str = DEFAULT_ESTIMATOR,
     antithetic: bool = False,
+    control_variate: str | None = None,
+    refresh_every: int | None = None,
 ) -> Callable[[FitState], tuple[FitState, FitInfo]]:
     """Returns ``step(state) -> (state, info)``: one guarded optax step on -ELBO.
 
@@ -147,6 +147,20 @@ def make_step(
         :func:`vijax.elbo`).
       antithetic: draw the samples in pairs reflected through q's mean (see
         :func:`vijax.elbo`; default False).
+      control_variate: ``"taylor"`` for the Taylor control variate
+        (:func:`vijax.elbo`'s ``control``), ``"auto"`` for it where it pays
+        (see :func:`vijax.fit`), or None. The step then keeps its
+        reference point in ``state.control``. ``"taylor"`` moves it to q's
+        mean at every step ``t`` with ``t % refresh_every == 0``; ``"auto"``
+        probes it every 50 steps and moves it when it no longer pays or
+        after ``refresh_every`` steps (and both at the first step, when
+        ``state.control`` is a placeholder: see :func:`fit`; a state from
+        :func:`init_fit_state` needs
+        ``state._replace(control=vijax._taylor.placeholder(params.loc))``).
+        Each new point costs ``d`` Hessian-vector products.
+      refresh_every: steps between reference points (default
+        ``max(50, 10 ceil(d / num_samples))``, about 10% more Hessian-vector
+        products than the draws' own).
 
     Returns:
       ``step(state: FitState) -> (FitState, FitInfo)``.
@@ -168,21 +182,103 @@ def make_step(
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator, antithetic
     )
+    control_variate = check_control_variate(control_variate, estimator)
+    if refresh_every is not None:
+        refresh_every = _checks.check_positive_int("refresh_every", refresh_every)
 
-    def neg_elbo(params, key):
+    def neg_elbo(params, key, control, name=estimator):
         return -elbo(
-            key, params, family, log_joint, num_samples=num_samples, estimator=estimator,
-            antithetic=antithetic,
+            key, params, family, log_joint, num_samples=num_samples, estimator=name,
+            antithetic=antithetic, control=control,
         )
 
     loss_and_grad = jax.value_and_grad(neg_elbo)
 
     def step(state: FitState) -> tuple[FitState, FitInfo]:
         key = jax.random.fold_in(state.key, state.step)
-        loss, grads = loss_and_grad(state.params, key)
+        if control_variate is None:
+            loss, grads = loss_and_grad(state.params, key, None)
+            return guarded_update(optimizer, state, loss, grads)
+        control = _refreshed(state, key, family, log_joint, num_samples, refresh_every,
+                             control_variate)
+        state = state._replace(control=control)
+        if control_variate == "taylor":
+            loss, grads = loss_and_grad(state.params, key, control)
+        else:
+            # "auto": the given estimator without the control variate, the closed-form
+            # entropy with it (with which a Gaussian posterior's gradient is exact).
+            loss, grads = jax.lax.cond(
+                control.ratio < _taylor.AUTO_MAX_RATIO,
+                lambda: loss_and_grad(state.params, key, control, "closed_entropy"),
+                lambda: loss_and_grad(state.params, key, None),
+            )
         return guarded_update(optimizer, state, loss, grads)
 
     return step
+
+
+def check_control_variate(control_variate, estimator: str) -> str | None:
+    """Returns ``control_variate`` (None, ``"taylor"`` or ``"auto"``) checked against ``estimator``."""
+    if control_variate is None:
+        return None
+    if control_variate not in _taylor.CONTROL_VARIATES:
+        raise ValueError(
+            f"`control_variate` must be None or one of {_taylor.CONTROL_VARIATES}; got "
+            f"{control_variate!r}."
+        )
+    if estimator == "score":
+        raise ValueError(
+            "`control_variate` needs a pathwise estimator (the Taylor control variate works "
+            "through the draws); got estimator='score'."
+        )
+    return control_variate
+
+
+def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every, mode: str):
+    """``state.control`` after this step's refresh or probe (see :func:`make_step`)."""
+    control = state.control
+    if not isinstance(control, _taylor.TaylorReference):
+        raise ValueError(
+            "A step with `control_variate` needs `state.control` to hold a "
+            "vijax.TaylorReference (vijax.fit sets one); got "
+            f"{type(control).__name__}. Use state._replace(control="
+            "vijax._taylor.placeholder(params.loc))."
+        )
+    params, step = state.params, state.step
+    d = control.loc.shape[0]
+    every = _taylor.refresh_steps(d, num_samples) if every is None else every
+    block = min(d, max(num_samples, 8))
+    fresh = control.step < 0
+    if mode == "taylor":
+        return jax.lax.cond(
+            (step % every == 0) | fresh,
+            lambda: _taylor.reference_at(log_joint, params.loc, step, block),
+            lambda: control,
+        )
+    limit = _taylor.AUTO_MAX_RATIO
+
+    def probe():
+        f, mean, z, u, grads = _taylor.probe_draws(
+            jax.random.fold_in(key, 1), params, family, log_joint, num_samples)
+        # The reference in use (an active one: ratio below the limit; NaN is not).
+        was_active = control.ratio < limit
+        old = _taylor.probe_ratio(f, control.loc, z, u, grads)
+        keep = was_active & (old < limit) & (step - control.step < every)
+
+        def new():
+            ratio = _taylor.probe_ratio(f, mean, z, u, grads)
+            return jax.lax.cond(
+                ratio < limit,
+                lambda: _taylor.reference_at(log_joint, params.loc, step, block, ratio),
+                # Not worth it here: no Hessian diagonal, and "auto" leaves it unused.
+                lambda: _taylor.TaylorReference(mean, jnp.zeros_like(mean),
+                                                jnp.asarray(step, jnp.int32),
+                                                ratio.astype(mean.dtype)),
+            )
+
+        return jax.lax.cond(keep, lambda: control._replace(ratio=old.astype(old.dtype)), new)
+
+    return jax.lax.cond((step % _taylor.PROBE_STEPS == 0) | fresh, probe, lambda: control)
 
 
 def make_data_step(

@@ -26,12 +26,16 @@ class FitState(NamedTuple):
       key: the run's base PRNG key (typed); step ``t`` uses
         ``jax.random.fold_in(key, t)``, so results depend only on the state,
         never on how the run was cut into chunks or resumed.
+      control: the Taylor control variate's reference point
+        (:class:`vijax.TaylorReference`) of a fit with
+        ``control_variate="taylor"``; None otherwise.
     """
 
     params: Any
     opt_state: Any
     step: jax.Array
     key: jax.Array
+    control: Any = None
 
 
 class FitInfo(NamedTuple):

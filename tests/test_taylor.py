@@ -1,0 +1,448 @@
+"""Tests for the Taylor control variate (``vijax._taylor``; ``elbo(control=...)``, ``fit(control_variate=...)``).
+
+Exact identities in float64 against closed forms written here in NumPy: on a
+Gaussian target the estimator's value is the exact ELBO and its gradient the
+exact gradient, whatever the draws and the expansion point. Monte Carlo
+claims (unbiased off a Gaussian target, lower variance) are tested with the
+standard errors of independent replicates.
+"""
+
+import json
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import vijax
+from vijax import _taylor
+from vijax.fitting import _drivers
+
+Z = 5.0
+
+
+# ------------------------------------------------------------------ a Gaussian target
+def _gaussian_target(rng, d=5):
+    """A pytree-latent Gaussian log density: ``{"a": (d - 1,), "b": ()}``, dense precision."""
+    a = rng.normal(size=(d, d))
+    prec = a @ a.T / d + np.eye(d)
+    mu = rng.normal(size=d)
+    latent = {"a": jnp.zeros(d - 1), "b": jnp.zeros(())}
+    _, unravel = ravel_pytree(latent)
+    p = jnp.asarray(prec)
+    m = jnp.asarray(mu)
+
+    def log_joint(z):
+        flat = ravel_pytree(z)[0]
+        return -0.5 * (flat - m) @ p @ (flat - m) + 3.0
+
+    return log_joint, latent, prec, mu
+
+
+def _exact_elbo_and_grads(prec, mu, loc, sd, factor=None):
+    """ELBO of N(loc, W W^T + diag(sd^2)) under the target (up to its constant 3), and its
+    gradients in (loc, sd, W), in NumPy."""
+    d = loc.shape[0]
+    cov = np.diag(sd**2) + (0 if factor is None else factor @ factor.T)
+    r = loc - mu
+    elbo = (-0.5 * (r @ prec @ r + np.trace(prec @ cov)) + 3.0
+            + 0.5 * (d * (1 + np.log(2 * np.pi)) + np.linalg.slogdet(cov)[1]))
+    cov_inv_diag = np.diagonal(np.linalg.solve(cov, np.eye(d)))
+    g_loc = -prec @ r
+    g_sd = -np.diagonal(prec) * sd + cov_inv_diag * sd
+    g_w = None if factor is None else -prec @ factor + np.linalg.solve(cov, factor)
+    return elbo, g_loc, g_sd, g_w
+
+
+@pytest.mark.parametrize("family_name", ["mean_field", "low_rank"])
+@pytest.mark.parametrize("estimator", ["closed_entropy", "reparam"])
+def test_exact_value_and_gradient_on_a_gaussian_target(x64, rng, family_name, estimator):
+    log_joint, latent, prec, mu = _gaussian_target(rng)
+    family = vijax.mean_field() if family_name == "mean_field" else vijax.low_rank(rank=2)
+    params = family.init(latent)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.4 * jnp.asarray(rng.normal(size=np.shape(x))), params)
+    # Any expansion point: here far from both q and the target.
+    ref = vijax.taylor_reference(log_joint, jax.tree_util.tree_map(lambda x: x + 2.0, latent))
+    chex_np = np.testing
+    chex_np.assert_allclose(ref.hess_diag, -np.diagonal(prec), rtol=1e-12)
+
+    q = family.to_gaussian(params)
+    loc = np.asarray(q.mean)
+    factor = None
+    if family_name == "low_rank":
+        sd = np.asarray(q.scale.diag_scale)
+        factor = np.asarray(q.scale.cov_factor)
+    else:
+        sd = np.asarray(q.scale.scale)
+    want, g_loc, g_sd, g_w = _exact_elbo_and_grads(prec, mu, loc, sd, factor)
+    dsd_draw = 1.0 / (1.0 + np.exp(-np.asarray(params.raw_scale)))  # softplus'
+    for seed in (0, 1):
+        value, grads = jax.value_and_grad(vijax.elbo, 1)(
+            jax.random.key(seed), params, family, log_joint, num_samples=3,
+            estimator=estimator, control=ref)
+        if estimator == "closed_entropy" or family_name == "mean_field":
+            np.testing.assert_allclose(ravel_pytree(grads.loc)[0], g_loc, rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(grads.raw_scale, g_sd * dsd_draw, rtol=1e-10, atol=1e-12)
+            if factor is not None:
+                np.testing.assert_allclose(grads.cov_factor, g_w, rtol=1e-10, atol=1e-12)
+        if estimator == "closed_entropy":
+            np.testing.assert_allclose(value, want, rtol=1e-12)
+
+
+def test_without_control_the_same_gradient_is_noisy(x64, rng):
+    """The test above has power: the plain estimator's gradient differs from the exact one."""
+    log_joint, latent, prec, mu = _gaussian_target(rng)
+    family = vijax.mean_field()
+    params = family.init(latent)
+    q = family.to_gaussian(params)
+    _, _, g_sd, _ = _exact_elbo_and_grads(prec, mu, np.asarray(q.mean), np.asarray(q.scale.scale))
+    grads = jax.grad(vijax.elbo, 1)(jax.random.key(0), params, family, log_joint,
+                                     num_samples=3, estimator="closed_entropy")
+    dsd_draw = 1.0 / (1.0 + np.exp(-np.asarray(params.raw_scale)))
+    assert np.max(np.abs(np.asarray(grads.raw_scale) - g_sd * dsd_draw)) > 1e-3
+
+
+# ------------------------------------------------------------------ the Hessian diagonal
+def _logistic(rng, n=40, d=6):
+    x = rng.normal(size=(n, d))
+    y = (rng.uniform(size=n) < 0.5).astype(np.float64)
+    xj, yj = jnp.asarray(x), jnp.asarray(y)
+    latent = {"w": jnp.zeros(d - 1), "b": jnp.zeros(())}
+
+    def log_joint(z):
+        w = ravel_pytree(z)[0]
+        logits = xj @ w
+        return jnp.sum(yj * logits - jax.nn.softplus(logits)) - 0.5 * jnp.sum(w**2)
+
+    return log_joint, latent, x, y
+
+
+def test_hessian_diagonal_matches_numpy(x64, rng):
+    log_joint, latent, x, _ = _logistic(rng)
+    loc = {"w": jnp.asarray(rng.normal(size=5)), "b": jnp.asarray(0.3)}
+    for block in (1, 4, 64):
+        ref = vijax.taylor_reference(log_joint, loc, block_size=block)
+        m = np.asarray(ravel_pytree(loc)[0])
+        p = 1.0 / (1.0 + np.exp(-(x @ m)))
+        want = -np.sum(x**2 * (p * (1 - p))[:, None], axis=0) - 1.0
+        np.testing.assert_allclose(ref.loc, m, rtol=0, atol=0)
+        np.testing.assert_allclose(ref.hess_diag, want, rtol=1e-12)
+        assert int(ref.step) == 0
+
+
+# ------------------------------------------------------------------ off a Gaussian target
+def _replicates(log_joint, latent, family, params, control, num, num_samples=4):
+    def one(key):
+        return ravel_pytree(jax.grad(vijax.elbo, 1)(
+            key, params, family, log_joint, num_samples=num_samples,
+            estimator="closed_entropy", control=control))[0]
+
+    keys = jax.random.split(jax.random.key(7), num)
+    return np.asarray(jax.lax.map(one, keys))
+
+
+@pytest.mark.parametrize("family_name", ["mean_field", "low_rank"])
+def test_unbiased_and_less_noisy_off_a_gaussian_target(x64, rng, family_name):
+    log_joint, latent, _, _ = _logistic(rng, n=200)
+    family = vijax.mean_field() if family_name == "mean_field" else vijax.low_rank(rank=2)
+    params = family.init(latent)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.2 * jnp.asarray(rng.normal(size=np.shape(x))), params)
+    ref = vijax.taylor_reference(
+        log_joint, jax.tree_util.tree_map(lambda x: x + 0.1, params.loc))
+    n = 4000
+    plain = _replicates(log_joint, latent, family, params, None, n)
+    cv = _replicates(log_joint, latent, family, params, ref, n)
+    # Same keys, same draws: the difference is the control variate's correction,
+    # whose expectation must be zero.
+    diff = cv - plain
+    se = diff.std(axis=0, ddof=1) / np.sqrt(n)
+    assert np.all(np.abs(diff.mean(axis=0)) <= Z * se + 1e-12)
+    assert np.all(se > 0)
+    # And it removes most of the noise where log p is close to quadratic.
+    assert np.sum(cv.var(axis=0)) < 0.2 * np.sum(plain.var(axis=0))
+
+
+def test_unbiasedness_check_has_power(x64, rng):
+    """A control variate with a wrong expectation (a doubled Hessian diagonal) is caught."""
+    log_joint, latent, _, _ = _logistic(rng, n=200)
+    family = vijax.mean_field()
+    params = family.init(latent)
+    ref = vijax.taylor_reference(log_joint, params.loc)
+    bad = ref._replace(hess_diag=2.0 * ref.hess_diag)
+    n = 4000
+    diff = (_replicates(log_joint, latent, family, params, bad, n)
+            - _replicates(log_joint, latent, family, params, None, n))
+    se = diff.std(axis=0, ddof=1) / np.sqrt(n)
+    assert np.any(np.abs(diff.mean(axis=0)) > Z * se)
+
+
+def test_float32_jit_and_vmap(rng):
+    log_joint, latent, _, _ = _gaussian_target(rng)
+    latent = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), latent)
+    family = vijax.mean_field()
+    params = family.init(latent)
+    ref = vijax.taylor_reference(log_joint, latent)
+    assert ref.hess_diag.dtype == jnp.float32
+
+    @jax.jit
+    def value_and_grad(key):
+        return jax.value_and_grad(vijax.elbo, 1)(key, params, family, log_joint,
+                                                 num_samples=4, estimator="closed_entropy",
+                                                 control=ref)
+
+    values, grads = jax.vmap(value_and_grad)(jax.random.split(jax.random.key(0), 3))
+    assert values.dtype == jnp.float32 and values.shape == (3,)
+    assert grads.raw_scale.dtype == jnp.float32
+    # Float32 Gaussian target: every key gives the same (exact) gradient.
+    np.testing.assert_allclose(grads.raw_scale[0], grads.raw_scale[1], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ fit
+def _blr(rng, n=60, d=12):
+    x = rng.normal(size=(n, d))
+    x[:, 1] += 0.8 * x[:, 0]
+    y = x @ rng.normal(size=d) + rng.normal(size=n)
+    model = vijax.models.bayesian_linear_regression(
+        jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
+    prec = x.T @ x + np.eye(d)
+    mean = np.linalg.solve(prec, x.T @ y)
+    return model, prec, mean
+
+
+def _mean_field_gap(prec, mean, loc, sd):
+    """KL(q || p) minus the mean-field optimum's, in NumPy."""
+    r = np.asarray(loc) - mean
+    sd = np.asarray(sd)
+    kl = 0.5 * (np.sum(np.diagonal(prec) * sd**2) + r @ prec @ r - prec.shape[0]
+                - 2 * np.sum(np.log(sd)) - np.linalg.slogdet(prec)[1])
+    best = 0.5 * (np.sum(np.log(np.diagonal(prec))) - np.linalg.slogdet(prec)[1])
+    return kl - best
+
+
+def test_default_fit_with_control_variate_reaches_the_optimum(x64, rng):
+    model, prec, mean = _blr(rng)
+    family = vijax.mean_field()
+    init = family.init(model.latent)
+    res = vijax.fit(jax.random.key(0), family, model.log_joint, init, num_steps=20000,
+                    progress=False, control_variate="taylor")
+    assert res.stopped_early
+    sd = jax.nn.softplus(res.params.raw_scale)
+    assert _mean_field_gap(prec, mean, res.params.loc, sd) < 1e-3
+    control = res.state.control
+    assert isinstance(control, vijax.TaylorReference)
+    every = _taylor.refresh_steps(mean.shape[0], 8)
+    assert int(control.step) % every == 0 and 0 <= int(control.step) < int(res.state.step)
+    # Its diagonal is the target's (BLR: -(X^T X + I)).
+    np.testing.assert_allclose(control.hess_diag, -np.diagonal(prec), rtol=1e-10)
+
+
+def test_fit_with_control_variate_resumes_bitwise(x64, rng, tmp_path):
+    model, _, _ = _blr(rng)
+    family = vijax.low_rank(rank=2)
+    init = family.init(model.latent)
+    opt = optax.adam(1e-2)
+    kw = dict(optimizer=opt, progress=False, control_variate="taylor", chunk_size=40)
+    whole = vijax.fit(jax.random.key(3), family, model.log_joint, init, num_steps=120, **kw)
+    half = vijax.fit(jax.random.key(3), family, model.log_joint, init, num_steps=70, **kw)
+    path = vijax.save_checkpoint(tmp_path / "s.npz", half.state)
+    state = vijax.load_checkpoint(path)
+    assert isinstance(state.control, vijax.TaylorReference)
+    rest = vijax.fit(None, family, model.log_joint, state, num_steps=50, **kw)
+    for a, b in zip(jax.tree_util.tree_leaves(whole.state.params),
+                    jax.tree_util.tree_leaves(rest.state.params)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(whole.state.control.loc, rest.state.control.loc)
+    # Refreshed at step 0 and every 50 steps (d = 12, 8 draws: max(50, 10 * 2)).
+    assert int(whole.state.control.step) == 100
+
+
+def test_fit_without_control_variate_is_unchanged(x64, rng):
+    model, _, _ = _blr(rng)
+    family = vijax.mean_field()
+    init = family.init(model.latent)
+    a = vijax.fit(jax.random.key(1), family, model.log_joint, init, num_steps=50,
+                  optimizer=optax.adam(1e-2), progress=False)
+    assert a.state.control is None
+    # A state that carries a reference continues without one when none is asked for.
+    b = vijax.fit(jax.random.key(1), family, model.log_joint, init, num_steps=20,
+                  optimizer=optax.adam(1e-2), progress=False, control_variate="taylor")
+    c = vijax.fit(None, family, model.log_joint, b.state, num_steps=5,
+                  optimizer=optax.adam(1e-2), progress=False)
+    assert c.state.control is None
+
+
+def test_old_checkpoint_without_control_loads(tmp_path, rng):
+    """A checkpoint written before FitState had ``control`` still reads as a FitState."""
+    family = vijax.mean_field()
+    params = family.init(jnp.zeros(3))
+    state = vijax.init_fit_state(jax.random.key(0), params, optax.adam(1e-2))
+    path = str(vijax.save_checkpoint(tmp_path / "new.npz", state))
+    with np.load(path, allow_pickle=False) as archive:
+        arrays = {k: archive[k] for k in archive.files}
+    header = json.loads(arrays["__header__"].tobytes().decode())
+    tree = header["tree"]
+    assert tree["fields"][-1] == "control"
+    tree["fields"], tree["c"] = tree["fields"][:-1], tree["c"][:-1]
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+    old = tmp_path / "old.npz"
+    np.savez(old, **arrays)
+    assert zipfile.is_zipfile(old)
+    loaded = vijax.load_checkpoint(old)
+    assert isinstance(loaded, vijax.FitState) and loaded.control is None
+
+
+# ------------------------------------------------------------------ errors
+def test_errors_name_the_argument(rng):
+    log_joint, latent, _, _ = _gaussian_target(rng)
+    mf = vijax.mean_field()
+    params = mf.init(latent)
+    ref = vijax.taylor_reference(log_joint, latent)
+    key = jax.random.key(0)
+    with pytest.raises(TypeError, match="`control` must be a vijax.TaylorReference"):
+        vijax.elbo(key, params, mf, log_joint, num_samples=2, control=(1, 2, 3))
+    with pytest.raises(ValueError, match="pathwise estimator"):
+        vijax.elbo(key, params, mf, log_joint, num_samples=2, estimator="score", control=ref)
+    with pytest.raises(ValueError, match=r"`control.loc` must have shape \(5,\)"):
+        vijax.elbo(key, params, mf, log_joint, num_samples=2,
+                   control=ref._replace(loc=jnp.zeros(4)))
+    fr = vijax.full_rank()
+    with pytest.raises(ValueError, match="diagonal or low-rank plus diagonal.*CholeskyScale"):
+        vijax.elbo(key, fr.init(latent), fr, log_joint, num_samples=2, control=ref)
+    with pytest.raises(ValueError, match="diagonal or low-rank plus diagonal"):
+        vijax.fit(key, fr, log_joint, fr.init(latent), num_steps=2, progress=False,
+                  optimizer=optax.adam(1e-2), control_variate="taylor")
+    with pytest.raises(ValueError, match="`control_variate` must be None or one of"):
+        vijax.fit(key, mf, log_joint, params, num_steps=2, progress=False,
+                  control_variate="quadratic")
+    with pytest.raises(ValueError, match="`control_variate` needs a pathwise estimator"):
+        vijax.fit(key, mf, log_joint, params, num_steps=2, progress=False,
+                  estimator="score", optimizer=optax.adam(1e-2), control_variate="taylor")
+    with pytest.raises(ValueError, match="`block_size` must be"):
+        vijax.taylor_reference(log_joint, latent, block_size=0)
+    with pytest.raises(TypeError, match="`log_joint` must be callable"):
+        vijax.taylor_reference(None, latent)
+    step = vijax.make_step(mf, log_joint, optax.adam(1e-2), control_variate="taylor")
+    state = vijax.init_fit_state(key, params, optax.adam(1e-2))
+    with pytest.raises(ValueError, match="needs `state.control`"):
+        step(state)
+
+
+def test_data_models_refuse_a_control_variate(rng):
+    x = rng.normal(size=(20, 3)).astype(np.float32)
+    y = rng.normal(size=20).astype(np.float32)
+    model = vijax.models.data_model(
+        lambda w, r: -0.5 * (r["y"] - r["x"] @ w) ** 2, {"x": x, "y": y},
+        latent=jnp.zeros(3), log_prior=lambda w: -0.5 * jnp.sum(w**2))
+    family = vijax.mean_field()
+    with pytest.raises(ValueError, match="`control_variate` is not supported for a data model"):
+        vijax.fit(jax.random.key(0), family, model, family.init(model.latent), num_steps=2,
+                  progress=False, control_variate="taylor")
+
+
+# ------------------------------------------------------------------ "auto"
+def test_probe_ratio_matches_numpy(x64, rng):
+    log_joint, latent, x, y = _logistic(rng)
+    f, _ = _taylor._flat(log_joint, latent)
+    d = x.shape[1]
+    m0 = rng.normal(size=d) * 0.3
+    z = rng.normal(size=(6, d))
+    u = rng.normal(size=(6, d))
+    grads = np.asarray(jax.vmap(jax.grad(f))(jnp.asarray(z)))
+    got = _taylor.probe_ratio(f, jnp.asarray(m0), jnp.asarray(z), jnp.asarray(u),
+                              jnp.asarray(grads))
+    # NumPy: grad log p(m0) and the Hessian there, from the model's formulas.
+    p0 = 1.0 / (1.0 + np.exp(-(x @ m0)))
+    g0 = x.T @ (y - p0) - m0
+    hess = -(x.T * (p0 * (1 - p0))) @ x - np.eye(d)
+    r = grads - g0[None, :] - (z - m0[None, :]) @ hess.T
+
+    def spread(a):
+        return np.sum((a - a.mean(axis=0)) ** 2)
+
+    want = (spread(r) + spread(r * u)) / (spread(grads) + spread(grads * u))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # A quadratic log p leaves nothing.
+    quad, qlatent, _, _ = _gaussian_target(rng)
+    fq, _ = _taylor._flat(quad, qlatent)
+    zq = jnp.asarray(rng.normal(size=(6, 5)))
+    gq = jax.vmap(jax.grad(fq))(zq)
+    assert float(_taylor.probe_ratio(fq, jnp.zeros(5), zq, jnp.ones((6, 5)), gq)) < 1e-20
+
+
+def test_auto_uses_the_control_variate_on_a_gaussian_posterior(x64, rng):
+    model, prec, mean = _blr(rng)
+    family = vijax.low_rank(rank=2)
+    res = vijax.fit(jax.random.key(0), family, model.log_joint, family.init(model.latent),
+                    num_steps=300, optimizer=optax.adam(1e-2), progress=False,
+                    control_variate="auto")
+    control = res.state.control
+    assert float(control.ratio) < 1e-8
+    # d = 12 and 8 draws: a new point at every probe (every 50 steps).
+    assert int(control.step) == 250
+    np.testing.assert_allclose(control.hess_diag, -np.diagonal(prec), rtol=1e-10)
+    np.testing.assert_allclose(control.loc, ravel_pytree(
+        vijax.fit(jax.random.key(0), family, model.log_joint, family.init(model.latent),
+                  num_steps=250, optimizer=optax.adam(1e-2), progress=False,
+                  control_variate="auto").state.params.loc)[0], rtol=1e-12)
+
+
+def test_auto_leaves_a_fit_alone_where_the_expansion_does_not_pay(x64):
+    """A Laplace-like target: the expansion at any point explains nothing of the gradient's
+    variation over q, so "auto" never uses it and the fit is the plain one."""
+
+    def log_joint(z):
+        return -jnp.sum(jnp.sqrt(1e-4 + jnp.square(z)))
+
+    family = vijax.mean_field()
+    init = family.init(jnp.zeros(4))
+    kw = dict(num_steps=200, optimizer=optax.adam(1e-2), progress=False)
+    auto = vijax.fit(jax.random.key(0), family, log_joint, init, control_variate="auto", **kw)
+    plain = vijax.fit(jax.random.key(0), family, log_joint, init, **kw)
+    assert float(auto.state.control.ratio) > _taylor.AUTO_MAX_RATIO
+    assert not np.any(np.asarray(auto.state.control.hess_diag))  # never computed
+    for a, b in zip(jax.tree_util.tree_leaves(auto.state.params),
+                    jax.tree_util.tree_leaves(plain.state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_the_default_fit_uses_auto_where_it_can_run(rng):
+    model, _, _ = _blr(rng, n=30, d=4)
+    kw = dict(num_steps=60, progress=False, chunk_size=30)
+    mf = vijax.mean_field()
+    res = vijax.fit(jax.random.key(0), mf, model.log_joint, mf.init(model.latent), **kw)
+    assert isinstance(res.state.control, vijax.TaylorReference)
+    # Off when asked, with a given optimizer, or for a dense factor.
+    off = vijax.fit(jax.random.key(0), mf, model.log_joint, mf.init(model.latent),
+                    control_variate=False, **kw)
+    assert off.state.control is None
+    given = vijax.fit(jax.random.key(0), mf, model.log_joint, mf.init(model.latent),
+                      optimizer=optax.adam(1e-2), **kw)
+    assert given.state.control is None
+    fr = vijax.full_rank()
+    assert vijax.fit(jax.random.key(0), fr, model.log_joint, fr.init(model.latent),
+                     **kw).state.control is None
+
+    # A log joint whose gradient does not differentiate (forward over reverse): none,
+    # and no error.
+    @jax.custom_vjp
+    def square(x):
+        return x * x
+
+    def host_grad(x, g):  # a gradient computed outside JAX: no derivative of its own
+        return jax.pure_callback(lambda a, b: np.asarray(2 * a * b, np.float32),
+                                 jax.ShapeDtypeStruct(x.shape, x.dtype), x, g,
+                                 vmap_method="sequential")
+
+    square.defvjp(lambda x: (x * x, x), lambda x, g: (host_grad(x, g),))
+    res = vijax.fit(jax.random.key(0), mf, lambda z: -0.5 * jnp.sum(square(z)),
+                    mf.init(jnp.zeros(3)), **kw)
+    assert res.state.control is None
+    assert _drivers.default_control_variate(
+        mf.init(jnp.zeros(3)), mf, lambda z: -0.5 * jnp.sum(z**2), "adaptive_stl") == "auto"
+    assert _drivers.default_control_variate(
+        mf.init(jnp.zeros(3)), mf, lambda z: -0.5 * jnp.sum(z**2), "score") is None
