@@ -469,7 +469,11 @@ def _objective(key, params, family, log_joint, num_samples, name,
         adaptive=name == "adaptive_stl", antithetic=antithetic,
     )
     if control is not None:
-        q_s, expected = _taylor.control_terms(control, log_joint, params, family, z)
+        layout = None
+        if antithetic:  # a reflected draw's Hessian-vector product is its partner's negated
+            layout = antithetic_layout(num_samples,
+                                       reflection_blocks(family, params) is not None)
+        q_s, expected = _taylor.control_terms(control, log_joint, params, family, z, layout)
         log_p = log_p - q_s + expected
     return surrogates(params, family, z, log_p, (name,), adaptive, log_q)[name]
 

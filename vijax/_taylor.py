@@ -247,13 +247,38 @@ def refresh_steps(d: int, num_samples: int) -> int:
     return max(MIN_REFRESH_STEPS, REFRESH_COST_RATIO * math.ceil(d / max(num_samples, 1)))
 
 
+def reflected(layout) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """For draws in reflected groups: which offsets need a product, and where each draw's comes from.
+
+    ``layout`` is :func:`vijax._objectives.antithetic_layout`'s ``(groups,
+    signs)``. A draw whose noise signs are the negation of an earlier draw's
+    in its group has the negated offset from q's mean, so its
+    Hessian-vector product is the negated one. Returns ``(computed, source)``:
+    the draws whose products are computed, and per draw ``(row in computed,
+    sign)``.
+    """
+    groups, signs = layout
+    computed, source, seen = [], [], {}
+    for s, (g, sign) in enumerate(zip(groups, signs)):
+        flipped = (g, (-sign[0], -sign[1]))
+        if flipped in seen:
+            source.append((seen[flipped], -1))
+        else:
+            seen[(g, tuple(sign))] = len(computed)
+            source.append((len(computed), 1))
+            computed.append(s)
+    return tuple(computed), tuple(source)
+
+
 def control_terms(control: TaylorReference, log_joint: Callable, params: Any, family,
-                  z: ArrayTree) -> tuple[jax.Array, jax.Array]:
+                  z: ArrayTree, layout=None) -> tuple[jax.Array, jax.Array]:
     """``(Q_s, E_q[Q])`` as surrogates: values ``Q(z_s)`` and ``E_q[Q]``, gradients exact.
 
     ``Q_s``'s gradient with respect to ``params`` is ``grad Q(z_s) dz_s /
     dparams`` (through the draws, as ``log p``'s), ``E_q[Q]``'s that of the
-    closed form; ``m0``, ``g0`` and ``H0`` are constants.
+    closed form; ``m0``, ``g0`` and ``H0`` are constants. With ``layout``
+    (antithetic draws, :func:`reflected`) a reflected draw's product is its
+    partner's negated, so half the products are computed.
     """
     q = family.to_gaussian(params)
     m0 = _sg(control.loc.astype(q.mean.dtype))
@@ -263,13 +288,20 @@ def control_terms(control: TaylorReference, log_joint: Callable, params: Any, fa
     zf = jax.vmap(lambda t: ravel_pytree(t)[0])(z)  # (S, d), differentiable
     r = _sg(zf) - m0[None, :]
     delta = q.mean - m0
-    tangents = [r, _sg(delta)[None]]
+    # H0 r_s = H0 delta + H0 o_s, o_s = z_s - mean the draw's offset from q's mean.
+    offsets = _sg(zf - q.mean[None, :])
+    computed, source = reflected(layout) if layout is not None else (
+        tuple(range(r.shape[0])), tuple((i, 1) for i in range(r.shape[0])))
+    tangents = [offsets[jnp.asarray(computed)], _sg(delta)[None]]
     factor = q.scale.cov_factor if isinstance(q.scale, LowRankScale) else None
     if factor is not None:
         tangents.append(_sg(factor).T)
     h = jax.vmap(hvp)(jnp.concatenate(tangents, axis=0))
-    s = r.shape[0]
-    h_r, h_delta = h[:s], h[s]
+    c = len(computed)
+    h_delta = h[c]
+    rows = jnp.asarray([i for i, _ in source])
+    signs = jnp.asarray([sign for _, sign in source], h.dtype)
+    h_r = h_delta[None, :] + h[:c][rows] * signs[:, None]
     grad_q = g0[None, :] + h_r  # grad Q at each draw
     q_values = r @ g0 + 0.5 * jnp.sum(r * h_r, axis=1)
     q_s = q_values + jnp.sum(grad_q * (zf - _sg(zf)), axis=1)
@@ -283,7 +315,7 @@ def control_terms(control: TaylorReference, log_joint: Callable, params: Any, fa
                 + (g0 + h_delta) @ (q.mean - _sg(q.mean))
                 + 0.5 * jnp.sum(hess_diag * (diag_var - _sg(diag_var))))
     if factor is not None:
-        h_w = h[s + 1:].T  # (d, k) = H0 W
+        h_w = h[c + 1:].T  # (d, k) = H0 W
         expected = (expected + 0.5 * jnp.sum(_sg(factor) * h_w)
                     + jnp.sum(h_w * (factor - _sg(factor))))
     return q_s, expected

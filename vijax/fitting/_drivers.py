@@ -428,6 +428,9 @@ def fit(
     ``num_steps`` is the most steps;
     ``vijax.optim.learning_rate_scale(result)`` is the final step's factor;
     a continued run starts a new stage at the step it had reached.
+    For the mean-field and low-rank families the default also uses the
+    Taylor control variate where it pays (``control_variate=None`` means
+    ``"auto"`` there; :func:`vijax.fitting._drivers.default_control_variate`).
     The measured steps and accuracy, on the zoo and on regressions up to
     d = 10^4, are in ``benchmarks/results/cpu/default_fit.md``. Not for
     ``vijax.natural_gradient``, whose step is not a last factor, and not
