@@ -371,7 +371,11 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     if getattr(problem, "family_moments", None) is not None:
         row["family_moments"] = problem.family_moments(q, group)
     noise = problem.info.get("variance_noise_sum")
-    if noise is not None and group == "mean_field" and row["antithetic"]:
+    # The floor of a per-coordinate estimator; the control variate (on at the last
+    # probe) is not one.
+    cv_on = (control is not None and (control_variate == "taylor"
+                                      or float(control.ratio) < _taylor.AUTO_MAX_RATIO))
+    if noise is not None and group == "mean_field" and row["antithetic"] and not cv_on:
         row["noise_floor"] = noise_floor(noise, row["grad_evals"])
     try:
         target = problem.model if problem.model is not None else problem.log_joint

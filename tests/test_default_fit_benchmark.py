@@ -105,7 +105,7 @@ def test_quick_run_reports_consistent_rows(tmp_path):
         rows = [line for line in md.splitlines()
                 if line.startswith(f"| {prob['name']} | {prob['d']} |")]
         assert len(rows) == len(prob["rows"])
-        assert all(row.count("|") == 16 for row in rows)
+        assert all(row.count("|") == 17 for row in rows)
         for g in prob["groups"]:
             assert f"**{prob['name']}** ({df.FAMILY[g]})" in md
 

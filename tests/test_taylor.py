@@ -476,3 +476,21 @@ def test_antithetic_draws_reuse_their_partners_products(x64, rng, family_name, n
     np.testing.assert_allclose(v1, v2, rtol=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_taylor_replaces_an_unused_auto_point_at_once(x64):
+    """A state from an "auto" run whose point was not worth using (no Hessian diagonal)
+    continues under "taylor" with a new point at its first step."""
+
+    def log_joint(z):
+        return -jnp.sum(jnp.sqrt(1e-4 + jnp.square(z)))
+
+    family = vijax.mean_field()
+    kw = dict(optimizer=optax.adam(1e-2), progress=False)
+    auto = vijax.fit(jax.random.key(0), family, log_joint, family.init(jnp.zeros(4)),
+                     num_steps=60, control_variate="auto", **kw)
+    assert float(auto.state.control.ratio) >= _taylor.AUTO_MAX_RATIO
+    more = vijax.fit(None, family, log_joint, auto.state, num_steps=1,
+                     control_variate="taylor", **kw)
+    assert int(more.state.control.step) == 60
+    assert np.all(np.asarray(more.state.control.hess_diag) < 0)

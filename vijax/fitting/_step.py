@@ -250,8 +250,11 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
     block = min(d, max(num_samples, 8))
     fresh = control.step < 0
     if mode == "taylor":
+        # An "auto" run's unused point (its ratio at or above the limit) has no
+        # Hessian diagonal: replace it at once.
+        unused = control.ratio >= _taylor.AUTO_MAX_RATIO
         return jax.lax.cond(
-            (step % every == 0) | fresh,
+            (step % every == 0) | fresh | unused,
             lambda: _taylor.reference_at(log_joint, params.loc, step, block),
             lambda: control,
         )
