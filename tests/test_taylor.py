@@ -494,3 +494,17 @@ def test_taylor_replaces_an_unused_auto_point_at_once(x64):
                      control_variate="taylor", **kw)
     assert int(more.state.control.step) == 60
     assert np.all(np.asarray(more.state.control.hess_diag) < 0)
+
+
+def test_a_resumed_state_with_a_wrong_control_is_refused(rng):
+    model, _, _ = _blr(rng, n=20, d=3)
+    family = vijax.mean_field()
+    kw = dict(optimizer=optax.adam(1e-2), progress=False, control_variate="taylor")
+    res = vijax.fit(jax.random.key(0), family, model.log_joint, family.init(model.latent),
+                    num_steps=5, **kw)
+    bad = res.state._replace(control=res.state.control._replace(loc=jnp.zeros(2)))
+    with pytest.raises(ValueError, match=r"`init_params.control.loc` must have shape \(3,\)"):
+        vijax.fit(None, family, model.log_joint, bad, num_steps=5, **kw)
+    with pytest.raises(TypeError, match="`init_params.control` must be a vijax.TaylorReference"):
+        vijax.fit(None, family, model.log_joint, res.state._replace(control=(1,)),
+                  num_steps=5, **kw)

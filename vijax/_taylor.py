@@ -202,27 +202,29 @@ def taylor_reference(
     return jax.jit(reference_at, static_argnums=(0, 3))(log_joint, loc, 0, block)
 
 
-def check_control(control: Any, family, params: Any, estimator: str) -> None:
-    """Raises unless ``control`` fits ``family``'s params (called by :func:`vijax.elbo`)."""
+def check_control(control: Any, family, params: Any, estimator: str,
+                  name: str = "control") -> None:
+    """Raises unless ``control`` fits ``family``'s params (called by :func:`vijax.elbo`,
+    and by ``fit`` for a resumed state's, as ``name``)."""
     if control is None:
         return
     if not isinstance(control, TaylorReference):
         raise TypeError(
-            "`control` must be a vijax.TaylorReference (from vijax.taylor_reference) or "
+            f"`{name}` must be a vijax.TaylorReference (from vijax.taylor_reference) or "
             f"None; got {type(control).__name__}."
         )
     if estimator == "score":
         raise ValueError(
-            "`control` needs a pathwise estimator (the Taylor control variate works "
+            f"`{name}` needs a pathwise estimator (the Taylor control variate works "
             "through the draws); got estimator='score'."
         )
     check_family_supports(family, params)
     d = ravel_pytree(params.loc)[0].shape[0]
-    for name in ("loc", "hess_diag"):
-        shape = tuple(jnp.shape(getattr(control, name)))
+    for field in ("loc", "hess_diag"):
+        shape = tuple(jnp.shape(getattr(control, field)))
         if shape != (d,):
             raise ValueError(
-                f"`control.{name}` must have shape ({d},) (the flat latent); got {shape}."
+                f"`{name}.{field}` must have shape ({d},) (the flat latent); got {shape}."
             )
 
 

@@ -15,7 +15,7 @@ from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
 from vijax._cache import LRU
-from vijax._taylor import TaylorReference, check_family_supports, placeholder
+from vijax._taylor import check_control, check_family_supports, placeholder
 from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
 from vijax.families._gaussian import LowRankParams
 from vijax.families._protocol import VariationalFamily, check_params
@@ -657,7 +657,7 @@ def fit(
         key = _checks.typed_key("key", key)
         params = _check_params("init_params", init_params, family)
         state = _init_state(optimizer, "none", key, params)
-    state = _with_control(state, control_variate, family)
+    state = _with_control(state, control_variate, family, estimator)
     stopper = None
     if adaptive:
         stopper = AdaptiveStop(family, log_joint, state.key, int(state.step), state.params)
@@ -667,7 +667,7 @@ def fit(
                 stopper, antithetic, control_variate)
 
 
-def _with_control(state: FitState, control_variate, family) -> FitState:
+def _with_control(state: FitState, control_variate, family, estimator: str) -> FitState:
     """``state`` with a control-variate reference where ``fit`` uses one (a placeholder
     the first step replaces), checked when a resumed state brings its own; None otherwise."""
     if control_variate is None:
@@ -675,14 +675,7 @@ def _with_control(state: FitState, control_variate, family) -> FitState:
     check_family_supports(family, state.params)
     if state.control is None:
         return state._replace(control=placeholder(state.params.loc))
-    d = ravel_pytree(state.params.loc)[0].shape[0]
-    ok = isinstance(state.control, TaylorReference) and all(
-        tuple(jnp.shape(getattr(state.control, f))) == (d,) for f in ("loc", "hess_diag"))
-    if not ok:
-        raise ValueError(
-            "`init_params.control` must be None or a vijax.TaylorReference over the "
-            f"flat latent (shape ({d},)); got {type(state.control).__name__}."
-        )
+    check_control(state.control, family, state.params, estimator, "init_params.control")
     return state
 
 

@@ -263,9 +263,12 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
     def probe():
         f, mean, z, u, grads = _taylor.probe_draws(
             jax.random.fold_in(key, 1), params, family, log_joint, num_samples)
-        # The reference in use (an active one: ratio below the limit; NaN is not).
+        # The reference in use (an active one: ratio below the limit; NaN is not)
+        # is probed again; an unused one is only replaced.
         was_active = control.ratio < limit
-        old = _taylor.probe_ratio(f, control.loc, z, u, grads)
+        old = jax.lax.cond(was_active,
+                           lambda: _taylor.probe_ratio(f, control.loc, z, u, grads),
+                           lambda: jnp.asarray(jnp.inf, control.ratio.dtype))
         keep = was_active & (old < limit) & (step - control.step < every)
 
         def new():
@@ -279,7 +282,7 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
                                                 ratio.astype(mean.dtype)),
             )
 
-        return jax.lax.cond(keep, lambda: control._replace(ratio=old.astype(old.dtype)), new)
+        return jax.lax.cond(keep, lambda: control._replace(ratio=old), new)
 
     return jax.lax.cond((step % _taylor.PROBE_STEPS == 0) | fresh, probe, lambda: control)
 
