@@ -621,11 +621,9 @@ def fit(
         num_samples = default_num_samples(start) if default else DEFAULT_NUM_SAMPLES
     if antithetic is None:
         antithetic = default and default_antithetic(start, family, estimator)
-    if control_variate is None:
-        control_variate = (default_control_variate(start, family, log_joint, estimator)
-                           if default else False)
-    control_variate = control_variate or None  # False: none
-    control_variate = check_control_variate(control_variate, estimator)
+    if control_variate is None and default:
+        control_variate = default_control_variate(start, family, log_joint, estimator)
+    control_variate = control_variate or None  # False (or no default): none; checked above
     family, log_joint, optimizer, num_samples = check_step_config(
         family, log_joint, optimizer, num_samples, estimator, antithetic
     )
