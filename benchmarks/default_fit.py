@@ -36,7 +36,9 @@ ends the fit at its next check (reported as "wall cap", not as a rule stop).
 **Reported per fit**: what stopped it (the rule, the step cap, the wall cap
 or a FitError), the steps (``int(result.state.step)``), the gradient
 evaluations (steps x fit's default draws per step, ``default_num_samples``:
-8 up to d = 100, then ``round(8 sqrt(d / 100))``), the rule's forward-only
+8 up to d = 100, then ``round(8 sqrt(d / 100))``; where ``"auto"``'s control
+variate runs, counted on the host as the fit runs, ``counting_draws``: S per
+step on S draws, 1 per step on one draw, S per probe), the rule's forward-only
 evaluations of log p,
 the number of step decreases and the final scale
 (``vijax.optim.learning_rate_scale``), the wall time of the one ``fit`` call
@@ -162,6 +164,61 @@ FULL_PROBLEMS = h2h.FULL_PROBLEMS
 QUICK_PROBLEMS = h2h.QUICK_PROBLEMS
 H2H_JSON = os.path.join(OUT, "head_to_head.json")
 H2H_QUICK_JSON = os.path.join(OUT, "head_to_head_quick.json")
+
+
+# ============================================================ counting the draws
+#: Steps per ``"auto"`` branch (0 plain, 1 control variate on S draws, 2 on one
+#: draw) and probes, counted on the host during one fit (``counting_draws``).
+_COUNTS = {"branch": [0, 0, 0], "probes": 0, "ratios": 0, "references": 0}
+
+
+def _count_branch(branch) -> None:
+    _COUNTS["branch"][int(branch)] += 1
+
+
+def _count(what: str) -> None:
+    _COUNTS[what] += 1
+
+
+@contextlib.contextmanager
+def counting_draws():
+    """Counts each step's ``"auto"`` choice, each probe, ratio and new reference point.
+
+    ``vijax._taylor.auto_branch``, ``probe_draws``, ``probe_ratio`` and ``reference_at`` are
+    wrapped (at trace time) so that the compiled step reports to the host
+    (``jax.debug.callback``, about 10 us a call) when it runs them; yields
+    the counts, reset. The draws a fit spent are then exact, not ``steps x
+    S``: ``"auto"`` steps on one draw where that is as good as exact.
+    """
+    names = ("auto_branch", "probe_draws", "probe_ratio", "reference_at")
+    originals = [getattr(_taylor, name) for name in names]
+    branch_of, probe_of, ratio_of, reference_of = originals
+
+    def auto_branch(ratio, num_samples):
+        out = branch_of(ratio, num_samples)
+        jax.debug.callback(_count_branch, out)
+        return out
+
+    def probe_draws(*args, **kwargs):
+        jax.debug.callback(_count, "probes")
+        return probe_of(*args, **kwargs)
+
+    def probe_ratio(*args, **kwargs):
+        jax.debug.callback(_count, "ratios")
+        return ratio_of(*args, **kwargs)
+
+    def reference_at(*args, **kwargs):
+        jax.debug.callback(_count, "references")
+        return reference_of(*args, **kwargs)
+
+    _COUNTS.update(branch=[0, 0, 0], probes=0, ratios=0, references=0)
+    for name, new in zip(names, (auto_branch, probe_draws, probe_ratio, reference_at)):
+        setattr(_taylor, name, new)
+    try:
+        yield _COUNTS
+    finally:
+        for name, old in zip(names, originals):
+            setattr(_taylor, name, old)
 
 
 # ============================================================ the recording rule
@@ -313,7 +370,7 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     init = family.init(problem.latent)
     row = dict(group=group, seed=seed, max_steps=max_steps, wall_cap_s=wall_cap)
     t0 = time.perf_counter()
-    with recording_rule(wall_cap) as made:
+    with recording_rule(wall_cap) as made, counting_draws() as counts:
         try:
             res = vijax.fit(jax.random.key(seed), family, problem.log_joint, init,
                             num_steps=max_steps, progress=False, antithetic=antithetic,
@@ -345,6 +402,7 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     row["antithetic"] = bool(antithetic if antithetic is not None else
                              _drivers.default_antithetic(init, family, DEFAULT_ESTIMATOR))
     control = res.state.control
+    grad_evals = steps * row["num_samples"]
     if control is not None:  # "auto" by default (vijax.fitting._drivers.default_control_variate)
         row.update(control_variate=control_variate or "auto",
                    control_ratio=float(control.ratio), control_step=int(control.step))
@@ -353,7 +411,24 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
             every = _taylor.refresh_steps(problem.d, row["num_samples"])
             row.update(refresh_every=every,
                        hvp_evals=steps * row["num_samples"] + -(-steps // every) * problem.d)
-    row.update(stopped_by=stopped, steps=steps, grad_evals=steps * row["num_samples"],
+        else:
+            # Counted: steps per branch as run (with the chunks fit dispatches one
+            # ahead and drops at a stop or a new stage: work done, not kept), and
+            # the probes' S draws each.
+            plain, on_s, on_one = counts["branch"]
+            if plain + on_s + on_one < steps:
+                raise RuntimeError(f"counted {plain + on_s + on_one} steps, the fit ran {steps}:"
+                                   " was the step compiled outside counting_draws?")
+            probe_evals = counts["probes"] * row["num_samples"]
+            grad_evals = (plain + on_s) * row["num_samples"] + on_one + probe_evals
+            row.update(steps_run=plain + on_s + on_one, steps_plain=plain,
+                       steps_control=on_s, steps_one_draw=on_one,
+                       probes=counts["probes"], probe_evals=probe_evals,
+                       reference_points=counts["references"],
+                       hvp_evals=(on_s * row["num_samples"] + on_one
+                                  + counts["ratios"] * row["num_samples"]
+                                  + counts["references"] * problem.d))
+    row.update(stopped_by=stopped, steps=steps, grad_evals=grad_evals,
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),
                stages=rule.stages, stopped_early=bool(res.stopped_early))
@@ -675,13 +750,18 @@ def markdown(results: dict) -> str:
         + (f"; from d = {s['antithetic_min_dim']:,} on in antithetic pairs, fit's default "
            "`vijax.fitting._drivers.default_antithetic`"
            if s.get("antithetic_min_dim") and not s.get("antithetic") else "")
-        + ") plus the rule's "
+        + "; where the control variate is on, counted instead: S per step run on the "
+        "plain estimator or the control variate, 1 per step run on one draw, S per probe; "
+        "steps run include the chunk fit dispatches ahead and drops at a stop or a new stage"
+        ") plus the rule's "
         "forward-only evaluations of log p (with a control variate, each draw costs a "
         "Hessian-vector product more). Control variate: fit's default for mean-field and "
         "low-rank, `control_variate=\"auto\"` (`vijax._taylor`), uses log p's second-order "
         "expansion where its last probe left less than "
         f"{_taylor.AUTO_MAX_RATIO:g} of the gradient's variation over q (shown: that share, "
-        "the step of the probe, on or off). Wall time: the one call, compilation included. Converged: "
+        "the step of the probe, on or off), on one draw per step where that share times S "
+        f"is at most {getattr(_taylor, 'ONE_DRAW_MAX_NOISE', float('nan')):g} "
+        "(`vijax._taylor.ONE_DRAW_MAX_NOISE`; shown: the steps on one draw). Wall time: the one call, compilation included. Converged: "
         f"BLR / logistic, exact gap above the family's optimum <= {TOL} nats (the rule's "
         f"tolerance; also shown against head_to_head's {KL_TOL:g}; "
         + ("low-rank against the rank-5 family's own optimum, found by L-BFGS in float64 "
@@ -774,7 +854,10 @@ def _cv_cell(row: dict) -> str:
     if row["control_variate"] == "taylor":
         return "taylor (always on)"
     state = "on" if ratio < _taylor.AUTO_MAX_RATIO else "off"
-    return f"{h2h._g(ratio, 2)} at step {row.get('control_step', 0):,} ({state})"
+    cell = f"{h2h._g(ratio, 2)} at step {row.get('control_step', 0):,} ({state})"
+    if row.get("steps_one_draw"):
+        cell += f"; {row['steps_one_draw']:,} of {row['steps_run']:,} steps on one draw"
+    return cell
 
 
 # ============================================================ driver

@@ -382,13 +382,80 @@ def test_auto_uses_the_control_variate_on_a_gaussian_posterior(x64, rng):
                     control_variate="auto")
     control = res.state.control
     assert float(control.ratio) < 1e-8
-    # d = 12 and 8 draws: a new point at every probe (every 50 steps).
-    assert int(control.step) == 250
+    # As good as exact on one draw: the first point is kept past the refresh interval
+    # (d = 12 and 8 draws: 50 steps), probed again at every 50th step.
+    assert _taylor.refresh_steps(12, 8) == 50
+    assert int(control.step) == 0
     np.testing.assert_allclose(control.hess_diag, -np.diagonal(prec), rtol=1e-10)
-    np.testing.assert_allclose(control.loc, ravel_pytree(
-        vijax.fit(jax.random.key(0), family, model.log_joint, family.init(model.latent),
-                  num_steps=250, optimizer=optax.adam(1e-2), progress=False,
-                  control_variate="auto").state.params.loc)[0], rtol=1e-12)
+    np.testing.assert_allclose(control.loc, ravel_pytree(model.latent)[0])
+
+
+def _one_step_by_hand(family, log_joint, state, optimizer, num_samples, control):
+    """The params after one step of the estimator "auto" should pick, written out."""
+    key = jax.random.fold_in(state.key, state.step)
+    grads = jax.grad(lambda p: -vijax.elbo(
+        key, p, family, log_joint, num_samples=num_samples, estimator="closed_entropy",
+        control=control))(state.params)
+    updates, _ = optimizer.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates)
+
+
+@pytest.mark.parametrize("ratio,draws", [(0.1, 8), (0.01 / 8, 1), (0.3, None)])
+def test_auto_steps_on_one_draw_where_that_is_as_good_as_exact(x64, rng, ratio, draws):
+    """Between probes the step's estimator follows the point's ratio: the control variate on
+    the fit's draws below AUTO_MAX_RATIO, on one draw where ``ratio * S`` is at most
+    ONE_DRAW_MAX_NOISE, the plain estimator at or above AUTO_MAX_RATIO."""
+    log_joint, latent, _, _ = _logistic(rng)
+    family, opt = vijax.mean_field(), optax.sgd(0.1)
+    params = jax.tree_util.tree_map(
+        lambda x: x + 0.3 * jnp.asarray(rng.normal(size=np.shape(x))), family.init(latent))
+    ref = vijax.taylor_reference(log_joint, latent)._replace(
+        step=jnp.asarray(0, jnp.int32), ratio=jnp.asarray(ratio))
+    state = vijax.init_fit_state(jax.random.key(3), params, opt)._replace(
+        step=jnp.asarray(7, jnp.int32), control=ref)  # not a probe step
+    step = vijax.make_step(family, log_joint, opt, num_samples=8, control_variate="auto")
+    got, _ = jax.jit(step)(state)
+    assert int(_taylor.auto_branch(jnp.asarray(ratio), 8)) == {8: 1, 1: 2, None: 0}[draws]
+    if draws is None:
+        key = jax.random.fold_in(state.key, state.step)
+        grads = jax.grad(lambda p: -vijax.elbo(key, p, family, log_joint, num_samples=8))(params)
+        want = optax.apply_updates(params, opt.update(grads, state.opt_state, params)[0])
+    else:
+        want = _one_step_by_hand(family, log_joint, state, opt, draws, ref)
+    for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    # One draw is only a choice where the fit takes more than one.
+    assert int(_taylor.auto_branch(jnp.asarray(1e-9), 1)) == 1
+    assert int(_taylor.auto_branch(jnp.asarray(0.5), 1)) == 0
+
+
+def test_auto_refreshes_a_point_that_is_not_as_good_as_exact(x64, rng):
+    """Past the refresh interval a probe replaces a point whose ratio is not small enough for
+    one draw (on a logistic target), and keeps one that is (forced here)."""
+    log_joint, latent, _, _ = _logistic(rng)
+    family, opt = vijax.mean_field(), optax.sgd(0.1)
+    params = family.init(latent)
+    params = params._replace(raw_scale=jnp.full_like(params.raw_scale, -1.0))  # sd ~0.3
+    every = _taylor.refresh_steps(6, 8)
+    base = vijax.init_fit_state(jax.random.key(3), params, opt)._replace(
+        step=jnp.asarray(every, jnp.int32))
+    step = jax.jit(vijax.make_step(family, log_joint, opt, num_samples=8,
+                                   control_variate="auto"))
+    ref = vijax.taylor_reference(log_joint, latent)._replace(
+        loc=jnp.full(6, 0.05), step=jnp.asarray(0, jnp.int32), ratio=jnp.asarray(0.1))
+    after, _ = step(base._replace(control=ref))
+    assert int(after.control.step) == every  # replaced: interval elapsed, not near exact
+    assert 0.01 / 8 < float(after.control.ratio) < _taylor.AUTO_MAX_RATIO
+    # The same probe with a quadratic target: near exact, kept.
+    def quad(z):
+        return -0.5 * jnp.sum((ravel_pytree(z)[0] - 0.3) ** 2)
+
+    qstep = jax.jit(vijax.make_step(family, quad, opt, num_samples=8, control_variate="auto"))
+    qref = vijax.taylor_reference(quad, latent)._replace(
+        loc=jnp.full(6, 0.05), step=jnp.asarray(0, jnp.int32), ratio=jnp.asarray(0.0))
+    kept, _ = qstep(base._replace(control=qref))
+    assert int(kept.control.step) == 0
+    assert float(kept.control.ratio) * 8 <= _taylor.ONE_DRAW_MAX_NOISE
 
 
 def test_auto_leaves_a_fit_alone_where_the_expansion_does_not_pay(x64):

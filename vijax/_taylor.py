@@ -28,7 +28,8 @@ Where the expansion is poor (a point far from q, or ``log p`` far from
 quadratic over q's spread) the correction can add noise instead; a fit with
 ``control_variate="auto"`` measures what it would leave
 (:func:`probe_ratio`) and uses it only where the variance falls by more than
-4 (:data:`AUTO_MAX_RATIO`).
+4 (:data:`AUTO_MAX_RATIO`); where what it leaves is negligible even on one
+draw (:data:`ONE_DRAW_MAX_NOISE`), its steps take one draw.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ always, ``"auto"`` where it pays (:data:`AUTO_MAX_RATIO`)."""
 #: variance must fall by more than 2 to pay; 4 leaves a margin for the
 #: probe's own noise and for the steps until the next probe.
 AUTO_MAX_RATIO = 0.25
+
+#: ``"auto"`` steps on one draw while the control variate's gradient noise
+#: on it, ``ratio * S``, is at most this share of the plain estimator's on
+#: the fit's ``S`` draws: the gradient is then as good as exact (on a Gaussian
+#: posterior it is exact), and more draws would buy nothing.
+ONE_DRAW_MAX_NOISE = 0.01
 
 #: ``"auto"`` probes its reference point every this many steps (2 S more
 #: gradient and Hessian-vector evaluations each time).
@@ -247,6 +254,21 @@ def check_family_supports(family, params: Any) -> None:
 def refresh_steps(d: int, num_samples: int) -> int:
     """A fit's steps between reference points: ``max(50, 10 ceil(d / S))``."""
     return max(MIN_REFRESH_STEPS, REFRESH_COST_RATIO * math.ceil(d / max(num_samples, 1)))
+
+
+def near_exact(ratio: jax.Array, num_samples: int) -> jax.Array:
+    """Whether one draw with the control variate is as good as exact (:data:`ONE_DRAW_MAX_NOISE`)."""
+    return ratio * num_samples <= ONE_DRAW_MAX_NOISE
+
+
+def auto_branch(ratio: jax.Array, num_samples: int) -> jax.Array:
+    """``"auto"``'s choice of estimator for a step (int32): 0 the plain one, 1 the
+    control variate on the fit's ``num_samples`` draws, 2 on one draw (only
+    where ``num_samples > 1``: :func:`near_exact`)."""
+    on = ratio < AUTO_MAX_RATIO
+    if num_samples == 1:
+        return on.astype(jnp.int32)
+    return jnp.where(on, jnp.where(near_exact(ratio, num_samples), 2, 1), 0).astype(jnp.int32)
 
 
 def reflected(layout) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:

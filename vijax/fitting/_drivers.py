@@ -550,8 +550,12 @@ def fit(
         gradient's variation over q that the expansion leaves
         (``result.state.control.ratio``), and the control variate is used
         (with ``"closed_entropy"``) while that share is below a quarter
-        (:data:`vijax._taylor.AUTO_MAX_RATIO`); a new point is taken when the
-        share at the current one is not, or after the interval above. For
+        (:data:`vijax._taylor.AUTO_MAX_RATIO`), on one draw instead of
+        ``num_samples`` while that share times ``num_samples`` is at most 0.01
+        (:data:`vijax._taylor.ONE_DRAW_MAX_NOISE`: the gradient is then as good
+        as exact, as on a Gaussian posterior, and more draws buy nothing); a
+        new point is taken when the share at the current one is not below a
+        quarter, or after the interval above unless one draw is enough. For
         the mean-field and low-rank families and a ``log_joint`` that
         differentiates in forward mode; not for data models. ``False``: none.
         None (the default): ``"auto"`` in the default fit (no ``optimizer``)

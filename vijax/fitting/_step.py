@@ -153,10 +153,12 @@ def make_step(
         reference point in ``state.control``. ``"taylor"`` moves it to q's
         mean at every step ``t`` with ``t % refresh_every == 0``; ``"auto"``
         probes it every 50 steps and moves it when it no longer pays or
-        after ``refresh_every`` steps (and both at the first step, when
+        after ``refresh_every`` steps unless it is as good as exact on one
+        draw (then its steps take one draw: :func:`vijax._taylor.auto_branch`),
+        and both at the first step, when
         ``state.control`` is a placeholder: see :func:`fit`; a state from
         :func:`init_fit_state` needs
-        ``state._replace(control=vijax._taylor.placeholder(params.loc))``).
+        ``state._replace(control=vijax._taylor.placeholder(params.loc))``.
         Each new point costs ``d`` Hessian-vector products.
       refresh_every: steps between reference points (default
         ``max(50, 10 ceil(d / num_samples))``, about 10% more Hessian-vector
@@ -186,9 +188,9 @@ def make_step(
     if refresh_every is not None:
         refresh_every = _checks.check_positive_int("refresh_every", refresh_every)
 
-    def neg_elbo(params, key, control, name=estimator):
+    def neg_elbo(params, key, control, name=estimator, draws=num_samples):
         return -elbo(
-            key, params, family, log_joint, num_samples=num_samples, estimator=name,
+            key, params, family, log_joint, num_samples=draws, estimator=name,
             antithetic=antithetic, control=control,
         )
 
@@ -207,11 +209,13 @@ def make_step(
         else:
             # "auto": the given estimator without the control variate, the closed-form
             # entropy with it (with which a Gaussian posterior's gradient is exact).
-            loss, grads = jax.lax.cond(
-                control.ratio < _taylor.AUTO_MAX_RATIO,
-                lambda: loss_and_grad(state.params, key, control, "closed_entropy"),
+            branches = [
                 lambda: loss_and_grad(state.params, key, None),
-            )
+                lambda: loss_and_grad(state.params, key, control, "closed_entropy"),
+                lambda: loss_and_grad(state.params, key, control, "closed_entropy", 1),
+            ][:3 if num_samples > 1 else 2]
+            loss, grads = jax.lax.switch(_taylor.auto_branch(control.ratio, num_samples),
+                                         branches)
         return guarded_update(optimizer, state, loss, grads)
 
     return step
@@ -269,7 +273,8 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
         old = jax.lax.cond(was_active,
                            lambda: _taylor.probe_ratio(f, control.loc, z, u, grads),
                            lambda: jnp.asarray(jnp.inf, control.ratio.dtype))
-        keep = was_active & (old < limit) & (step - control.step < every)
+        keep = was_active & (old < limit) & (
+            (step - control.step < every) | _taylor.near_exact(old, num_samples))
 
         def new():
             ratio = _taylor.probe_ratio(f, mean, z, u, grads)
