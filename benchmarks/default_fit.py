@@ -37,8 +37,8 @@ ends the fit at its next check (reported as "wall cap", not as a rule stop).
 or a FitError), the steps (``int(result.state.step)``), the gradient
 evaluations (steps x fit's default draws per step, ``default_num_samples``:
 8 up to d = 100, then ``round(8 sqrt(d / 100))``; where ``"auto"``'s control
-variate runs, counted on the host as the fit runs, ``counting_draws``: S per
-step on S draws, 1 per step on one draw, S per probe), the rule's forward-only
+variate runs, counted from its probes, ``counting_draws``: S per step on S
+draws, 1 per step on one draw, S per probe), the rule's forward-only
 evaluations of log p,
 the number of step decreases and the final scale
 (``vijax.optim.learning_rate_scale``), the wall time of the one ``fit`` call
@@ -138,7 +138,7 @@ from benchmarks import head_to_head as h2h
 from vijax._objectives import draws_and_log_weights
 from vijax._objectives import DEFAULT_ESTIMATOR
 from vijax import _taylor
-from vijax.fitting import _drivers, _engine, _stopping
+from vijax.fitting import _drivers, _engine, _step, _stopping
 from vijax.fitting._types import FitState
 
 NUM_SAMPLES = _drivers.DEFAULT_NUM_SAMPLES  # fit's draws per step up to d = 100
@@ -167,58 +167,57 @@ H2H_QUICK_JSON = os.path.join(OUT, "head_to_head_quick.json")
 
 
 # ============================================================ counting the draws
-#: Steps per ``"auto"`` branch (0 plain, 1 control variate on S draws, 2 on one
-#: draw) and probes, counted on the host during one fit (``counting_draws``).
-_COUNTS = {"branch": [0, 0, 0], "probes": 0, "ratios": 0, "references": 0}
+#: ``"auto"``'s probes during one fit: step -> (ratio after the probe, S), the
+#: last report for each step (``counting_draws``).
+_PROBES: dict = {}
 
 
-def _count_branch(branch) -> None:
-    _COUNTS["branch"][int(branch)] += 1
-
-
-def _count(what: str) -> None:
-    _COUNTS[what] += 1
+def _record_probe(step, ratio, num_samples) -> None:
+    _PROBES[int(step)] = (float(ratio), int(num_samples))
 
 
 @contextlib.contextmanager
 def counting_draws():
-    """Counts each step's ``"auto"`` choice, each probe, ratio and new reference point.
+    """Records ``"auto"``'s probes, so that the draws a fit spent are counted, not ``steps x S``.
 
-    ``vijax._taylor.auto_branch``, ``probe_draws``, ``probe_ratio`` and ``reference_at`` are
-    wrapped (at trace time) so that the compiled step reports to the host
-    (``jax.debug.callback``, about 10 us a call) when it runs them; yields
-    the counts, reset. The draws a fit spent are then exact, not ``steps x
-    S``: ``"auto"`` steps on one draw where that is as good as exact.
+    ``vijax.fitting._step._refreshed`` is wrapped (at trace time) so that a
+    step that probes reports its step and the ratio it leaves to the host
+    (``jax.debug.callback`` inside the probe's ``cond``: one call per 50
+    steps; one per step would cost about 15% of a step at d = 1000). The
+    estimator of every step follows from the last probe at or before it
+    (:func:`vijax._taylor.auto_branch`), since ``"auto"`` changes its point
+    only at a probe; a step run twice (a chunk dispatched ahead and rerun
+    from a new stage) reports twice, and the later report is the run kept.
+    Yields the records, reset.
     """
-    names = ("auto_branch", "probe_draws", "probe_ratio", "reference_at")
-    originals = [getattr(_taylor, name) for name in names]
-    branch_of, probe_of, ratio_of, reference_of = originals
+    original = _step._refreshed
 
-    def auto_branch(ratio, num_samples):
-        out = branch_of(ratio, num_samples)
-        jax.debug.callback(_count_branch, out)
+    def refreshed(state, key, family, log_joint, num_samples, every, mode):
+        out = original(state, key, family, log_joint, num_samples, every, mode)
+        if mode == "auto":
+            probed = (state.step % _taylor.PROBE_STEPS == 0) | (state.control.step < 0)
+            jax.lax.cond(probed, lambda: jax.debug.callback(
+                _record_probe, state.step, out.ratio, num_samples), lambda: None)
         return out
 
-    def probe_draws(*args, **kwargs):
-        jax.debug.callback(_count, "probes")
-        return probe_of(*args, **kwargs)
-
-    def probe_ratio(*args, **kwargs):
-        jax.debug.callback(_count, "ratios")
-        return ratio_of(*args, **kwargs)
-
-    def reference_at(*args, **kwargs):
-        jax.debug.callback(_count, "references")
-        return reference_of(*args, **kwargs)
-
-    _COUNTS.update(branch=[0, 0, 0], probes=0, ratios=0, references=0)
-    for name, new in zip(names, (auto_branch, probe_draws, probe_ratio, reference_at)):
-        setattr(_taylor, name, new)
+    _PROBES.clear()
+    _step._refreshed = refreshed
     try:
-        yield _COUNTS
+        yield _PROBES
     finally:
-        for name, old in zip(names, originals):
-            setattr(_taylor, name, old)
+        _step._refreshed = original
+
+
+def branch_counts(probes: dict, steps: int) -> tuple[list, int]:
+    """``([plain, control on S draws, control on one draw], probes)`` over steps ``0 .. steps-1``."""
+    marks = sorted((s, r, n) for s, (r, n) in probes.items() if s < steps)
+    counts = [0, 0, 0]
+    for i, (s, ratio, num) in enumerate(marks):
+        end = marks[i + 1][0] if i + 1 < len(marks) else steps
+        counts[int(_taylor.auto_branch(np.float32(ratio), num))] += end - s
+    if marks and marks[0][0] != 0:
+        raise RuntimeError(f"no probe at step 0 (first at {marks[0][0]})")
+    return counts, len(marks)
 
 
 # ============================================================ the recording rule
@@ -412,22 +411,16 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
             row.update(refresh_every=every,
                        hvp_evals=steps * row["num_samples"] + -(-steps // every) * problem.d)
         else:
-            # Counted: steps per branch as run (with the chunks fit dispatches one
-            # ahead and drops at a stop or a new stage: work done, not kept), and
-            # the probes' S draws each.
-            plain, on_s, on_one = counts["branch"]
-            if plain + on_s + on_one < steps:
-                raise RuntimeError(f"counted {plain + on_s + on_one} steps, the fit ran {steps}:"
-                                   " was the step compiled outside counting_draws?")
-            probe_evals = counts["probes"] * row["num_samples"]
+            # Counted: the kept steps per estimator, from the probes (counting_draws),
+            # and the probes' S draws each.
+            (plain, on_s, on_one), probes = branch_counts(counts, steps)
+            if plain + on_s + on_one != steps:
+                raise RuntimeError(f"counted {plain + on_s + on_one} steps of {steps}: was "
+                                   "the step compiled outside counting_draws?")
+            probe_evals = probes * row["num_samples"]
             grad_evals = (plain + on_s) * row["num_samples"] + on_one + probe_evals
-            row.update(steps_run=plain + on_s + on_one, steps_plain=plain,
-                       steps_control=on_s, steps_one_draw=on_one,
-                       probes=counts["probes"], probe_evals=probe_evals,
-                       reference_points=counts["references"],
-                       hvp_evals=(on_s * row["num_samples"] + on_one
-                                  + counts["ratios"] * row["num_samples"]
-                                  + counts["references"] * problem.d))
+            row.update(steps_plain=plain, steps_control=on_s, steps_one_draw=on_one,
+                       probes=probes, probe_evals=probe_evals)
     row.update(stopped_by=stopped, steps=steps, grad_evals=grad_evals,
                rule_evals=int(rule.num_evaluations), num_skipped=int(res.num_skipped),
                decreases=len(rule.decreases), decrease_steps=list(rule.decreases),
@@ -750,9 +743,8 @@ def markdown(results: dict) -> str:
         + (f"; from d = {s['antithetic_min_dim']:,} on in antithetic pairs, fit's default "
            "`vijax.fitting._drivers.default_antithetic`"
            if s.get("antithetic_min_dim") and not s.get("antithetic") else "")
-        + "; where the control variate is on, counted instead: S per step run on the "
-        "plain estimator or the control variate, 1 per step run on one draw, S per probe; "
-        "steps run include the chunk fit dispatches ahead and drops at a stop or a new stage"
+        + "; where the control variate is on, counted instead: S per step on the "
+        "plain estimator or the control variate, 1 per step on one draw, S per probe"
         ") plus the rule's "
         "forward-only evaluations of log p (with a control variate, each draw costs a "
         "Hessian-vector product more). Control variate: fit's default for mean-field and "
@@ -856,7 +848,7 @@ def _cv_cell(row: dict) -> str:
     state = "on" if ratio < _taylor.AUTO_MAX_RATIO else "off"
     cell = f"{h2h._g(ratio, 2)} at step {row.get('control_step', 0):,} ({state})"
     if row.get("steps_one_draw"):
-        cell += f"; {row['steps_one_draw']:,} of {row['steps_run']:,} steps on one draw"
+        cell += f"; {row['steps_one_draw']:,} steps on one draw"
     return cell
 
 
