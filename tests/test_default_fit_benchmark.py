@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import default_fit as df
@@ -51,6 +52,7 @@ def test_quick_run_reports_consistent_rows(tmp_path):
                                            + r["probe_evals"])
                 assert r["probe_evals"] == r["num_samples"] * r["probes"]
                 assert r["probes"] == -(-r["steps"] // 50)  # steps 0, 50, 100, ...
+                assert r["probes_match"]
             else:
                 assert r["grad_evals"] == r["num_samples"] * r["steps"]
             assert r["total_evals"] == r["grad_evals"] + r["rule_evals"] and r["rule_evals"] > 0
@@ -152,3 +154,21 @@ def test_moments_verdict_and_noise_floor():
     floor = df.noise_floor(12_000.0, 600_000)
     assert floor["gap"] == pytest.approx(0.01)
     assert floor["evals_for_tol"] == 120_000  # 12,000 / (2 x 0.05)
+
+
+def test_branch_counts_follow_the_probes():
+    """Each step takes the estimator of the last probe at or before it; probes at or past the
+    last step are ignored; a NaN ratio is the plain estimator."""
+    s = 8
+    edge = np.float32(0.01 / s)
+    below = float(np.nextafter(edge, np.float32(0)))
+    above = float(np.nextafter(edge, np.float32(1)))
+    probes = {0: (float("nan"), s), 50: (0.1, s), 100: (below, s), 150: (above, s),
+              200: (0.3, s), 260: (1e-9, s)}
+    assert df.branch_counts(probes, 260) == ([50 + 60, 50 + 50, 50], 5)
+    assert df.branch_counts(probes, 261) == ([110, 100, 51], 6)
+    # S = 1: no one-draw branch.
+    assert df.branch_counts({0: (1e-9, 1)}, 10) == ([0, 10, 0], 1)
+    with pytest.raises(RuntimeError, match="no probe at step 0"):
+        df.branch_counts({50: (0.1, s)}, 60)
+

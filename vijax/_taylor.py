@@ -59,7 +59,8 @@ AUTO_MAX_RATIO = 0.25
 
 #: ``"auto"`` steps on one draw while the control variate's gradient noise
 #: on it, ``ratio * S``, is at most this share of the plain estimator's on
-#: the fit's ``S`` draws: the gradient is then as good as exact (on a Gaussian
+#: ``S`` independent draws (the probe's; antithetic draws can be less noisy
+#: than that): the gradient is then as good as exact (on a Gaussian
 #: posterior it is exact), and more draws would buy nothing.
 ONE_DRAW_MAX_NOISE = 0.01
 
@@ -265,6 +266,7 @@ def auto_branch(ratio: jax.Array, num_samples: int) -> jax.Array:
     """``"auto"``'s choice of estimator for a step (int32): 0 the plain one, 1 the
     control variate on the fit's ``num_samples`` draws, 2 on one draw (only
     where ``num_samples > 1``: :func:`near_exact`)."""
+    ratio = jnp.asarray(ratio)
     on = ratio < AUTO_MAX_RATIO
     if num_samples == 1:
         return on.astype(jnp.int32)
