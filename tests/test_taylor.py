@@ -390,38 +390,45 @@ def test_auto_uses_the_control_variate_on_a_gaussian_posterior(x64, rng):
     np.testing.assert_allclose(control.loc, ravel_pytree(model.latent)[0])
 
 
-def _one_step_by_hand(family, log_joint, state, optimizer, num_samples, control):
+def _one_step_by_hand(family, log_joint, state, optimizer, num_samples, control, antithetic):
     """The params after one step of the estimator "auto" should pick, written out."""
     key = jax.random.fold_in(state.key, state.step)
     grads = jax.grad(lambda p: -vijax.elbo(
         key, p, family, log_joint, num_samples=num_samples, estimator="closed_entropy",
-        control=control))(state.params)
+        control=control, antithetic=antithetic))(state.params)
     updates, _ = optimizer.update(grads, state.opt_state, state.params)
     return optax.apply_updates(state.params, updates)
 
 
+@pytest.mark.parametrize("family_name,antithetic", [
+    ("mean_field", False), ("mean_field", True), ("low_rank", True)])
 @pytest.mark.parametrize("ratio,draws", [(0.1, 8), (0.01 / 8, 1), (0.3, None)])
-def test_auto_steps_on_one_draw_where_that_is_as_good_as_exact(x64, rng, ratio, draws):
+def test_auto_steps_on_one_draw_where_that_is_as_good_as_exact(x64, rng, ratio, draws,
+                                                              family_name, antithetic):
     """Between probes the step's estimator follows the point's ratio: the control variate on
     the fit's draws below AUTO_MAX_RATIO, on one draw where ``ratio * S`` is at most
-    ONE_DRAW_MAX_NOISE, the plain estimator at or above AUTO_MAX_RATIO."""
+    ONE_DRAW_MAX_NOISE, the plain estimator at or above AUTO_MAX_RATIO; with antithetic
+    draws (pairs, or fours for low-rank) too, one draw being one unreflected draw."""
     log_joint, latent, _, _ = _logistic(rng)
-    family, opt = vijax.mean_field(), optax.sgd(0.1)
+    family = vijax.mean_field() if family_name == "mean_field" else vijax.low_rank(rank=2)
+    opt = optax.sgd(0.1)
     params = jax.tree_util.tree_map(
         lambda x: x + 0.3 * jnp.asarray(rng.normal(size=np.shape(x))), family.init(latent))
     ref = vijax.taylor_reference(log_joint, latent)._replace(
         step=jnp.asarray(0, jnp.int32), ratio=jnp.asarray(ratio))
     state = vijax.init_fit_state(jax.random.key(3), params, opt)._replace(
         step=jnp.asarray(7, jnp.int32), control=ref)  # not a probe step
-    step = vijax.make_step(family, log_joint, opt, num_samples=8, control_variate="auto")
+    step = vijax.make_step(family, log_joint, opt, num_samples=8, control_variate="auto",
+                           antithetic=antithetic)
     got, _ = jax.jit(step)(state)
     assert int(_taylor.auto_branch(jnp.asarray(ratio), 8)) == {8: 1, 1: 2, None: 0}[draws]
     if draws is None:
         key = jax.random.fold_in(state.key, state.step)
-        grads = jax.grad(lambda p: -vijax.elbo(key, p, family, log_joint, num_samples=8))(params)
+        grads = jax.grad(lambda p: -vijax.elbo(key, p, family, log_joint, num_samples=8,
+                                               antithetic=antithetic))(params)
         want = optax.apply_updates(params, opt.update(grads, state.opt_state, params)[0])
     else:
-        want = _one_step_by_hand(family, log_joint, state, opt, draws, ref)
+        want = _one_step_by_hand(family, log_joint, state, opt, draws, ref, antithetic)
     for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-12)
     # One draw is only a choice where the fit takes more than one.
