@@ -152,13 +152,12 @@ def make_step(
         (see :func:`vijax.fit`), or None. The step then keeps its
         reference point in ``state.control``. ``"taylor"`` moves it to q's
         mean at every step ``t`` with ``t % refresh_every == 0``; ``"auto"``
-        probes it every 50 steps and moves it when it no longer pays or
-        after ``refresh_every`` steps unless it is as good as exact on one
-        draw (then its steps take one draw: :func:`vijax._taylor.auto_branch`),
-        and both at the first step, when
-        ``state.control`` is a placeholder: see :func:`fit`; a state from
-        :func:`init_fit_state` needs
-        ``state._replace(control=vijax._taylor.placeholder(params.loc))``.
+        probes it every 50 steps and moves it when it no longer pays, or
+        after ``refresh_every`` steps unless one draw is as good as exact
+        there (its steps then take one draw: :func:`vijax._taylor.auto_branch`).
+        Both take a point at the first step, when ``state.control`` is a
+        placeholder (see :func:`fit`; a state from :func:`init_fit_state`
+        needs ``state._replace(control=vijax._taylor.placeholder(params.loc))``).
         Each new point costs ``d`` Hessian-vector products.
       refresh_every: steps between reference points (default
         ``max(50, 10 ceil(d / num_samples))``, about 10% more Hessian-vector
@@ -208,7 +207,8 @@ def make_step(
             loss, grads = loss_and_grad(state.params, key, control)
         else:
             # "auto": the given estimator without the control variate, the closed-form
-            # entropy with it (with which a Gaussian posterior's gradient is exact).
+            # entropy with it (with which a Gaussian posterior's gradient is exact),
+            # on one draw where that is as good as exact.
             branches = [
                 lambda: loss_and_grad(state.params, key, None),
                 lambda: loss_and_grad(state.params, key, control, "closed_entropy"),
