@@ -200,8 +200,7 @@ def counting_draws():
     def refreshed(state, key, family, log_joint, num_samples, every, mode):
         out = original(state, key, family, log_joint, num_samples, every, mode)
         if mode == "auto":
-            probed = (state.step % _taylor.PROBE_STEPS == 0) | (state.control.step < 0)
-            jax.lax.cond(probed, lambda: jax.debug.callback(
+            jax.lax.cond(_step.probe_due(state), lambda: jax.debug.callback(
                 _record_probe, state.step, out.ratio, num_samples),
                 lambda: None)
         return out

@@ -289,7 +289,13 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
 
         return jax.lax.cond(keep, lambda: control._replace(ratio=old), new)
 
-    return jax.lax.cond((step % _taylor.PROBE_STEPS == 0) | fresh, probe, lambda: control)
+    return jax.lax.cond(probe_due(state), probe, lambda: control)
+
+
+def probe_due(state: FitState) -> jax.Array:
+    """Whether an ``"auto"`` step probes its point: every ``PROBE_STEPS`` steps, and when the
+    point is a placeholder (``step < 0``)."""
+    return (state.step % _taylor.PROBE_STEPS == 0) | (state.control.step < 0)
 
 
 def make_data_step(
