@@ -12,7 +12,7 @@ Two models, both with a (d,) weight vector ``w ~ N(0, I)``:
   the "exact" gap ``KL(q || p) - min_family KL = ELBO* - ELBO(q)`` is computed
   by one-dimensional quadrature (the expected log likelihood depends on ``q``
   only through the 1-d marginals ``N(m_i, s_i^2)`` of ``x_i^T w``;
-  :func:`expected_softplus`, accurate to about 1e-10 per row at any spread),
+  ``vijax.models._glm.expected_softplus``, accurate to about 1e-10 per row at any spread),
   and ``ELBO*`` by maximizing that deterministic ELBO over the family with
   L-BFGS in float64.
 
@@ -37,51 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import vijax
+from vijax.models._glm import expected_softplus
 
 _LOG_2PI = math.log(2.0 * math.pi)
-_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
-_GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2.0 * math.pi)
-_LAGUERRE_NODES, _LAGUERRE_WEIGHTS = np.polynomial.laguerre.laggauss(64)
-# log1p(exp(-u)) = exp(-u) * [exp(u) log1p(exp(-u))]; the bracket is smooth, in
-# (log 2, 1), and computed here in float64 (exp(u) overflows float32 at u > 88).
-_LAGUERRE_BRACKET = np.log1p(np.exp(-_LAGUERRE_NODES)) * np.exp(_LAGUERRE_NODES)
-#: Above this spread ``expected_softplus`` splits softplus instead of Gauss-Hermite.
-SPLIT_SPREAD = 2.0
-
-
-def expected_softplus(m, s):
-    """``E[softplus(t)]`` for ``t ~ N(m, s^2)``, elementwise, in JAX (differentiable).
-
-    For ``s <= SPLIT_SPREAD`` a 64-point Gauss-Hermite rule in standard units.
-    For wider marginals that rule fails: softplus bends over a width of about
-    1 in ``t``, finer than the rule's nodes (at ``s = 80``, the logit spread of
-    logistic regression at d = 10^4 under its mean-field optimum, it was off
-    by 0.2 nats per row, 200 nats over 1000 rows). There
-    ``softplus(t) = max(t, 0) + log1p(exp(-|t|))``: the first term's
-    expectation is closed form, ``m Phi(m / s) + s phi(m / s)``, and the second,
-    which decays like ``exp(-|t|)``, is integrated in ``t`` on each half-line
-    by 64-point Gauss-Laguerre. Both branches agree with adaptive quadrature
-    (``scipy.integrate.quad``) to about 1e-10 over ``s`` from 0.01 to 300 and
-    ``|m|`` up to 200 (``tests/test_benchmark_problems.py``).
-    """
-    m = jnp.asarray(m)
-    s = jnp.asarray(s)
-    lead = (1,) * m.ndim  # explicit broadcasting (rank promotion may be set to raise)
-    nodes = jnp.asarray(_GH_NODES, m.dtype).reshape(lead + (-1,))
-    gh = jax.nn.softplus(m[..., None] + s[..., None] * nodes) @ jnp.asarray(_GH_WEIGHTS, m.dtype)
-    wide = s > SPLIT_SPREAD
-    sw = jnp.where(wide, s, 1.0)  # the narrow rows' branch must stay finite under grad
-    r = m / sw
-    relu = m * jax.scipy.special.ndtr(r) + sw * jnp.exp(-0.5 * r * r) / math.sqrt(2.0 * math.pi)
-    u = jnp.asarray(_LAGUERRE_NODES, m.dtype).reshape(lead + (-1,))
-    bracket = jnp.asarray(_LAGUERRE_BRACKET, m.dtype).reshape(lead + (-1,))
-
-    def density(t):
-        z = (t - m[..., None]) / sw[..., None]
-        return jnp.exp(-0.5 * z * z) / (sw[..., None] * math.sqrt(2.0 * math.pi))
-
-    bump = (bracket * (density(u) + density(-u))) @ jnp.asarray(_LAGUERRE_WEIGHTS, m.dtype)
-    return jnp.where(wide, relu + bump, gh)
 
 
 @jax.jit

@@ -177,7 +177,7 @@ def markdown(results) -> str:
               "KL(q || p) - min over the family of KL falls below the tolerance, checked "
               f"every {s['check_every']} steps. BLR: closed forms; logistic regression: "
               "the ELBO gap to the family's optimum, by one-dimensional quadrature "
-              "(benchmarks/_problems.expected_softplus, about 1e-10 per row). The gap must stay below the tolerance for "
+              "(vijax.models._glm.expected_softplus, about 1e-10 per row). The gap must stay below the tolerance for "
               "two more checks. min KL: the family's optimum (BLR; 0 for full-rank). "
               "'>': not reached, with the gap at the last check; diverged: the fit's "
               "parameters became non-finite (by that many evaluations).",

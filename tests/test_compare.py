@@ -125,13 +125,21 @@ def test_reference_paths_for_models_without_closed_form(x64, rng):
     for m in ("bias_norm", "variance", "snr", "cosine", "relative_error"):
         np.testing.assert_allclose(getattr(given, m), getattr(default, m), rtol=1e-12)
 
-    # Logistic regression has no closed form: a reference is required ...
+    # Logistic regression has no posterior: its default reference is grad
+    # exact_elbo (quadrature); a bare log_joint, or a model with no expected
+    # log joint, needs a reference ...
     x = rng.normal(size=(20, 3))
     y = (x @ np.ones(3) + rng.normal(size=20) > 0).astype(np.float64)
     logistic = vijax.models.logistic_regression(jnp.asarray(x), jnp.asarray(y))
     lparams = _params(rng, family, logistic.latent)
+    quad = vijax.compare_gradients(key, lparams, family, logistic, **kwargs)
+    assert quad.reference_name == "grad exact ELBO"
+    gref = jax.grad(vijax.exact_elbo)(lparams, family, logistic)
+    np.testing.assert_allclose(quad.reference_norm, np.linalg.norm(ravel_pytree(gref)[0]),
+                               rtol=1e-12)
+    bare = vijax.models.Model(logistic.log_joint, logistic.latent, name="bare")
     with pytest.raises(ValueError, match="reference="):
-        vijax.compare_gradients(key, lparams, family, logistic, **kwargs)
+        vijax.compare_gradients(key, lparams, family, bare, **kwargs)
     with pytest.raises(ValueError, match="reference="):
         vijax.compare_gradients(key, lparams, family, logistic.log_joint, **kwargs)
     # ... and a Model or its bare log_joint then give the same result.

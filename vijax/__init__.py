@@ -25,6 +25,7 @@ module                         owns
 ``vijax.fitting._types``       :class:`FitState`, :class:`FitInfo`, :class:`FitResult`, :class:`FitError`
 ``vijax.fitting._step``        :func:`make_step`, :func:`init_fit_state` (the pure optax step)
 ``vijax.fitting._drivers``     :func:`fit`, :func:`fit_batched` (on the engine, ``vijax.fitting._engine``)
+``vijax.fitting._deterministic`` :func:`fit_exact`, :class:`ExactFitResult` (L-BFGS on :func:`exact_elbo`)
 ``vijax.fitting._checkpoint``  :func:`save_checkpoint`, :func:`load_checkpoint` (data, never code)
 ``vijax.optim._natural``       :func:`natural_gradient` (an optax transformation), :class:`NaturalGradientState`
 ``vijax.optim._averaging``     :func:`iterate_average` (wraps any optax optimizer), :func:`averaged_params`
@@ -76,6 +77,8 @@ from vijax.fitting._checkpoint import load_checkpoint
 from vijax.fitting._checkpoint import save_checkpoint
 from vijax.fitting._drivers import fit
 from vijax.fitting._drivers import fit_batched
+from vijax.fitting._deterministic import ExactFitResult
+from vijax.fitting._deterministic import fit_exact
 from vijax.fitting._step import init_fit_state
 from vijax.fitting._step import make_step
 from vijax.fitting._types import FitError
@@ -110,6 +113,7 @@ __all__ = [
     "CholeskyScale",
     "Diagnosis",
     "DiagonalScale",
+    "ExactFitResult",
     "FitError",
     "FitInfo",
     "FitResult",
@@ -143,6 +147,7 @@ __all__ = [
     "exact_kl",
     "fit",
     "fit_batched",
+    "fit_exact",
     "flows",
     "full_rank",
     "gaussian_kl",

@@ -18,7 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
-from vijax._exact import exact_kl
+from vijax._exact import exact_elbo, exact_kl
 from vijax.families._protocol import VariationalFamily, check_family, entropy_fn
 from vijax._format import markdown_table
 from vijax._objectives import (
@@ -199,8 +199,11 @@ def compare_gradients(
     reference gradient ``g*`` of the ELBO with respect to ``params``:
 
     * if ``reference`` is ``None``, ``g* = -grad exact_kl(params, family,
-      model)`` (which equals ``grad exact_elbo``), so ``model`` must be a
-      Gaussian-conjugate :class:`vijax.models.Model`;
+      model)`` (which equals ``grad exact_elbo``) for a Gaussian-conjugate
+      :class:`vijax.models.Model`, and ``g* = grad exact_elbo`` for a model
+      with an ``expected_log_joint`` but no posterior (logistic regression,
+      by quadrature; it equals ``-grad KL`` too, since ``log p(x)`` does not
+      depend on ``params``);
     * otherwise ``g* = reference`` (a pytree shaped like ``params``), and
       ``model`` may be any :class:`~vijax.models.Model` or a bare
       ``log_joint`` callable: use this for models with no closed form (e.g.
@@ -239,8 +242,9 @@ def compare_gradients(
       key: a PRNG key (typed ``jax.random.key`` or legacy uint32).
       params: the family's parameters.
       family: a :class:`vijax.VariationalFamily`.
-      model: a :class:`vijax.models.Model` (conjugate unless ``reference`` is
-        given) or a ``log_joint(z) -> scalar`` callable (with ``reference``).
+      model: a :class:`vijax.models.Model` (with an ``expected_log_joint``
+        unless ``reference`` is given) or a ``log_joint(z) -> scalar``
+        callable (with ``reference``).
       estimators: distinct names from ``("reparam", "closed_entropy", "stl",
         "adaptive_stl", "score", "iwae", "dreg")``; by default the four
         textbook ELBO estimators.
@@ -256,7 +260,8 @@ def compare_gradients(
 
     Raises:
       ValueError: an unknown or repeated estimator, a bad sample count or
-        replicate count, a non-conjugate model with no ``reference``, or a
+        replicate count, a model with no ``expected_log_joint`` and no
+        ``reference``, or a
         ``reference`` whose structure or shapes differ from ``params``.
       TypeError: ``model`` is neither a Model nor callable, or a count is not
         an int.
@@ -295,15 +300,18 @@ def compare_gradients(
         )
 
     if reference is None:
-        if not isinstance(model, Model) or not model.is_conjugate:
+        if not isinstance(model, Model) or model.expected_log_joint is None:
             what = model.name if isinstance(model, Model) else "a log_joint callable"
             raise ValueError(
-                f"`model` ({what}) has no closed-form KL(q || p(z | x)) to compare "
+                f"`model` ({what}) has no exact KL(q || p(z | x)) or ELBO to compare "
                 "against; pass `reference=` (a gradient pytree shaped like `params`)."
             )
-        neg_kl = jax.grad(exact_kl)(params, family, model)
-        ref = -ravel_pytree(neg_kl)[0]
-        reference_name = "-grad KL"
+        if model.is_conjugate:
+            ref = -ravel_pytree(jax.grad(exact_kl)(params, family, model))[0]
+            reference_name = "-grad KL"
+        else:
+            ref = ravel_pytree(jax.grad(exact_elbo)(params, family, model))[0]
+            reference_name = "grad exact ELBO"
     else:
         ref = _flat_reference(reference, params)
         reference_name = "reference"

@@ -1,9 +1,12 @@
-"""Exact KL(q || p(z | x)) and exact ELBO for Gaussian-conjugate models.
+"""Exact KL(q || p(z | x)) and exact ELBO, with no sampling.
 
-No sampling: both are closed forms of the family's Gaussian and the model's
-quadratic log joint, so they are deterministic, differentiable with
-``jax.grad`` and satisfy ``exact_elbo + exact_kl == model.log_evidence`` for
-every parameter value (and so ``grad exact_elbo == -grad exact_kl``).
+For the Gaussian-conjugate models both are closed forms of the family's
+Gaussian and the model's quadratic log joint, so they are deterministic,
+differentiable with ``jax.grad`` and satisfy
+``exact_elbo + exact_kl == model.log_evidence`` for every parameter value (and
+so ``grad exact_elbo == -grad exact_kl``). ``exact_elbo`` also takes any model
+with an ``expected_log_joint`` (logistic regression, by one-dimensional
+quadrature), where no posterior exists for ``exact_kl``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,23 @@ from vijax.models._model import Model
 
 
 def _family_gaussian(
-    params: Any, family: VariationalFamily, model: Model, what: str, needed_by: str
+    params: Any, family: VariationalFamily, model: Model, what: str, needed_by: str,
+    *, needs_posterior: bool = True,
 ) -> Gaussian:
     check_family(family)
     if not isinstance(model, Model):
         raise TypeError(f"`model` must be a vijax.models.Model; got {type(model).__name__}.")
-    if not model.is_conjugate:
+    if needs_posterior and not model.is_conjugate:
         raise ValueError(
             f"`model` ({model.name}) has no closed form for {what}: it needs an "
             "exact posterior, log evidence and expected log joint (the Gaussian-"
             "conjugate models in vijax.models have them)."
+        )
+    if model.expected_log_joint is None:
+        raise ValueError(
+            f"`model` ({model.name}) has no exact form for {what}: it needs "
+            "`model.expected_log_joint` (the Gaussian-conjugate models and "
+            "vijax.models.logistic_regression have it); got None."
         )
     to_gaussian = require(family, "to_gaussian", needed_by)
     q = to_gaussian(params)
@@ -68,23 +78,27 @@ def exact_kl(params: Any, family: VariationalFamily, model: Model) -> jax.Array:
 
 
 def exact_elbo(params: Any, family: VariationalFamily, model: Model) -> jax.Array:
-    """Returns the ELBO ``E_q[log p(x, z)] + H[q]`` in closed form, with no sampling.
+    """Returns the ELBO ``E_q[log p(x, z)] + H[q]`` with no sampling.
 
-    ``E_q[log p(x, z)]`` comes from the model's quadratic log joint
-    (``model.expected_log_joint``), not from its posterior, so
-    ``exact_elbo + exact_kl == log_evidence`` checks two independent
-    computations.
+    ``E_q[log p(x, z)]`` is ``model.expected_log_joint``. For the conjugate
+    models it is a closed form of the quadratic log joint, not of the
+    posterior, so ``exact_elbo + exact_kl == log_evidence`` checks two
+    independent computations; for logistic regression it is one-dimensional
+    quadrature over each logit, exact to near machine precision.
 
     Args:
       params: the family's parameters.
-      family: a :class:`vijax.VariationalFamily`.
-      model: a Gaussian-conjugate :class:`vijax.models.Model`.
+      family: a :class:`vijax.VariationalFamily` with a Gaussian view
+        (``to_gaussian``).
+      model: a :class:`vijax.models.Model` with an ``expected_log_joint``.
 
     Returns:
-      A scalar <= ``model.log_evidence`` (a bound: larger is better).
+      A scalar <= ``log p(x)`` (a bound: larger is better).
 
     Raises:
-      ValueError: the model has no closed form, or ``params`` do not match it.
+      ValueError: the model has no ``expected_log_joint``, or ``params`` do
+        not match it.
     """
-    q = _family_gaussian(params, family, model, "the ELBO", "exact_elbo")
+    q = _family_gaussian(params, family, model, "the ELBO", "exact_elbo",
+                         needs_posterior=False)
     return model.expected_log_joint(q) + q.entropy()

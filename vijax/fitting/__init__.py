@@ -9,6 +9,7 @@ module                  owns
 ``_checkpoint``         :func:`save_checkpoint`, :func:`load_checkpoint` (data only)
 ``_progress``           the tqdm progress bar
 ``_drivers``            :func:`fit`, :func:`fit_batched`
+``_deterministic``      :func:`fit_exact`, :class:`ExactFitResult` (L-BFGS on the exact ELBO)
 ``_stopping``           the tuning-free rule of ``fit(..., auto_stop=True)`` (host side)
 ======================  ==========================================================
 
@@ -20,6 +21,8 @@ An algorithm (:func:`vijax.batch_and_match`, ...) is an :class:`Algorithm`
 
 from vijax.fitting._checkpoint import load_checkpoint
 from vijax.fitting._checkpoint import save_checkpoint
+from vijax.fitting._deterministic import ExactFitResult
+from vijax.fitting._deterministic import fit_exact
 from vijax.fitting._drivers import fit
 from vijax.fitting._drivers import fit_batched
 from vijax.fitting._engine import Algorithm
@@ -32,12 +35,14 @@ from vijax.fitting._types import FitState
 
 __all__ = [
     "Algorithm",
+    "ExactFitResult",
     "FitError",
     "FitInfo",
     "FitResult",
     "FitState",
     "fit",
     "fit_batched",
+    "fit_exact",
     "init_fit_state",
     "load_checkpoint",
     "make_step",

@@ -125,10 +125,13 @@ class Model:
       posterior: the exact posterior ``p(z | x)`` as a :class:`vijax.Gaussian`
         over the flat latent (``ravel_pytree(latent)`` order), or ``None``.
       log_evidence: the exact ``log p(x)``, or ``None``.
-      expected_log_joint: ``expected_log_joint(q) -> scalar``, the closed form
-        of ``E_q[log p(x, z)]`` for a :class:`vijax.Gaussian` ``q``, or
-        ``None``. Computed from the log joint's quadratic form, not from the
-        posterior, so ``exact_elbo + exact_kl == log_evidence`` is a real check.
+      expected_log_joint: ``expected_log_joint(q) -> scalar``,
+        ``E_q[log p(x, z)]`` for a :class:`vijax.Gaussian` ``q`` with no
+        sampling, or ``None``. The conjugate models compute it in closed
+        form from the log joint's quadratic form, not from the posterior, so
+        ``exact_elbo + exact_kl == log_evidence`` is a real check;
+        :func:`vijax.models.logistic_regression` by one-dimensional
+        quadrature over each linear predictor, to near machine precision.
       name: a short name for tables.
       constrain: ``model.constrain(z)`` maps latent draws (one latent, or
         any number of leading batch axes) to the model's natural space: the

@@ -1,0 +1,253 @@
+"""``fit_exact``: maximize the exact ELBO with L-BFGS, for models that give ``E_q[log p]``.
+
+Where a model gives ``E_q[log p(x, z)]`` without sampling
+(``model.expected_log_joint``: the conjugate models in closed form, logistic
+regression by one-dimensional quadrature), the ELBO and its gradient are
+deterministic, and a quasi-Newton method with a line search
+(``optax.lbfgs``, a zoom line search on the Wolfe conditions) reaches the
+family's optimum with no step size to tune and no Monte Carlo noise floor.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from vijax import _checks
+from vijax._exact import exact_elbo
+from vijax.families._protocol import VariationalFamily, check_family, require
+from vijax.models._model import Model
+
+_RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
+#: A gain is below the float's resolution when under this many ulps of the ELBO.
+_ULPS = 8.0
+
+
+class ExactFitResult(NamedTuple):
+    """What :func:`fit_exact` returns.
+
+    Attributes:
+      params: the family's parameters with the highest exact ELBO seen
+        (always finite).
+      elbo: the exact ELBO at ``params`` (a Python float).
+      trace: the exact ELBO after each step, a NumPy array of ``num_steps``
+        entries.
+      num_steps: L-BFGS steps taken.
+      num_evals: evaluations of the exact ELBO and its gradient, the line
+        searches' included (each costs one ``expected_log_joint`` and its
+        reverse-mode gradient).
+      grad_norm: the Euclidean norm of the ELBO's gradient at ``params``.
+      converged: whether the stopping rule fired (see :func:`fit_exact`).
+      message: why the fit stopped, in words.
+    """
+
+    params: Any
+    elbo: float
+    trace: np.ndarray
+    num_steps: int
+    num_evals: int
+    grad_norm: float
+    converged: bool
+    message: str
+
+
+class _Carry(NamedTuple):
+    params: Any
+    opt_state: Any
+    best: Any          # the params with the highest ELBO so far
+    best_elbo: jax.Array
+    ref_elbo: jax.Array  # the ELBO at the last step that gained more than tol
+    ref_step: jax.Array
+    step: jax.Array
+    evals: jax.Array
+    status: jax.Array
+
+
+def _tree_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def fit_exact(
+    family: VariationalFamily,
+    model: Model,
+    init_params: Any,
+    *,
+    max_steps: int = 5000,
+    tol: float = 1e-3,
+    window: int = 10,
+    memory_size: int = 10,
+    chunk_size: int = 100,
+) -> ExactFitResult:
+    """Returns the family's ELBO optimum for a model with an exact expected log joint.
+
+    Maximizes :func:`vijax.exact_elbo` (``model.expected_log_joint(q) +
+    H[q]``, no sampling) over the family's parameters with L-BFGS
+    (``optax.lbfgs``: ``memory_size`` curvature pairs, a zoom line search on
+    the strong Wolfe conditions). Nothing is random and there is no step size
+    to tune. The steps run in compiled chunks of up to ``chunk_size`` steps
+    (one ``jax.lax.while_loop`` each); ``KeyboardInterrupt`` between chunks
+    returns the best point so far (with a ``RuntimeWarning``).
+
+    Stopping rule: the fit has converged when ``window`` steps in a row have
+    not raised the ELBO by more than ``tol`` nats above the last step that
+    did (or, in float32, by more than 8 ulps of the ELBO, the float's
+    resolution, where that is larger). It stops unconverged after
+    ``max_steps`` steps, or when a line search meets a non-finite ELBO or
+    parameters (then with a ``RuntimeWarning``); ``result.params`` is always
+    the finite point with the highest ELBO seen.
+
+    Models with ``expected_log_joint``: the Gaussian-conjugate models
+    (:func:`vijax.models.bayesian_linear_regression`,
+    :func:`vijax.models.linear_gaussian`, :func:`vijax.models.normal_mean`) and
+    :func:`vijax.models.logistic_regression`. For any other model use
+    :func:`vijax.fit`, whose gradients are Monte Carlo estimates. Cost per
+    evaluation: logistic regression O(n d) for the mean-field family, O(n d k)
+    for rank ``k``, O(n d^2) for full rank. The measured steps, evaluations and
+    accuracy are in ``benchmarks/results/cpu/default_fit.md``.
+
+    Args:
+      family: a :class:`vijax.VariationalFamily` with a Gaussian view
+        (``to_gaussian``): ``mean_field``, ``low_rank``, ``full_rank``, ...
+      model: a :class:`vijax.models.Model` whose ``expected_log_joint`` is not
+        ``None``.
+      init_params: the family's initial parameters (``family.init(model.latent)``),
+        finite; their dtype (float32 or float64) is the fit's.
+      max_steps: the most L-BFGS steps (>= 1).
+      tol: the stopping rule's gain, in nats (> 0).
+      window: the stopping rule's steps without such a gain (>= 1).
+      memory_size: L-BFGS curvature pairs kept (>= 1).
+      chunk_size: steps per compiled chunk (>= 1).
+
+    Returns:
+      An :class:`ExactFitResult`.
+
+    Raises:
+      TypeError: ``family`` or ``model`` has the wrong type, or a count is
+        not an int.
+      ValueError: the model has no ``expected_log_joint``, ``init_params`` do
+        not match it or are not finite, the ELBO at ``init_params`` is not
+        finite, or a count or ``tol`` is out of range.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np, vijax
+      >>> rng = np.random.default_rng(0)
+      >>> x = rng.normal(size=(50, 3)).astype(np.float32)
+      >>> y = (rng.random(50) < 0.5).astype(np.float32)
+      >>> model = vijax.models.logistic_regression(x, y)
+      >>> family = vijax.mean_field()
+      >>> result = vijax.fit_exact(family, model, family.init(model.latent))
+      >>> result.converged
+      True
+    """
+    check_family(family)
+    require(family, "to_gaussian", "fit_exact")
+    if not isinstance(model, Model):
+        raise TypeError(f"`model` must be a vijax.models.Model; got {type(model).__name__}.")
+    max_steps = _checks.check_positive_int("max_steps", max_steps)
+    tol = _checks.check_positive_float("tol", tol)
+    window = _checks.check_positive_int("window", window)
+    memory_size = _checks.check_positive_int("memory_size", memory_size)
+    chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+    flat0 = ravel_pytree(init_params)[0]
+    if not jnp.issubdtype(flat0.dtype, jnp.floating):
+        raise TypeError(f"`init_params` must be floating point; got dtype {flat0.dtype}.")
+    _checks.check_finite("init_params", flat0)
+
+    def loss(params):
+        return -exact_elbo(params, family, model)
+
+    elbo0 = -loss(init_params)  # checks the model and params (clear errors) before any work
+    if not np.isfinite(float(elbo0)):
+        raise ValueError(
+            f"The exact ELBO at `init_params` must be finite; got {float(elbo0)}. "
+            "Start from family.init(model.latent) or a nearby point."
+        )
+    dtype = flat0.dtype
+    ulp = float(jnp.finfo(dtype).eps)
+    solver = optax.lbfgs(memory_size=memory_size)
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def one_step(c: _Carry) -> tuple[_Carry, jax.Array]:
+        value, grad = value_and_grad(c.params, state=c.opt_state)
+        updates, opt_state = solver.update(
+            grad, c.opt_state, c.params, value=value, grad=grad, value_fn=loss)
+        params = optax.apply_updates(c.params, updates)
+        new_value = optax.tree_utils.tree_get(opt_state, "value")
+        evals = c.evals + optax.tree_utils.tree_get(
+            opt_state, "num_linesearch_steps").astype(jnp.int32)
+        elbo = -new_value
+        ok = jnp.isfinite(elbo) & _tree_finite(params)
+        better = ok & (elbo > c.best_elbo)
+        best = jax.tree_util.tree_map(lambda n, o: jnp.where(better, n, o), params, c.best)
+        best_elbo = jnp.where(better, elbo, c.best_elbo)
+        step = c.step + 1
+        floor = jnp.maximum(tol, _ULPS * ulp * jnp.abs(elbo)).astype(elbo.dtype)
+        gained = ok & (elbo > c.ref_elbo + floor)
+        ref_elbo = jnp.where(gained, elbo, c.ref_elbo)
+        ref_step = jnp.where(gained, step, c.ref_step)
+        status = jnp.where(~ok, _NONFINITE,
+                           jnp.where(step - ref_step >= window, _CONVERGED, _RUNNING))
+        keep = lambda n, o: jax.tree_util.tree_map(  # noqa: E731
+            lambda a, b: jnp.where(ok, a, b), n, o)
+        carry = _Carry(keep(params, c.params), keep(opt_state, c.opt_state), best,
+                       best_elbo, ref_elbo, ref_step, step, evals, status.astype(jnp.int32))
+        return carry, jnp.where(ok, elbo, c.best_elbo)
+
+    @jax.jit
+    def chunk(c: _Carry, stop: jax.Array):
+        trace = jnp.full((chunk_size,), jnp.nan, dtype)
+        start = c.step
+
+        def cond(state):
+            c, _ = state
+            return (c.status == _RUNNING) & (c.step < stop)
+
+        def body(state):
+            c, trace = state
+            c, elbo = one_step(c)
+            return c, trace.at[c.step - 1 - start].set(elbo.astype(dtype))
+
+        return jax.lax.while_loop(cond, body, (c, trace))
+
+    e0 = jnp.asarray(elbo0, dtype)
+    carry = _Carry(init_params, solver.init(init_params), init_params, e0, e0,
+                   jnp.int32(0), jnp.int32(0), jnp.int32(1), jnp.int32(_RUNNING))
+    traces, interrupted = [], False
+    try:
+        while int(carry.step) < max_steps and int(carry.status) == _RUNNING:
+            stop = min(int(carry.step) + chunk_size, max_steps)
+            before = int(carry.step)
+            carry, trace = chunk(carry, jnp.int32(stop))
+            traces.append(np.asarray(trace)[: int(carry.step) - before])
+    except KeyboardInterrupt:
+        interrupted = True
+    status, steps = int(carry.status), int(carry.step)
+    params = carry.best
+    value, grad = jax.value_and_grad(loss)(params)
+    grad_norm = float(jnp.linalg.norm(ravel_pytree(grad)[0]))
+    if status == _CONVERGED:
+        message = (f"converged: {window} steps in a row gained at most "
+                   f"max({tol:g} nats, {_ULPS:g} ulps of the ELBO)")
+    elif status == _NONFINITE:
+        message = f"stopped at step {steps}: a line search met a non-finite ELBO or parameters"
+    elif interrupted:
+        message = f"interrupted at step {steps}"
+    else:
+        message = f"not converged: max_steps={max_steps} reached"
+    if status == _NONFINITE or interrupted:
+        warnings.warn(f"fit_exact {message}; returning the best finite point so far.",
+                      RuntimeWarning, stacklevel=2)
+    trace = np.concatenate(traces) if traces else np.zeros((0,), dtype)
+    return ExactFitResult(
+        params=params, elbo=float(-value), trace=trace, num_steps=steps,
+        num_evals=int(carry.evals), grad_norm=grad_norm,
+        converged=status == _CONVERGED, message=message,
+    )
+
