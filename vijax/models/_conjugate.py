@@ -26,7 +26,9 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 from vijax import _checks, _host
 from vijax._gaussian import (
     CholeskyScale,
+    DiagonalScale,
     Gaussian,
+    LowRankScale,
     PrecisionScale,
     expected_log_prob,
 )
@@ -215,6 +217,8 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     ``log_joint`` costs O(n d) and forms no n x n matrix. The posterior uses
     the d x d precision ``X^T X / s^2 + I / t^2``; the evidence uses it too when
     n >= d, and the n x n matrix ``s^2 I + t^2 X X^T`` when n < d.
+    ``expected_log_joint`` costs O(n d) for a diagonal q and O(n d k) for a
+    rank-k one (no d x d matrix); dense scales use ``X^T X``.
     """
     n, d = x.shape
     _, unravel = ravel_pytree(latent)
@@ -231,9 +235,15 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
         return lik + pri
 
     def expected_log_joint(q: Gaussian):
+        # tr(X^T X Sigma) = ||X S||_F^2: O(n d) for a diagonal scale, O(n d k) for
+        # low rank, with no d x d matrix; a dense scale uses X^T X (formed once).
+        if isinstance(q.scale, (DiagonalScale, LowRankScale)):
+            spread = jnp.sum(jnp.square(q.scale.matmul_factor(x)))
+        else:
+            spread = q.scale.trace_cov(xtx())
         lik = -0.5 * (
             n * (_LOG_2PI + jnp.log(s2))
-            + (jnp.sum(jnp.square(y - x @ q.mean)) + q.scale.trace_cov(xtx())) / s2
+            + (jnp.sum(jnp.square(y - x @ q.mean)) + spread) / s2
         )
         pri = -0.5 * (
             d * (_LOG_2PI + jnp.log(t2))
