@@ -156,3 +156,16 @@ def test_errors(rng):
         vijax.fit_exact(family, model, bad)
     with pytest.raises(ValueError, match="do not match"):
         vijax.fit_exact(family, model, family.init(jnp.zeros(5)))
+
+
+def test_a_second_call_reuses_the_compiled_chunk(rng):
+    from vijax.fitting import _deterministic
+
+    x, y = _logistic_data(rng, dtype=np.float32)
+    model = models.logistic_regression(x, y)
+    family = vijax.mean_field()
+    first = vijax.fit_exact(family, model, family.init(model.latent), chunk_size=7)
+    cached = dict(_deterministic._COMPILED._items)
+    second = vijax.fit_exact(family, model, family.init(model.latent), chunk_size=7)
+    assert dict(_deterministic._COMPILED._items) == cached  # nothing new built
+    np.testing.assert_array_equal(first.trace, second.trace)  # and deterministic

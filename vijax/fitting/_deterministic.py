@@ -20,11 +20,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
+from vijax._cache import LRU
 from vijax._exact import exact_elbo
 from vijax.families._protocol import VariationalFamily, check_family, require
 from vijax.models._model import Model
 
 _RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
+_COMPILED = LRU(16)  # (family, model, options) -> (solver, chunk, final value and grad)
 #: A gain is below the float's resolution when under this many ulps of the ELBO.
 _ULPS = 8.0
 
@@ -160,21 +162,68 @@ def fit_exact(
         raise TypeError(f"`init_params` must be floating point; got dtype {flat0.dtype}.")
     _checks.check_finite("init_params", flat0)
 
-    def loss(params):
-        return -exact_elbo(params, family, model)
-
-    elbo0 = -loss(init_params)  # checks the model and params (clear errors) before any work
+    # Checks the model and params (clear errors) before any work.
+    elbo0 = exact_elbo(init_params, family, model)
     if not np.isfinite(float(elbo0)):
         raise ValueError(
             f"The exact ELBO at `init_params` must be finite; got {float(elbo0)}. "
             "Start from family.init(model.latent) or a nearby point."
         )
     dtype = flat0.dtype
-    ulp = float(jnp.finfo(dtype).eps)
+    solver, chunk, final = _COMPILED.get(
+        (family, model, tol, window, memory_size, chunk_size),
+        lambda: _compile(family, model, tol, window, memory_size, chunk_size))
+    e0 = jnp.asarray(elbo0, dtype)
+    carry = _Carry(init_params, solver.init(init_params), init_params, e0, e0,
+                   jnp.int32(0), jnp.int32(0), jnp.int32(1), jnp.int32(_RUNNING))
+    traces, interrupted = [], False
+    try:
+        while int(carry.step) < max_steps and int(carry.status) == _RUNNING:
+            stop = min(int(carry.step) + chunk_size, max_steps)
+            before = int(carry.step)
+            carry, trace = chunk(carry, jnp.int32(stop))
+            traces.append(np.asarray(trace)[: int(carry.step) - before])
+    except KeyboardInterrupt:
+        interrupted = True
+    status, steps = int(carry.status), int(carry.step)
+    params = carry.best
+    value, grad = final(params)
+    grad_norm = float(jnp.linalg.norm(ravel_pytree(grad)[0]))
+    if status == _CONVERGED:
+        message = (f"converged: {window} steps in a row gained at most "
+                   f"max({tol:g} nats, {_ULPS:g} ulps of the ELBO)")
+    elif status == _NONFINITE:
+        message = f"stopped at step {steps}: a line search met a non-finite ELBO or parameters"
+    elif interrupted:
+        message = f"interrupted at step {steps}"
+    else:
+        message = f"not converged: max_steps={max_steps} reached"
+    if status == _NONFINITE or interrupted:
+        warnings.warn(f"fit_exact {message}; returning the best finite point so far.",
+                      RuntimeWarning, stacklevel=2)
+    trace = np.concatenate(traces) if traces else np.zeros((0,), dtype)
+    return ExactFitResult(
+        params=params, elbo=float(-value), trace=trace, num_steps=steps,
+        num_evals=int(carry.evals), grad_norm=grad_norm,
+        converged=status == _CONVERGED, message=message,
+    )
+
+
+def _loss(params, family, model):
+    return -exact_elbo(params, family, model)
+
+
+def _compile(family, model, tol, window, memory_size, chunk_size):
+    """L-BFGS, the compiled chunk and the final ELBO and gradient (cached per configuration)."""
     solver = optax.lbfgs(memory_size=memory_size)
+
+    def loss(params):
+        return _loss(params, family, model)
+
     value_and_grad = optax.value_and_grad_from_state(loss)
 
     def one_step(c: _Carry) -> tuple[_Carry, jax.Array]:
+        ulp = jnp.finfo(c.best_elbo.dtype).eps
         value, grad = value_and_grad(c.params, state=c.opt_state)
         updates, opt_state = solver.update(
             grad, c.opt_state, c.params, value=value, grad=grad, value_fn=loss)
@@ -202,6 +251,7 @@ def fit_exact(
 
     @jax.jit
     def chunk(c: _Carry, stop: jax.Array):
+        dtype = c.best_elbo.dtype
         trace = jnp.full((chunk_size,), jnp.nan, dtype)
         start = c.step
 
@@ -216,38 +266,5 @@ def fit_exact(
 
         return jax.lax.while_loop(cond, body, (c, trace))
 
-    e0 = jnp.asarray(elbo0, dtype)
-    carry = _Carry(init_params, solver.init(init_params), init_params, e0, e0,
-                   jnp.int32(0), jnp.int32(0), jnp.int32(1), jnp.int32(_RUNNING))
-    traces, interrupted = [], False
-    try:
-        while int(carry.step) < max_steps and int(carry.status) == _RUNNING:
-            stop = min(int(carry.step) + chunk_size, max_steps)
-            before = int(carry.step)
-            carry, trace = chunk(carry, jnp.int32(stop))
-            traces.append(np.asarray(trace)[: int(carry.step) - before])
-    except KeyboardInterrupt:
-        interrupted = True
-    status, steps = int(carry.status), int(carry.step)
-    params = carry.best
-    value, grad = jax.value_and_grad(loss)(params)
-    grad_norm = float(jnp.linalg.norm(ravel_pytree(grad)[0]))
-    if status == _CONVERGED:
-        message = (f"converged: {window} steps in a row gained at most "
-                   f"max({tol:g} nats, {_ULPS:g} ulps of the ELBO)")
-    elif status == _NONFINITE:
-        message = f"stopped at step {steps}: a line search met a non-finite ELBO or parameters"
-    elif interrupted:
-        message = f"interrupted at step {steps}"
-    else:
-        message = f"not converged: max_steps={max_steps} reached"
-    if status == _NONFINITE or interrupted:
-        warnings.warn(f"fit_exact {message}; returning the best finite point so far.",
-                      RuntimeWarning, stacklevel=2)
-    trace = np.concatenate(traces) if traces else np.zeros((0,), dtype)
-    return ExactFitResult(
-        params=params, elbo=float(-value), trace=trace, num_steps=steps,
-        num_evals=int(carry.evals), grad_norm=grad_norm,
-        converged=status == _CONVERGED, message=message,
-    )
+    return solver, chunk, jax.jit(jax.value_and_grad(loss))
 
