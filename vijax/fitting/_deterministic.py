@@ -41,9 +41,10 @@ class ExactFitResult(NamedTuple):
       trace: the exact ELBO after each step, a NumPy array of ``num_steps``
         entries.
       num_steps: L-BFGS steps taken.
-      num_evals: evaluations of the exact ELBO and its gradient, the line
-        searches' included (each costs one ``expected_log_joint`` and its
-        reverse-mode gradient).
+      num_evals: evaluations of the exact ELBO and its gradient by the
+        steps, the line searches' included (each costs one
+        ``expected_log_joint`` and its reverse-mode gradient); the check at
+        the start and the gradient norm at the end add two more.
       grad_norm: the Euclidean norm of the ELBO's gradient at ``params``.
       converged: whether the stopping rule fired (see :func:`fit_exact`).
       message: why the fit stopped, in words.
@@ -162,17 +163,19 @@ def fit_exact(
         raise TypeError(f"`init_params` must be floating point; got dtype {flat0.dtype}.")
     _checks.check_finite("init_params", flat0)
 
-    # Checks the model and params (clear errors) before any work.
-    elbo0 = exact_elbo(init_params, family, model)
+    if model.expected_log_joint is None:  # before anything is built for it
+        exact_elbo(init_params, family, model)  # raises, naming what is missing
+    dtype = flat0.dtype
+    solver, chunk, final = _COMPILED.get(
+        (family, model, tol, window, memory_size, chunk_size),
+        lambda: _compile(family, model, tol, window, memory_size, chunk_size))
+    # Traces exact_elbo (its checks raise here, naming the argument) before any step.
+    elbo0 = -final(init_params)[0]
     if not np.isfinite(float(elbo0)):
         raise ValueError(
             f"The exact ELBO at `init_params` must be finite; got {float(elbo0)}. "
             "Start from family.init(model.latent) or a nearby point."
         )
-    dtype = flat0.dtype
-    solver, chunk, final = _COMPILED.get(
-        (family, model, tol, window, memory_size, chunk_size),
-        lambda: _compile(family, model, tol, window, memory_size, chunk_size))
     e0 = jnp.asarray(elbo0, dtype)
     carry = _Carry(init_params, solver.init(init_params), init_params, e0, e0,
                    jnp.int32(0), jnp.int32(0), jnp.int32(1), jnp.int32(_RUNNING))
