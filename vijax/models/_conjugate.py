@@ -93,6 +93,11 @@ def _linear_gaussian_closed_form(m0, l0, lr, hw, h, y):
 
 
 @jax.jit
+def _column_sq_sums(x):
+    return jnp.sum(jnp.square(x), axis=0)
+
+
+@jax.jit
 def _gram(x):
     return x.T @ x
 
@@ -217,14 +222,16 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     ``log_joint`` costs O(n d) and forms no n x n matrix. The posterior uses
     the d x d precision ``X^T X / s^2 + I / t^2``; the evidence uses it too when
     n >= d, and the n x n matrix ``s^2 I + t^2 X X^T`` when n < d.
-    ``expected_log_joint`` costs O(n d) for a diagonal q and O(n d k) for a
-    rank-k one (no d x d matrix); dense scales use ``X^T X``.
+    ``expected_log_joint`` costs O(n d) for the mean and O(d) for a diagonal
+    q's variances (O(n d k) rank k), with no d x d matrix; dense scales use
+    ``X^T X``.
     """
     n, d = x.shape
     _, unravel = ravel_pytree(latent)
     s2 = _square(noise_scale)
     t2 = _square(prior_scale)
     xtx = _Lazy(_gram, x)  # only the exact functions use X^T X
+    colsq = _Lazy(_column_sq_sums, x)  # diag(X^T X), for structured q
 
     def log_joint(z):
         w, _ = ravel_pytree(z)
@@ -235,10 +242,14 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
         return lik + pri
 
     def expected_log_joint(q: Gaussian):
-        # tr(X^T X Sigma) = ||X S||_F^2: O(n d) for a diagonal scale, O(n d k) for
-        # low rank, with no d x d matrix; a dense scale uses X^T X (formed once).
-        if isinstance(q.scale, (DiagonalScale, LowRankScale)):
-            spread = jnp.sum(jnp.square(q.scale.matmul_factor(x)))
+        # tr(X^T X Sigma) without the d x d X^T X where q is structured: with the
+        # column sums of X^2, O(d) for a diagonal scale, O(n d k) for low rank
+        # (plus ||X W||_F^2); a dense scale uses X^T X (formed once).
+        if isinstance(q.scale, DiagonalScale):
+            spread = colsq() @ jnp.square(q.scale.scale)
+        elif isinstance(q.scale, LowRankScale):
+            spread = colsq() @ jnp.square(q.scale.diag_scale) + jnp.sum(
+                jnp.square(x @ q.scale.cov_factor))
         else:
             spread = q.scale.trace_cov(xtx())
         lik = -0.5 * (

@@ -12,12 +12,13 @@ through :attr:`vijax.models.Model.expected_log_joint`.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vijax._gaussian import Gaussian
+from vijax._gaussian import DiagonalScale, Gaussian, LowRankScale
 
 _GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(64)
 _GH_WEIGHTS = _GH_WEIGHTS / math.sqrt(2.0 * math.pi)
@@ -70,22 +71,33 @@ def expected_softplus(m, s):
     return jnp.where(wide, relu + bump, gh)
 
 
-def predictor_moments(q: Gaussian, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def predictor_moments(q: Gaussian, x: jax.Array, x_sq: Optional[jax.Array] = None
+                      ) -> tuple[jax.Array, jax.Array]:
     """Returns the means and sds of the linear predictors ``x @ z``, ``z ~ q``.
 
-    ``x_i^T mu`` and ``sqrt(x_i^T Sigma x_i)`` for each row, the latter as the
-    row norms of ``x S`` for q's scale factor ``S`` (``Sigma = S S^T``), so the
-    covariance is never formed.
+    ``x_i^T mu`` and ``sqrt(x_i^T Sigma x_i)`` for each row, the covariance
+    never formed: for a diagonal scale ``x_sq @ sd^2`` (one pass over the
+    data, given ``x_sq = x**2``), for a low-rank one that plus the row norms
+    of ``x W``, for any other the row norms of ``x S`` (``Sigma = S S^T``).
 
     Args:
       q: a :class:`vijax.Gaussian` over ``d`` dimensions.
       x: an ``(n, d)`` design matrix.
+      x_sq: ``x**2``, precomputed (the diagonal and low-rank scales use it),
+        or ``None``.
 
     Returns:
       ``(m, s)``, each of shape ``(n,)``.
     """
     m = x @ q.mean
-    v = jnp.sum(jnp.square(q.scale.matmul_factor(x)), axis=-1)
+    scale = q.scale
+    if x_sq is not None and isinstance(scale, DiagonalScale):
+        v = x_sq @ jnp.square(scale.scale)
+    elif x_sq is not None and isinstance(scale, LowRankScale):
+        v = x_sq @ jnp.square(scale.diag_scale) + jnp.sum(
+            jnp.square(x @ scale.cov_factor), axis=-1)
+    else:
+        v = jnp.sum(jnp.square(scale.matmul_factor(x)), axis=-1)
     # A zero row has v = 0, where sqrt's derivative is infinite: keep grad finite.
     pos = v > 0
     return m, jnp.where(pos, jnp.sqrt(jnp.where(pos, v, 1.0)), 0.0)

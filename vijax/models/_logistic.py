@@ -11,7 +11,7 @@ from vijax import _checks
 from vijax._gaussian import Gaussian
 from vijax.models._glm import expected_softplus
 from vijax.models._glm import predictor_moments
-from vijax.models._model import Model
+from vijax.models._model import Model, _Lazy
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -62,8 +62,10 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
         pri = -0.5 * (d * (_LOG_2PI + jnp.log(t2)) + jnp.sum(jnp.square(w)) / t2)
         return lik + pri
 
+    x_sq = _Lazy(jnp.square, x)  # only expected_log_joint uses it
+
     def expected_log_joint(q: Gaussian):
-        m, s = predictor_moments(q, x)
+        m, s = predictor_moments(q, x, x_sq())
         lik = jnp.sum(y * m - expected_softplus(m, s))
         pri = -0.5 * (
             d * (_LOG_2PI + jnp.log(t2))
