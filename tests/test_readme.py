@@ -49,6 +49,10 @@ def test_readme_examples_run_in_order_and_show_what_they_claim(capsys):
     last, averaged = map(float, re.search(
         r"KL above the mean-field optimum: last iterate (\S+), averaged (\S+)", out).groups())
     assert -1e-9 < averaged < 0.2 * last
+    # fit_exact on logistic regression converged, and reports exact_elbo.
+    reported, recomputed = map(float, re.search(
+        r"fit_exact: converged.*; ELBO (\S+) = exact_elbo (\S+)", out).groups())
+    assert reported == pytest.approx(recomputed, abs=1e-8)
     bent = float(re.search(r"bent family: ELBO (\S+)", out).group(1))
     gaussian = float(re.search(r"full_rank family: ELBO (\S+)", out).group(1))
     assert bent > -0.05 and bent - gaussian > 0.1  # 20000 draws: s.e. about 0.01
