@@ -6,7 +6,8 @@ differentiable with ``jax.grad`` and satisfy
 ``exact_elbo + exact_kl == model.log_evidence`` for every parameter value (and
 so ``grad exact_elbo == -grad exact_kl``). ``exact_elbo`` also takes any model
 with an ``expected_log_joint`` (logistic regression, by one-dimensional
-quadrature), where no posterior exists for ``exact_kl``.
+quadrature; the Poisson GLM, in closed form), where no posterior exists for
+``exact_kl``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _family_gaussian(
         raise ValueError(
             f"`model` ({model.name}) has no exact form for {what}: it needs "
             "`model.expected_log_joint` (the Gaussian-conjugate models and "
-            "vijax.models.logistic_regression have it); got None."
+            "vijax.models.logistic_regression and poisson_glm have it); got None."
         )
     to_gaussian = require(family, "to_gaussian", needed_by)
     q = to_gaussian(params)

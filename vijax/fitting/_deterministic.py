@@ -116,12 +116,13 @@ def fit_exact(
 
     Models with ``expected_log_joint``: the Gaussian-conjugate models
     (:func:`vijax.models.bayesian_linear_regression`,
-    :func:`vijax.models.linear_gaussian`, :func:`vijax.models.normal_mean`) and
-    :func:`vijax.models.logistic_regression`. For any other model use
-    :func:`vijax.fit`, whose gradients are Monte Carlo estimates. Cost per
-    evaluation: logistic regression O(n d) for the mean-field family, O(n d k)
-    for rank ``k``, O(n d^2) for full rank. The measured steps, evaluations and
-    accuracy are in ``benchmarks/results/cpu/default_fit.md``.
+    :func:`vijax.models.linear_gaussian`, :func:`vijax.models.normal_mean`),
+    :func:`vijax.models.logistic_regression` and :func:`vijax.models.poisson_glm`.
+    For any other model use :func:`vijax.fit`, whose gradients are Monte
+    Carlo estimates. Cost per evaluation: the GLMs O(n d) for the mean-field
+    family, O(n d k) for rank ``k``, O(n d^2) for full rank. The measured
+    steps, evaluations and accuracy are in
+    ``benchmarks/results/cpu/exact_fit.md``.
 
     Args:
       family: a :class:`vijax.VariationalFamily` with a Gaussian view

@@ -131,7 +131,8 @@ class Model:
         form from the log joint's quadratic form, not from the posterior, so
         ``exact_elbo + exact_kl == log_evidence`` is a real check;
         :func:`vijax.models.logistic_regression` by one-dimensional
-        quadrature over each linear predictor, to near machine precision.
+        quadrature over each linear predictor, to near machine precision;
+        :func:`vijax.models.poisson_glm` in closed form.
       name: a short name for tables.
       constrain: ``model.constrain(z)`` maps latent draws (one latent, or
         any number of leading batch axes) to the model's natural space: the
