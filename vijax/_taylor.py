@@ -221,11 +221,7 @@ def check_control(control: Any, family, params: Any, estimator: str,
             f"`{name}` must be a vijax.TaylorReference (from vijax.taylor_reference) or "
             f"None; got {type(control).__name__}."
         )
-    if estimator == "score":
-        raise ValueError(
-            f"`{name}` needs a pathwise estimator (the Taylor control variate works "
-            "through the draws); got estimator='score'."
-        )
+    check_pathwise(estimator, name)
     check_family_supports(family, params)
     d = ravel_pytree(params.loc)[0].shape[0]
     for field in ("loc", "hess_diag"):
@@ -234,6 +230,15 @@ def check_control(control: Any, family, params: Any, estimator: str,
             raise ValueError(
                 f"`{name}.{field}` must have shape ({d},) (the flat latent); got {shape}."
             )
+
+
+def check_pathwise(estimator: str, name: str) -> None:
+    """Raises for the score estimator: the Taylor control variate works through the draws."""
+    if estimator == "score":
+        raise ValueError(
+            f"`{name}` needs a pathwise estimator (the Taylor control variate works "
+            "through the draws); got estimator='score'."
+        )
 
 
 def check_family_supports(family, params: Any) -> None:

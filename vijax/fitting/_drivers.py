@@ -679,8 +679,8 @@ def _with_control(state: FitState, control_variate, family, estimator: str) -> F
     the first step replaces), checked when a resumed state brings its own; None otherwise."""
     if control_variate is None:
         return state._replace(control=None)
-    check_family_supports(family, state.params)
     if state.control is None:
+        check_family_supports(family, state.params)
         return state._replace(control=placeholder(state.params.loc))
     check_control(state.control, family, state.params, estimator, "init_params.control")
     return state

@@ -230,11 +230,7 @@ def check_control_variate(control_variate, estimator: str) -> str | None:
             f"`control_variate` must be None or one of {_taylor.CONTROL_VARIATES}; got "
             f"{control_variate!r}."
         )
-    if estimator == "score":
-        raise ValueError(
-            "`control_variate` needs a pathwise estimator (the Taylor control variate works "
-            "through the draws); got estimator='score'."
-        )
+    _taylor.check_pathwise(estimator, "control_variate")
     return control_variate
 
 
