@@ -103,10 +103,9 @@ def fit_exact(
 
     Stopping rule: the fit has converged when ``window`` steps in a row
     gain less than ``tol`` nats in all. L-BFGS converges fast near the
-    optimum, so a small ``tol`` costs few steps: with the default (1e-4
-    nats over 10 steps) every float64 run of
-    ``benchmarks/exact_fit.py``'s problems stopped within 0.003 nats of its
-    family's optimum. Where ``tol`` is below the float's resolution (8 ulps
+    optimum, so a small ``tol`` costs few steps (how far from the optimum the
+    default stops is measured in ``benchmarks/results/cpu/exact_fit.md``).
+    Where ``tol`` is below the float's resolution (8 ulps
     of the ELBO: 0.03 nats for a float32 ELBO of 3 x 10^4 nats) gains are
     measured in that unit instead, over ``5 window`` steps, and the message
     says so; pass float64 parameters (``jax_enable_x64``) for a tighter fit.
