@@ -4,7 +4,7 @@ Where the model gives ``E_q[log p]`` without sampling (BLR in closed form;
 logistic regression by one-dimensional quadrature per row,
 ``vijax.models._glm``), ``vijax.fit_exact(family, model, family.init(latent))``
 maximizes the exact ELBO with ``optax.lbfgs``, nothing tuned, its defaults
-(``tol = 1e-3`` nats over 10 steps). This measures it on head_to_head's
+(``tol = 1e-4`` nats over 10 steps). This measures it on head_to_head's
 BLR and logistic problems (``benchmarks/head_to_head.py``: same data, same
 start, float32) at d = 100, 1000 and 10^4, on the same families as
 ``default_fit``.
@@ -235,8 +235,9 @@ def markdown(results: dict) -> str:
                 f"| {p['name']} | {r['group']} | {r['steps']}{conv} | {r['evals']} | "
                 f"{h2h._g(r['family_gap'])} | {mom} | {r['cold_s']:.2f} | {r['warm_s']:.3f} | "
                 f"{hand} | {_cell_default(r)} |")
-    lines += ["", "Means: the largest error in the optimum's (logistic: mean-field optimum's) "
-              "sds; sds: the range of sd_q / sd_optimum (n/a for low rank, not identified).",
+    lines += ["", "Means: the largest error of q's means, in the optimum's sds (logistic: the "
+              "mean-field optimum's); sds: the range of sd_q / sd_optimum (n/a for low rank, "
+              "not identified).",
               "", f"Machine: {_machine.one_line(results['machine'])}; versions "
               f"{results['versions']}; load average at start {results['load_average_start']}; "
               f"total {results['total_wall_s']:.0f} s.", ""]

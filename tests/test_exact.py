@@ -229,3 +229,15 @@ def test_errors(rng):
         vijax.exact_kl(params, "mean_field", blr)
     with pytest.raises(TypeError, match="`model` must be a vijax.models.Model"):
         vijax.exact_elbo(params, family, blr.log_joint)
+
+
+def test_blr_elbo_for_a_low_rank_precision_q(x64, rng):
+    """BLR's expected log joint for a low-rank-precision q (its ||X S||_F^2 path)."""
+    for name in ("blr", "blr_wide"):
+        model, dense = make_problem(name, rng)
+        family = vijax.low_rank_precision(rank=2, init_scale=0.5)
+        params = perturb(family.init(model.latent), rng)
+        q = family.to_gaussian(params)
+        cq = np.asarray(q.scale.cov())
+        np.testing.assert_allclose(vijax.exact_elbo(params, family, model),
+                                   np_elbo(np.asarray(q.mean), cq, **dense), rtol=1e-10)

@@ -169,3 +169,26 @@ def test_a_second_call_reuses_the_compiled_chunk(rng):
     second = vijax.fit_exact(family, model, family.init(model.latent), chunk_size=7)
     assert dict(_deterministic._COMPILED._items) == cached  # nothing new built
     np.testing.assert_array_equal(first.trace, second.trace)  # and deterministic
+
+
+def test_float32_below_its_resolution_says_so(rng):
+    """A tol float32 cannot resolve: gains in 8 ulps of the ELBO, over 5 windows."""
+    x, y = _logistic_data(rng, n=400, d=3, dtype=np.float32)  # an ELBO of ~250 nats
+    model = models.logistic_regression(x, y)
+    family = vijax.mean_field()
+    result = vijax.fit_exact(family, model, family.init(model.latent), tol=1e-8, window=4)
+    assert result.converged and "float's resolution" in result.message, result.message
+    assert result.num_steps >= 20  # 5 windows of 4 steps without such a gain
+    with jax.enable_x64(True):
+        want = _np_logistic_mf_optimum(x.astype(np.float64), y.astype(np.float64))[0]
+    assert result.elbo == pytest.approx(want, abs=1e-3)
+
+
+def test_mixed_dtypes_are_refused_naming_both(x64, rng):
+    x, y = _logistic_data(rng)  # float64 data
+    model = models.logistic_regression(x, y)
+    family = vijax.mean_field()
+    params32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32),
+                                      family.init(model.latent))
+    with pytest.raises(ValueError, match=r"`init_params` \(float32\).*float64"):
+        vijax.fit_exact(family, model, params32)

@@ -8,6 +8,7 @@ the same SciPy quadrature, and ``grad exact_elbo`` against the Monte Carlo
 gradient of ``vijax.elbo`` within its standard error.
 """
 
+import itertools
 import math
 
 import jax
@@ -91,12 +92,13 @@ def _gaussians(rng, d):
 def test_predictor_moments_match_dense_covariances(x64, rng):
     x = rng.normal(size=(7, 5))
     x[3] = 0.0  # a zero row: sd 0, and a finite gradient
-    for q, cov in _gaussians(rng, 5):
-        m, s = _glm.predictor_moments(q, jnp.asarray(x))
+    for (q, cov), x_sq in itertools.product(_gaussians(rng, 5), [None, np.square(x)]):
+        # With x_sq the diagonal and low-rank scales take their one-matvec path.
+        m, s = _glm.predictor_moments(q, jnp.asarray(x), x_sq)
         np.testing.assert_allclose(m, x @ np.asarray(q.mean), rtol=1e-12)
         np.testing.assert_allclose(s, np.sqrt(np.einsum("id,de,ie->i", x, cov, x)),
                                    rtol=1e-10, atol=1e-12)
-        g = jax.grad(lambda q: jnp.sum(_glm.predictor_moments(q, jnp.asarray(x))[1]))(q)
+        g = jax.grad(lambda q: jnp.sum(_glm.predictor_moments(q, jnp.asarray(x), x_sq)[1]))(q)
         assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(g))
 
 

@@ -41,12 +41,12 @@ class ExactFitResult(NamedTuple):
         (always finite).
       elbo: the exact ELBO at ``params`` (a Python float).
       trace: the exact ELBO after each step, a NumPy array of ``num_steps``
-        entries.
+        entries (a step that met a non-finite value records the best so far).
       num_steps: L-BFGS steps taken.
-      num_evals: evaluations of the exact ELBO and its gradient by the
-        steps, the line searches' included (each costs one
-        ``expected_log_joint`` and its reverse-mode gradient); the check at
-        the start and the gradient norm at the end add two more.
+      num_evals: evaluations of the exact ELBO and its gradient, the one at
+        the start and the line searches' included (each costs one
+        ``expected_log_joint`` and its reverse-mode gradient); the gradient
+        norm at the end adds one more.
       grad_norm: the Euclidean norm of the ELBO's gradient at ``params``.
       converged: whether the stopping rule fired (see :func:`fit_exact`).
       message: why the fit stopped, in words.
@@ -105,9 +105,10 @@ def fit_exact(
     gain less than ``tol`` nats in all. L-BFGS converges fast near the
     optimum, so a small ``tol`` costs few steps (how far from the optimum the
     default stops is measured in ``benchmarks/results/cpu/exact_fit.md``).
-    Where ``tol`` is below the float's resolution (8 ulps
-    of the ELBO: 0.03 nats for a float32 ELBO of 3 x 10^4 nats) gains are
-    measured in that unit instead, over ``5 window`` steps, and the message
+    Where ``tol`` is below the float's resolution, 8 ulps of the ELBO
+    (in float32 that is the usual case: any ELBO above about 100 nats in
+    size), gains are measured in that unit instead, over ``5 window`` steps
+    (about 40 steps more than the rule needs in float64), and the message
     says so; pass float64 parameters (``jax_enable_x64``) for a tighter fit.
     It stops unconverged after ``max_steps`` steps, or when a line search
     meets a non-finite ELBO or parameters (then with a ``RuntimeWarning``);
@@ -140,11 +141,11 @@ def fit_exact(
       An :class:`ExactFitResult`.
 
     Raises:
-      TypeError: ``family`` or ``model`` has the wrong type, or a count is
-        not an int.
+      TypeError: ``family`` or ``model`` has the wrong type, ``init_params``
+        are not floating point, or a count is not an int.
       ValueError: the model has no ``expected_log_joint``, ``init_params`` do
-        not match it or are not finite, the ELBO at ``init_params`` is not
-        finite, or a count or ``tol`` is out of range.
+        not match it (structure or dtype) or are not finite, the ELBO at
+        ``init_params`` is not finite, or a count or ``tol`` is out of range.
 
     Example:
       >>> import jax.numpy as jnp, numpy as np, vijax
@@ -177,15 +178,23 @@ def fit_exact(
     solver, chunk, final = _COMPILED.get(
         (family, model, tol, window, memory_size, chunk_size),
         lambda: _compile(family, model, tol, window, memory_size, chunk_size))
-    # Traces exact_elbo (its checks raise here, naming the argument) before any step.
-    elbo0 = -final(init_params)[0]
-    if not np.isfinite(float(elbo0)):
+    # Traces exact_elbo (its checks raise here, naming the argument) before any step;
+    # the first step reuses this value and gradient (the evaluation counted first).
+    loss0, grad0 = final(init_params)
+    if loss0.dtype != dtype:
         raise ValueError(
-            f"The exact ELBO at `init_params` must be finite; got {float(elbo0)}. "
+            f"`init_params` ({dtype}) and the model's ELBO ({loss0.dtype}) must have one "
+            "dtype: build the params with family.init(model.latent), or the model from "
+            f"{dtype} data."
+        )
+    if not np.isfinite(float(loss0)):
+        raise ValueError(
+            f"The exact ELBO at `init_params` must be finite; got {-float(loss0)}. "
             "Start from family.init(model.latent) or a nearby point."
         )
-    e0 = jnp.asarray(elbo0, dtype)
-    carry = _Carry(init_params, solver.init(init_params), init_params, e0, e0, jnp.int32(0),
+    e0 = -loss0
+    opt_state = optax.tree_utils.tree_set(solver.init(init_params), value=loss0, grad=grad0)
+    carry = _Carry(init_params, opt_state, init_params, e0, e0, jnp.int32(0),
                    jnp.asarray(False), jnp.int32(0), jnp.int32(1), jnp.int32(_RUNNING))
     traces, interrupted = [], False
     try:

@@ -438,8 +438,8 @@ def fit(
     Where the model gives ``E_q[log p(x, z)]`` without sampling
     (``model.expected_log_joint``: the conjugate models, logistic
     regression), :func:`vijax.fit_exact` maximizes the exact ELBO with
-    L-BFGS instead: no Monte Carlo noise, nothing to tune, and in the same
-    report seconds where this takes minutes.
+    L-BFGS instead: no Monte Carlo noise and nothing to tune (measured
+    beside this in ``benchmarks/results/cpu/exact_fit.md``).
 
     ``KeyboardInterrupt`` during a fit is caught: ``fit`` returns the result
     of the last completed chunk with ``result.interrupted = True`` (and a

@@ -244,14 +244,17 @@ def _isotropic_regression(x, y, noise_scale, prior_loc, prior_scale, latent, nam
     def expected_log_joint(q: Gaussian):
         # tr(X^T X Sigma) without the d x d X^T X where q is structured: with the
         # column sums of X^2, O(d) for a diagonal scale, O(n d k) for low rank
-        # (plus ||X W||_F^2); a dense scale uses X^T X (formed once).
+        # (plus ||X W||_F^2), ||X S||_F^2 for a low-rank precision; a dense
+        # scale uses X^T X (formed once).
         if isinstance(q.scale, DiagonalScale):
             spread = colsq() @ jnp.square(q.scale.scale)
         elif isinstance(q.scale, LowRankScale):
             spread = colsq() @ jnp.square(q.scale.diag_scale) + jnp.sum(
                 jnp.square(x @ q.scale.cov_factor))
-        else:
+        elif isinstance(q.scale, (CholeskyScale, PrecisionScale)):
             spread = q.scale.trace_cov(xtx())
+        else:
+            spread = jnp.sum(jnp.square(q.scale.matmul_factor(x)))
         lik = -0.5 * (
             n * (_LOG_2PI + jnp.log(s2))
             + (jnp.sum(jnp.square(y - x @ q.mean)) + spread) / s2

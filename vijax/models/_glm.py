@@ -52,6 +52,8 @@ def expected_softplus(m, s):
       An array of ``m``'s shape and dtype.
     """
     m = jnp.asarray(m)
+    if not jnp.issubdtype(m.dtype, jnp.floating):  # integer means: the default float
+        m = m.astype(jnp.result_type(float))
     s = jnp.asarray(s, m.dtype)
     lead = (1,) * m.ndim  # explicit broadcasting (rank promotion may be set to raise)
     nodes = jnp.asarray(_GH_NODES, m.dtype).reshape(lead + (-1,))
