@@ -38,7 +38,7 @@ def _family_gaussian(
     if model.expected_log_joint is None:
         raise ValueError(
             f"`model` ({model.name}) has no exact form for {what}: it needs "
-            "`model.expected_log_joint` (the Gaussian-conjugate models and "
+            "`model.expected_log_joint` (the Gaussian-conjugate models, "
             "vijax.models.logistic_regression and poisson_glm have it); got None."
         )
     to_gaussian = require(family, "to_gaussian", needed_by)

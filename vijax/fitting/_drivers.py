@@ -437,7 +437,7 @@ def fit(
     for data models or :func:`fit_batched` yet (no ``auto_stop`` there).
     Where the model gives ``E_q[log p(x, z)]`` without sampling
     (``model.expected_log_joint``: the conjugate models, logistic
-    regression), :func:`vijax.fit_exact` maximizes the exact ELBO with
+    regression, the Poisson GLM), :func:`vijax.fit_exact` maximizes the exact ELBO with
     L-BFGS instead: no Monte Carlo noise and nothing to tune (measured
     beside this in ``benchmarks/results/cpu/exact_fit.md``).
 
