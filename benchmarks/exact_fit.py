@@ -138,6 +138,12 @@ def default_rows(path: str) -> dict:
     return out
 
 
+def default_summary(d_row: dict) -> dict:
+    """What the report shows of a stored default_fit row."""
+    return {k: d_row.get(k) for k in ("stopped_by", "steps", "grad_evals", "rule_evals",
+                                      "total_evals", "wall_s", "family_gap", "rerun_at")}
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
@@ -186,9 +192,7 @@ def run_problem(name: str, defaults: dict, log=print, dtype=np.float32) -> dict:
                        ratio=round(statistics.median(warm) / statistics.median(hand_warm), 2))
         d_row = defaults.get((name, group))
         if d_row is not None:
-            row["default_fit"] = {k: d_row.get(k) for k in (
-                "stopped_by", "steps", "grad_evals", "rule_evals", "total_evals", "wall_s",
-                "family_gap")}
+            row["default_fit"] = default_summary(d_row)
         rows.append(row)
         log(f"  {name:16s} {group:10s} steps {res.num_steps:5d} evals {res.num_evals:5d} "
             f"cold {cold:6.2f} s warm {row['warm_s']:7.3f} s gap {h2h._g(row['family_gap'])}"
@@ -254,9 +258,7 @@ def render(path: str) -> dict:
         for r in p["rows"]:
             d_row = defaults.get((p["name"], r["group"]))
             if d_row is not None:
-                r["default_fit"] = {k: d_row.get(k) for k in (
-                    "stopped_by", "steps", "grad_evals", "rule_evals", "total_evals",
-                    "wall_s", "family_gap", "rerun_at")}
+                r["default_fit"] = default_summary(d_row)
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
     with open(os.path.splitext(path)[0] + ".md", "w") as f:

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from vijax import _checks
+from vijax import _checks, _tree
 from vijax._cache import LRU
 from vijax._exact import exact_elbo
 from vijax.families._protocol import VariationalFamily, check_family, require
@@ -73,11 +73,6 @@ class _Carry(NamedTuple):
     step: jax.Array
     evals: jax.Array
     status: jax.Array
-
-
-def _tree_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def fit_exact(
@@ -208,7 +203,7 @@ def fit_exact(
     status, steps = int(carry.status), int(carry.step)
     params = carry.best
     value, grad = final(params)
-    grad_norm = float(jnp.linalg.norm(ravel_pytree(grad)[0]))
+    grad_norm = float(_tree.norm(grad))
     if status == _CONVERGED and bool(carry.limited):
         message = (f"converged to the float's resolution: {_FLOAT_WINDOWS * window} steps "
                    f"gained less than {_ULPS:g} ulps of the ELBO in all (more than "
@@ -255,9 +250,9 @@ def _compile(family, model, tol, window, memory_size, chunk_size):
         evals = c.evals + optax.tree_utils.tree_get(
             opt_state, "num_linesearch_steps").astype(jnp.int32)
         elbo = -new_value
-        ok = jnp.isfinite(elbo) & _tree_finite(params)
+        ok = jnp.isfinite(elbo) & _tree.all_finite(params)
         better = ok & (elbo > c.best_elbo)
-        best = jax.tree_util.tree_map(lambda n, o: jnp.where(better, n, o), params, c.best)
+        best = _tree.where(better, params, c.best)
         best_elbo = jnp.where(better, elbo, c.best_elbo)
         step = c.step + 1
         resolution = _ULPS * ulp * jnp.abs(elbo)
@@ -268,9 +263,8 @@ def _compile(family, model, tol, window, memory_size, chunk_size):
         patience = jnp.where(limited, _FLOAT_WINDOWS * window, window)
         status = jnp.select([~ok, step - ref_step >= patience], [_NONFINITE, _CONVERGED],
                             _RUNNING)
-        keep = lambda n, o: jax.tree_util.tree_map(  # noqa: E731
-            lambda a, b: jnp.where(ok, a, b), n, o)
-        carry = _Carry(keep(params, c.params), keep(opt_state, c.opt_state), best,
+        carry = _Carry(_tree.where(ok, params, c.params), _tree.where(ok, opt_state, c.opt_state),
+                       best,
                        best_elbo, ref_elbo, ref_step, limited, step, evals,
                        status.astype(jnp.int32))
         return carry, jnp.where(ok, elbo, c.best_elbo)
