@@ -171,14 +171,13 @@ def test_a_second_call_reuses_the_compiled_chunk(rng):
     np.testing.assert_array_equal(first.trace, second.trace)  # and deterministic
 
 
-def test_float32_below_its_resolution_says_so(rng):
-    """A tol float32 cannot resolve: gains in 8 ulps of the ELBO, over 5 windows."""
+def test_float32_tol_below_its_resolution(rng):
+    """A tol below float32's resolution of the ELBO: gains by the trapezoid rule still see it."""
     x, y = _logistic_data(rng, n=400, d=3, dtype=np.float32)  # an ELBO of ~250 nats
     model = models.logistic_regression(x, y)
     family = vijax.mean_field()
     result = vijax.fit_exact(family, model, family.init(model.latent), tol=1e-8, window=4)
-    assert result.converged and "float's resolution" in result.message, result.message
-    assert result.num_steps >= 20  # 5 windows of 4 steps without such a gain
+    assert result.converged, result.message
     with jax.enable_x64(True):
         want = _np_logistic_mf_optimum(x.astype(np.float64), y.astype(np.float64))[0]
     assert result.elbo == pytest.approx(want, abs=1e-3)
@@ -192,3 +191,33 @@ def test_mixed_dtypes_are_refused_naming_both(x64, rng):
                                       family.init(model.latent))
     with pytest.raises(ValueError, match=r"`init_params` \(float32\).*float64"):
         vijax.fit_exact(family, model, params32)
+
+
+@pytest.mark.slow
+def test_float32_low_rank_crosses_the_saddle_plateau():
+    """float32 gets as far as float64 where the factor's escape from W = 0 gains slowly.
+
+    BLR with n < d and a rank-3 factor started small (``low_rank``'s init): the
+    first few hundred steps gain about 1e-3 nats each, below what a
+    difference of two float32 ELBOs of ~9,000 nats resolves. Measuring the
+    gains by the trapezoid rule on the gradients, the float32 fit stops
+    within 0.005 nats of a float64 fit from the same start run to tol=1e-9
+    (a rule on float32 ELBO differences stopped 0.025 nats short here).
+    """
+    rng = np.random.default_rng(1)
+    n, d = 300, 3000
+    x = rng.standard_normal((n, d))
+    y = x @ rng.standard_normal(d) + rng.standard_normal(n)
+    family = vijax.low_rank(rank=3)
+    m32 = models.bayesian_linear_regression(x.astype(np.float32), y.astype(np.float32),
+                                            noise_scale=1.0, prior_scale=1.0)
+    result = vijax.fit_exact(family, m32, family.init(m32.latent))
+    assert result.converged, result.message
+    with jax.enable_x64(True):
+        m64 = models.bayesian_linear_regression(x, y, noise_scale=1.0, prior_scale=1.0)
+        ref = vijax.fit_exact(family, m64, family.init(m64.latent), tol=1e-9, max_steps=5000)
+        assert ref.converged, ref.message
+        reached = float(vijax.exact_elbo(
+            jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), result.params),
+            family, m64))
+    assert ref.elbo - 0.005 < reached <= ref.elbo + 1e-6, (reached, ref.elbo)
