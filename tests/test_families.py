@@ -128,8 +128,17 @@ def test_init_params_do_not_share_buffers_with_the_latent(name):
 def test_initial_covariance_is_init_scale_squared_identity(x64, make):
     family = make(0.37)
     params = family.init(np.zeros(5))
-    np.testing.assert_allclose(family.to_gaussian(params).cov, 0.37**2 * np.eye(5),
-                               rtol=1e-10, atol=1e-14)
+    cov = np.asarray(family.to_gaussian(params).cov)
+    if family.name != "low_rank":
+        np.testing.assert_allclose(cov, 0.37**2 * np.eye(5), rtol=1e-10, atol=1e-14)
+        return
+    # low_rank: the marginal sds are init_scale, the correlations at most 0.01,
+    # and the factor is spread over every coordinate (not on the first axes).
+    np.testing.assert_allclose(np.diagonal(cov), 0.37**2, rtol=1e-10)
+    off = cov - np.diag(np.diagonal(cov))
+    assert np.max(np.abs(off)) <= 0.01 * 0.37**2 + 1e-15
+    assert np.all(np.abs(np.asarray(params.cov_factor)) > 0)
+    np.testing.assert_array_equal(params.cov_factor, family.init(np.zeros(5)).cov_factor)
 
 
 # ------------------------------------------------------- sampling and density
