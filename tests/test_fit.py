@@ -362,6 +362,16 @@ def test_params_that_do_not_match_the_family_raise():
         vijax.fit(jax.random.key(0), vijax.full_rank(), 3.0, fr, optimizer=opt, num_steps=1)
     with pytest.raises(TypeError, match="`key` must be a PRNG key"):
         vijax.fit(0, vijax.full_rank(), std_normal_log_joint, fr, optimizer=opt, num_steps=1)
+    # A vijax model in place of its log joint: the error says what to pass, and
+    # points to fit_exact where the model gives E_q[log p].
+    x = np.random.default_rng(0).normal(size=(20, 2))
+    glm = vijax.models.logistic_regression(x, (x[:, 0] > 0).astype(x.dtype))
+    with pytest.raises(TypeError, match=r"got Model\. For a vijax model, pass `model\.log_joint` "
+                                        r"\(this model gives E_q\[log p\] exactly: vijax\.fit_exact"):
+        vijax.fit(jax.random.key(0), vijax.full_rank(), glm, fr, num_steps=1)
+    plain = vijax.models.Model(std_normal_log_joint, jnp.zeros(2))
+    with pytest.raises(TypeError, match=r"pass `model\.log_joint`\.$"):
+        vijax.elbo(jax.random.key(0), fr, vijax.full_rank(), plain, num_samples=1)
     # A state from one optimizer does not continue under another.
     state = vijax.init_fit_state(jax.random.key(0), fr, opt)
     with pytest.raises(ValueError, match="`init_params.opt_state` does not match"):

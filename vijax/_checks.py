@@ -258,6 +258,20 @@ def typed_key(name: str, key: Any, batch_ndim: int = 0) -> jax.Array:
     return typed
 
 
+def check_log_joint(log_joint: Any) -> None:
+    """Raises unless ``log_joint`` is callable; for a vijax model, says what to pass instead."""
+    if callable(log_joint):
+        return
+    hint = ""
+    if callable(getattr(log_joint, "log_joint", None)):  # a vijax.models.Model
+        hint = " For a vijax model, pass `model.log_joint`"
+        if getattr(log_joint, "expected_log_joint", None) is not None:
+            hint += (" (this model gives E_q[log p] exactly: vijax.fit_exact(family, model, "
+                     "params) maximizes its ELBO without Monte Carlo noise)")
+        hint += "."
+    raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.{hint}")
+
+
 def check_optimizer(optimizer: Any, name: str = "optimizer"):
     """An ``optax.GradientTransformation``, or a ``TypeError`` with a hint."""
     import optax

@@ -87,8 +87,7 @@ def check_antithetic(antithetic, family, estimator: str) -> bool:
 
 def _check_common(family, log_joint, num_samples) -> int:
     check_family(family)
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     return _checks.check_positive_int("num_samples", num_samples)
 
 

@@ -203,8 +203,7 @@ def taylor_reference(
       >>> ref.hess_diag
       Array([-1., -2., -3.], dtype=float32)
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     loc = _checks.check_latent("loc", loc)
     block = _checks.check_positive_int("block_size", block_size)
     return jax.jit(reference_at, static_argnums=(0, 3))(log_joint, loc, 0, block)

@@ -199,8 +199,7 @@ def make_bam_step(
         wrong type.
       ValueError: ``batch_size < 1`` or ``learning_rate`` not a finite number > 0.
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)

@@ -115,8 +115,7 @@ def make_gsm_step(
       TypeError: ``log_joint`` is not callable.
       ValueError: ``batch_size < 1`` or ``max_kl`` not positive.
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     max_kl = check_max_kl(max_kl)
 

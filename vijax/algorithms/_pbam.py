@@ -270,8 +270,7 @@ def make_pbam_step(
     :class:`vijax.LowRankParams`. Arguments as in
     :func:`patched_batch_and_match`.
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)

@@ -445,8 +445,7 @@ def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params,
 def check_common(log_joint, batch_size, max_kl, num_steps, chunk_size, max_nonfinite, progress,
                  checkpoint_dir, checkpoint_every):
     """The checks both drivers share; returns ``(batch_size, max_kl, options)``."""
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     batch_size = _checks.check_positive_int("batch_size", batch_size)
     max_kl = check_max_kl(max_kl)
     options = check_run_options(

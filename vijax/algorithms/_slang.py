@@ -178,8 +178,7 @@ def make_slang_step(
     ``opt_state`` a :class:`vijax.algorithms.TrustState`); ``state.params``
     are :class:`vijax.LowRankPrecisionParams`. Arguments as in :func:`slang`.
     """
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     batch_size = _check_batch_size(batch_size)
     learning_rate = _check_learning_rate(learning_rate)
     max_kl = check_max_kl(max_kl)

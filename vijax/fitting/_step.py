@@ -57,8 +57,7 @@ def check_step_config(family, log_joint, optimizer, num_samples, estimator,
                       antithetic=False):
     """Validates what ``make_step``, ``fit`` and ``fit_batched`` share."""
     family = check_family(family)
-    if not callable(log_joint):
-        raise TypeError(f"`log_joint` must be callable; got {type(log_joint).__name__}.")
+    _checks.check_log_joint(log_joint)
     optimizer = _checks.check_optimizer(optimizer)
     num_samples = _checks.check_positive_int("num_samples", num_samples)
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
