@@ -141,6 +141,15 @@ def test_initial_covariance_is_init_scale_squared_identity(x64, make):
     np.testing.assert_array_equal(params.cov_factor, family.init(np.zeros(5)).cov_factor)
 
 
+def test_low_rank_initial_factor_has_independent_columns():
+    """Every (d, rank) up to 20: a factor with dependent columns would keep them (see low_rank)."""
+    for rank in range(1, 11):
+        family = vijax.low_rank(rank=rank)
+        for d in range(rank, 21):
+            w = np.asarray(family.init(np.zeros(d)).cov_factor, np.float64)
+            assert np.linalg.matrix_rank(w) == rank, (d, rank)
+
+
 # ------------------------------------------------------- sampling and density
 @pytest.mark.parametrize("name", NAMES)
 def test_sample_shapes(name):

@@ -16,6 +16,7 @@ not depend on the sample and is computed once per call even under ``vmap``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -360,6 +361,20 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
 _FACTOR_SEED = 20261205
 
 
+def _sign_pattern(d: int, rank: int) -> np.ndarray:
+    """A fixed pseudo-random ``(d, rank)`` matrix of +-1 with ``rank`` independent columns.
+
+    The first draw from ``_FACTOR_SEED`` on whose columns are independent
+    (a +-1 matrix can be singular: at d = rank = 2, half of them are). A
+    factor with dependent columns would stay so: the ELBO depends on ``W``
+    through ``W W^T``, whose gradient ``2 G W`` keeps ``W``'s null space.
+    """
+    for seed in itertools.count(_FACTOR_SEED):
+        signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(d, rank))
+        if np.linalg.matrix_rank(signs) == rank:
+            return signs
+
+
 def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     """Returns the low-rank-plus-diagonal Gaussian family.
 
@@ -373,9 +388,10 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     coordinate axes: where the optimum puts some coordinates' whole variance
     in ``W``, a factor started on the first ``rank`` axes leads a
     deterministic optimizer to the local optimum that picks those
-    coordinates, measured in ``benchmarks/results/cpu/exact_fit.md``). The diagonal is set so that
-    every initial marginal sd is ``init_scale``; the initial correlations
-    are at most ``0.01`` in size.
+    coordinates, as measured in the README's "No tuning" and
+    ``benchmarks/results/cpu/low_rank_spread_init/``), with independent
+    columns. The diagonal is set so that every initial marginal sd is
+    ``init_scale``; the initial correlations are at most ``0.01`` in size.
 
     Args:
       rank: the number of columns of ``W``; 1 <= rank <= d (checked in
@@ -388,8 +404,7 @@ def low_rank(*, rank: int, init_scale: float = 0.1) -> VariationalFamily:
     init_scale = _checks.check_positive_float("init_scale", init_scale)
 
     def initial(d):
-        signs = np.random.default_rng(_FACTOR_SEED).choice([-1.0, 1.0], size=(d, rank))
-        w = (0.1 * init_scale / math.sqrt(rank)) * signs
+        w = (0.1 * init_scale / math.sqrt(rank)) * _sign_pattern(d, rank)
         return w, np.sqrt(init_scale**2 - np.sum(np.square(w), axis=1))
 
     return _factor_plus_diagonal("low_rank", rank, LowRankParams, LowRankScale, initial,

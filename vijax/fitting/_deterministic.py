@@ -102,7 +102,7 @@ def fit_exact(
     nats at 3e4 nats), too coarse to see the slow gains of a plateau, such as
     a low-rank factor's escape from the saddle at ``W = 0``.
     It stops unconverged after ``max_steps`` steps, or when a line search
-    meets a non-finite ELBO or parameters (then with a ``RuntimeWarning``);
+    meets a non-finite ELBO, gradient or parameters (then with a ``RuntimeWarning``);
     ``result.params`` is always the finite point with the highest ELBO seen.
 
     Models with ``expected_log_joint``: the Gaussian-conjugate models
@@ -203,7 +203,8 @@ def fit_exact(
     if status == _CONVERGED:
         message = f"converged: {window} steps gained less than {tol:g} nats in all"
     elif status == _NONFINITE:
-        message = f"stopped at step {steps}: a line search met a non-finite ELBO or parameters"
+        message = (f"stopped at step {steps}: a line search met a non-finite ELBO, gradient "
+                   "or parameters")
     elif interrupted:
         message = f"interrupted at step {steps}"
     else:
@@ -259,7 +260,7 @@ def _compile(family, model, tol, window, memory_size, chunk_size):
                             _RUNNING)
         carry = _Carry(_tree.where(ok, params, c.params), _tree.where(ok, opt_state, c.opt_state),
                        best,
-                       best_elbo, jnp.where(gained, 0.0, gain).astype(gain.dtype), ref_step,
+                       best_elbo, jnp.where(gained, 0.0, gain), ref_step,
                        step, evals,
                        status.astype(jnp.int32))
         return carry, jnp.where(ok, elbo, c.best_elbo)
