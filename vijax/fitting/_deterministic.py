@@ -26,6 +26,7 @@ from vijax.families._protocol import VariationalFamily, check_family, require
 from vijax.models._model import Model
 
 _RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
+_SPAN_FRACTION = 10  # the stopping window spans at least 1/_SPAN_FRACTION of the steps taken
 _COMPILED = LRU(16)  # (family, model, options) -> (solver, chunk, final value and grad)
 
 
@@ -91,8 +92,13 @@ def fit_exact(
     (one ``jax.lax.while_loop`` each); ``KeyboardInterrupt`` between chunks
     returns the best point so far (with a ``RuntimeWarning``).
 
-    Stopping rule: the fit has converged when ``window`` steps in a row
-    gain less than ``tol`` nats in all. L-BFGS converges fast near the
+    Stopping rule: the fit has converged when ``window`` steps in a row, or
+    a tenth of the steps taken if that is more, gain less than ``tol`` nats
+    in all. The growing window is for slow tails, such as a low-rank
+    factor's coordinates whose diagonal sds head to 0 (a boundary optimum),
+    each step gaining a little: if gains fall off as a power of the step,
+    what is left after the stop is then a fixed multiple of ``tol``
+    however long the run. L-BFGS converges fast near the
     optimum, so a small ``tol`` costs few steps (how far from the optimum the
     default stops is measured in ``benchmarks/results/cpu/exact_fit.md``).
     Each step's gain is measured by the trapezoid rule on the gradients at
@@ -201,7 +207,8 @@ def fit_exact(
     value, grad = final(params)
     grad_norm = float(_tree.norm(grad))
     if status == _CONVERGED:
-        message = f"converged: {window} steps gained less than {tol:g} nats in all"
+        message = (f"converged: the last {steps - int(carry.ref_step)} steps gained less "
+                   f"than {tol:g} nats in all")
     elif status == _NONFINITE:
         message = (f"stopped at step {steps}: a line search met a non-finite ELBO, gradient "
                    "or parameters")
@@ -256,7 +263,11 @@ def _compile(family, model, tol, window, memory_size, chunk_size):
         gain = c.gain + jnp.where(ok, step_gain, 0.0)
         gained = gain >= tol
         ref_step = jnp.where(gained, step, c.ref_step)
-        status = jnp.select([~ok, step - ref_step >= window], [_NONFINITE, _CONVERGED],
+        # The window grows with the run (a tenth of its steps): a slow tail's
+        # gains are then weighed over a stretch in proportion to the time it has
+        # taken, whatever their size per step.
+        span = jnp.maximum(window, step // _SPAN_FRACTION)
+        status = jnp.select([~ok, step - ref_step >= span], [_NONFINITE, _CONVERGED],
                             _RUNNING)
         carry = _Carry(_tree.where(ok, params, c.params), _tree.where(ok, opt_state, c.opt_state),
                        best,
