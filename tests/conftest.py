@@ -81,3 +81,36 @@ def pytest_collection_modifyitems(config, items):
         if function in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(function)
+    # The longest tests start first, so that the run does not end on one of
+    # them while the other workers sit idle (xdist hands out the rest, and
+    # steals from the end of a worker's queue, in collection order).
+    items.sort(key=_start_order)
+
+
+def _start_order(item) -> int:
+    """The item's place in ``_LONGEST`` (the longest first), else after all of them."""
+    return next((i for i, prefix in enumerate(_LONGEST) if item.nodeid.startswith(prefix)),
+                len(_LONGEST))
+
+
+# Tests that took 15 s or more in a full run on 2 cores (`pytest --durations=60`),
+# longest first: the README, notebooks, benchmark runs in a subprocess and the
+# longest fits.
+_LONGEST = (
+    "tests/test_readme.py::test_readme_examples",
+    "tests/test_notebooks.py::test_notebook_executes",
+    "tests/test_default_fit_benchmark.py::test_quick_run",
+    "tests/test_zoo_accuracy.py::test_quick_run",
+    "tests/test_big_data_benchmark.py::",
+    "tests/test_benchmark_scripts.py::test_fast_vi",
+    "tests/test_benchmark_scripts.py::test_bam_batch_size",
+    "tests/test_fit_exact.py::test_float32_low_rank_crosses",
+    "tests/test_fit_exact.py::test_the_window_grows",
+    "tests/test_bam.py::test_fits_item_response",
+    "tests/test_exact_fit_benchmark.py::",
+    "tests/test_head_to_head_benchmark.py::",
+    "tests/test_protocol.py::test_every_objective_runs",
+    "tests/test_data.py::test_eight_device_sharded",
+    "tests/test_flows.py::test_defaults_are_stable_in_float32",
+    "tests/test_taylor.py::test_the_default_fit_uses_auto",
+)
