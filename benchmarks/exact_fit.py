@@ -4,7 +4,8 @@ Where the model gives ``E_q[log p]`` without sampling (BLR in closed form;
 logistic regression by one-dimensional quadrature per row,
 ``vijax.models._glm``), ``vijax.fit_exact(family, model, family.init(latent))``
 maximizes the exact ELBO with ``optax.lbfgs``, nothing tuned, its defaults
-(``tol = 1e-4`` nats over the last 10 steps, or a tenth of the steps taken if that is more). This measures it on head_to_head's
+(``tol = 1e-4`` nats over the last 10 steps, or a tenth of the steps taken
+if that is more). This measures it on head_to_head's
 BLR and logistic problems (``benchmarks/head_to_head.py``: same data, same
 start, float32) at d = 100, 1000 and 10^4, on the same families as
 ``default_fit``.

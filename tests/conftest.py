@@ -81,9 +81,11 @@ def pytest_collection_modifyitems(config, items):
         if function in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(function)
-    # The longest tests start first, so that the run does not end on one of
-    # them while the other workers sit idle (xdist hands out the rest, and
-    # steals from the end of a worker's queue, in collection order).
+    # The longest tests come first in the collection, so that the run does
+    # not end on one of them while the other worker sits idle: xdist's
+    # worksteal gives each worker a contiguous block of the collection (the
+    # first worker's block starts with them) and lets an idle worker steal
+    # from the end of another's block, where the short tests are.
     items.sort(key=_start_order)
 
 
@@ -101,14 +103,16 @@ _LONGEST = (
     "tests/test_notebooks.py::test_notebook_executes",
     "tests/test_default_fit_benchmark.py::test_quick_run",
     "tests/test_zoo_accuracy.py::test_quick_run",
-    "tests/test_big_data_benchmark.py::",
-    "tests/test_benchmark_scripts.py::test_fast_vi",
+    "tests/test_big_data_benchmark.py::test_big_data_quick_run",
+    "tests/test_benchmark_scripts.py::test_fast_vi_runs",
+    "tests/test_benchmark_scripts.py::test_fast_vi_averaged",
     "tests/test_benchmark_scripts.py::test_bam_batch_size",
     "tests/test_fit_exact.py::test_float32_low_rank_crosses",
     "tests/test_fit_exact.py::test_the_window_grows",
     "tests/test_bam.py::test_fits_item_response",
-    "tests/test_exact_fit_benchmark.py::",
-    "tests/test_head_to_head_benchmark.py::",
+    "tests/test_exact_fit_benchmark.py::test_a_run_writes",
+    "tests/test_head_to_head_benchmark.py::test_small_run",
+    "tests/test_head_to_head_benchmark.py::test_every_driver_evaluates",
     "tests/test_protocol.py::test_every_objective_runs",
     "tests/test_data.py::test_eight_device_sharded",
     "tests/test_flows.py::test_defaults_are_stable_in_float32",

@@ -96,11 +96,14 @@ def fit_exact(
     a tenth of the steps taken if that is more, gain less than ``tol`` nats
     in all. The growing window is for slow tails, such as a low-rank
     factor's coordinates whose diagonal sds head to 0 (a boundary optimum),
-    each step gaining a little: if gains fall off as a power of the step,
-    what is left after the stop is then a fixed multiple of ``tol``
-    however long the run. L-BFGS converges fast near the
-    optimum, so a small ``tol`` costs few steps (how far from the optimum the
-    default stops is measured in ``benchmarks/results/cpu/exact_fit.md``).
+    each step gaining a little: if gains fall off as ``step^-p`` with
+    ``p > 1``, what is left after the stop is then a fixed multiple of
+    ``tol`` (about ``tol / (0.9^(1-p) - 1)``) however long the run. It also
+    means a fit ends at least a tenth of its steps after its last real gain,
+    so a fit still gaining near ``max_steps`` ends unconverged. L-BFGS
+    converges fast near the optimum, so a small ``tol`` costs few steps
+    beyond that tenth (how far from the optimum the default stops is
+    measured in ``benchmarks/results/cpu/exact_fit.md``).
     Each step's gain is measured by the trapezoid rule on the gradients at
     its two ends, ``-(g_0 + g_1) . u / 2`` for a step ``u`` of ``-ELBO``
     (exact for a quadratic), not as a difference of two ELBOs: in float32
@@ -130,7 +133,7 @@ def fit_exact(
         finite; their dtype (float32 or float64) is the fit's.
       max_steps: the most L-BFGS steps (>= 1).
       tol: the stopping rule's gain, in nats (> 0).
-      window: the stopping rule's steps (>= 1).
+      window: the fewest steps in the stopping rule's window (>= 1).
       memory_size: L-BFGS curvature pairs kept (>= 1).
       chunk_size: steps per compiled chunk (>= 1).
 
@@ -173,7 +176,7 @@ def fit_exact(
         exact_elbo(init_params, family, model)  # raises, naming what is missing
     dtype = flat0.dtype
     solver, chunk, final = _COMPILED.get(
-        (family, model, tol, window, memory_size, chunk_size),
+        (family, model, tol, window, _SPAN_FRACTION, memory_size, chunk_size),
         lambda: _compile(family, model, tol, window, memory_size, chunk_size))
     # Traces exact_elbo (its checks raise here, naming the argument) before any step;
     # the first step reuses this value and gradient (the evaluation counted first).
