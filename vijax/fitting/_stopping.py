@@ -91,7 +91,7 @@ MIN_DRAWS = 64
 FINAL_DRAWS = 1024
 CONFIRM_DRAWS = 4096
 REFINE = 4
-BLOCK = 1024
+UNIT_DRAWS = 64  # the rule scores its draws in blocks of this many (one compiled program)
 RATIO = 2.0 / 3.0
 GROWTH = 1.05
 MIN_GAP = 10
@@ -131,46 +131,58 @@ def averaging(optimizer, params, family=None) -> Any:
         optimizer, start=0, eta=ETA, space=space))
 
 
-def _evaluator(family, log_joint, num_draws) -> Callable:
-    """``values(key, params) -> (units,)`` per-unit ELBO terms on the rule's one noise, compiled.
+def _evaluator(family, log_joint) -> Callable:
+    """``values(key, block, params) -> (units,)``: one block's per-unit ELBO terms, compiled.
 
-    For a family with a Gaussian view (``to_gaussian``) the draws are
-    antithetic pairs ``mean +- S eps`` and a unit is a pair's mean log
-    weight: between two nearby candidates the difference of log weights is
-    then free of its terms odd in ``eps``, which dominate its noise near an
-    optimum (where the mean difference is second order). Otherwise a unit is
-    one draw of ``family.sample``.
+    A block is ``UNIT_DRAWS`` draws on ``fold_in(key, block)``'s noise; every
+    draw count the rule scores is made of such blocks (:func:`_values`), so a
+    fit compiles one program for all of them. For a family with a Gaussian
+    view (``to_gaussian``) the draws are antithetic pairs ``mean +- S eps`` and
+    a unit is a pair's mean log weight: between two nearby candidates the
+    difference of log weights is then free of its terms odd in ``eps``, which
+    dominate its noise near an optimum (where the mean difference is second
+    order). Otherwise a unit is one draw of ``family.sample``.
     """
 
     def build():
         to_gaussian = getattr(family, "to_gaussian", None)
 
-        def plain(key, params):
-            return draws_and_log_weights(
-                key, params, family, log_joint, num_draws, block_size=BLOCK
-            )[1]
+        def plain(key, block, params):
+            key = jax.random.fold_in(key, block)
+            return draws_and_log_weights(key, params, family, log_joint, UNIT_DRAWS)[1]
 
-        def antithetic(key, params):
+        def antithetic(key, block, params):
+            key = jax.random.fold_in(key, block)
             g = to_gaussian(params)
             example = jax.tree_util.tree_map(lambda x: x[0], family.sample(key, params, 1))
             unravel = ravel_pytree(example)[1]
-            eps = jax.random.normal(key, (num_draws // 2, g.scale.base_dim), g.mean.dtype)
+            eps = jax.random.normal(key, (UNIT_DRAWS // 2, g.scale.base_dim), g.mean.dtype)
             z = g.mean[None, :] + g.scale.apply(jnp.concatenate([eps, -eps]))
 
             def one(zi):
                 return jnp.asarray(log_joint(unravel(zi))) - g.log_prob(zi)
 
-            lw = jax.lax.map(one, z, batch_size=min(BLOCK, num_draws))
-            return 0.5 * (lw[: num_draws // 2] + lw[num_draws // 2:])
+            lw = jax.vmap(one)(z)
+            return 0.5 * (lw[: UNIT_DRAWS // 2] + lw[UNIT_DRAWS // 2:])
 
         return jax.jit(plain if to_gaussian is None else antithetic)
 
-    return _evaluators.get((family, log_joint, num_draws), build)
+    return _evaluators.get((family, log_joint), build)
 
 
 def _values(family, log_joint, key, params, num_draws: int) -> np.ndarray:
-    """The rule's per-unit ELBO terms of ``params`` on ``key``'s noise (see :func:`_evaluator`)."""
-    return np.asarray(_evaluator(family, log_joint, num_draws)(key, params))
+    """The rule's per-unit ELBO terms of ``params`` on ``key``'s noise (see :func:`_evaluator`).
+
+    ``num_draws`` draws in blocks of ``UNIT_DRAWS`` (the last block's surplus
+    dropped), so the same key and count give the same noise to every
+    candidate.
+    """
+    values = _evaluator(family, log_joint)
+    num_blocks = -(-num_draws // UNIT_DRAWS)
+    parts = [values(key, np.int32(b), params) for b in range(num_blocks)]
+    per_block = parts[0].shape[0]
+    units = num_draws // (UNIT_DRAWS // per_block)
+    return np.concatenate([np.asarray(p) for p in parts])[:units]
 
 
 class _Snapshot(NamedTuple):
