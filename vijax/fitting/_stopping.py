@@ -303,7 +303,6 @@ class AutoStop:
 
     def _first_draws(self, step: int) -> int:
         """Draws for a check's first estimate: fewer early, where the gains are large."""
-        # Two sizes only (each size is compiled once).
         return self.num_draws if step // 8 >= self.num_draws else MIN_DRAWS
 
     def _candidate(self, key, state, num: int) -> tuple[Any, np.ndarray]:
