@@ -964,7 +964,7 @@ def main(argv=None) -> dict:
                 ", lr = vijax.fitting._drivers.default_learning_rate(init)"
                 if hasattr(_drivers, "default_learning_rate") else
                 f", lr = {_drivers.DEFAULT_LEARNING_RATE:g}") + (
-                "; for low-rank, Adam's steps on the factor times the diagonal's sds "
+                "; for low-rank, Adam's steps on the factor times q's marginal sds "
                 "(`vijax.fitting._drivers.factor_in_sd_units`)"
                 if hasattr(_drivers, "factor_in_sd_units") else "") + (
                 " and on the mean times 0.1 / lr (`vijax.fitting._drivers.loc_steps_scaled`)"

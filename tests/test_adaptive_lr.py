@@ -407,8 +407,9 @@ def test_an_average_in_a_space_the_rule_does_not_know_is_not_pooled(x64):
     assert rule._pooled(state) is None
 
 
-def test_the_default_moves_the_low_rank_factor_in_units_of_the_diagonal_sds():
-    """``default_optimizer`` for LowRankParams: Adam's update, the factor's rows times softplus(raw)."""
+def test_the_default_moves_the_low_rank_factor_in_units_of_the_marginal_sds():
+    """``default_optimizer`` for LowRankParams: Adam's update, the factor's rows times q's
+    marginal sds ``sqrt(softplus(raw)^2 + |W_i|^2)``."""
     family = vijax.low_rank(rank=2)
     params = family.init(jnp.zeros(6))
     params = params._replace(raw_scale=jnp.linspace(-3.0, 1.0, 6),
@@ -421,8 +422,14 @@ def test_the_default_moves_the_low_rank_factor_in_units_of_the_diagonal_sds():
     lr = _drivers.default_learning_rate(params)
     adam = optax.adam(lr)
     want = adam.update(grads, adam.init(params), params)[0]
-    sd = np.log1p(np.exp(np.asarray(params.raw_scale)))
-    np.testing.assert_allclose(got.cov_factor, np.asarray(want.cov_factor) * sd[:, None],
+    sd = np.log1p(np.exp(np.asarray(params.raw_scale, np.float64)))
+    factor = np.asarray(params.cov_factor, np.float64)
+    marginal = np.sqrt(sd ** 2 + np.sum(factor ** 2, axis=1))
+    # q's marginal sds, as the family's own Gaussian view gives them
+    view = params._replace(loc=jnp.zeros(6))
+    np.testing.assert_allclose(
+        marginal, np.sqrt(np.asarray(family.to_gaussian(view).scale.cov_diag())), rtol=1e-5)
+    np.testing.assert_allclose(got.cov_factor, np.asarray(want.cov_factor) * marginal[:, None],
                                rtol=1e-6)
     np.testing.assert_allclose(got.raw_scale, want.raw_scale, rtol=1e-6)
     # The mean moves at the mean-field family's step (loc_steps_scaled).

@@ -177,24 +177,28 @@ def default_control_variate(params: Any, family: Any, log_joint: Callable,
 
 
 def factor_in_sd_units() -> optax.GradientTransformation:
-    """Multiplies the updates of a low-rank factor ``W`` by the diagonal's sds, row by row.
+    """Multiplies the updates of a low-rank factor ``W`` by q's marginal sds, row by row.
 
     For :class:`vijax.LowRankParams` (``cov = W W^T + diag(sd^2)``): after
     Adam, whose steps are about its learning rate in every entry, row i of
-    ``W``'s update is scaled by ``sd_i = softplus(raw_scale_i)``, so ``W``
-    moves in units of the posterior's scale, as the full-rank family's
-    dimensionless factor does. ``W``'s entries are about ``sd_i`` times a
-    dimensionless number (a direction of extra variance spread over d
-    coordinates), so an unscaled step can be many times an entry at large
-    d (measured in the README's "No tuning"). Other parameters pass
-    unchanged.
+    ``W``'s update is scaled by q's marginal sd ``sqrt(sd_i^2 + |W_i|^2)``
+    (``sd_i = softplus(raw_scale_i)``), so ``W`` moves in units of q's scale,
+    as the full-rank family's dimensionless factor does. ``W``'s entries are
+    about that sd times a dimensionless number (a direction of extra variance
+    spread over d coordinates), so an unscaled step can be many times an
+    entry at large d (measured in the README's "No tuning"). The marginal sd,
+    not the diagonal's: where the optimum puts a coordinate's whole variance
+    in ``W`` (its ``sd_i`` heading to 0, as on regressions with fewer
+    observations than dimensions), the diagonal's sd gave that row ever
+    smaller steps just where it has to grow. Other parameters pass unchanged.
     """
 
     def scale(updates, params):
         if params is None:
             raise ValueError("factor_in_sd_units needs `params` in update (the current sds).")
         sd = jax.nn.softplus(params.raw_scale)
-        factor = updates.cov_factor * sd[:, None].astype(updates.cov_factor.dtype)
+        marginal = jnp.sqrt(jnp.square(sd) + jnp.sum(jnp.square(params.cov_factor), axis=1))
+        factor = updates.cov_factor * marginal[:, None].astype(updates.cov_factor.dtype)
         return updates._replace(cov_factor=factor)
 
     return optax.stateless(scale)
@@ -230,7 +234,7 @@ def default_optimizer(params: Any = None) -> optax.GradientTransformation:
     """``fit``'s optimizer when none is given: ``adaptive_lr(optax.adam(default_learning_rate(params)))``.
 
     For the low-rank family (:class:`vijax.LowRankParams`), two scalings
-    follow Adam. The factor's updates are multiplied by the diagonal's sds
+    follow Adam. The factor's updates are multiplied by q's marginal sds
     (:func:`factor_in_sd_units`). The mean's are multiplied by
     ``DEFAULT_LEARNING_RATE / default_learning_rate(params)``
     (:func:`loc_steps_scaled`), so the mean moves at the mean-field family's
@@ -409,8 +413,8 @@ def fit(
     ``lr = 0.1`` for mean-field, lower for families with more parameters per
     latent dimension (``0.1 * sqrt(2 d / P)``: 0.014 for full rank at
     d = 100; :func:`vijax.fitting._drivers.default_learning_rate`); for the
-    low-rank family, Adam's steps on the factor ``W`` are scaled by the
-    diagonal's sds (:func:`vijax.fitting._drivers.factor_in_sd_units`) and
+    low-rank family, Adam's steps on the factor ``W`` are scaled by q's
+    marginal sds (:func:`vijax.fitting._drivers.factor_in_sd_units`) and
     its mean's kept at 0.1 (:func:`vijax.fitting._drivers.loc_steps_scaled`). The run is cut
     into stages at a constant step; a stage ends where the rule above, at
     0.35 times its tolerance (0.0175 nats, judged on the point estimates

@@ -73,7 +73,7 @@ def adaptive_lr(
     2022). ``vijax.fit`` without an ``optimizer`` uses
     ``adaptive_lr(optax.adam(lr))`` this way, ``lr = 0.1 * min(1, sqrt(2 d / P))``
     (:func:`vijax.fitting._drivers.default_learning_rate`; for the low-rank
-    family with the factor's steps in units of the diagonal's sds,
+    family with the factor's steps in units of q's marginal sds,
     :func:`vijax.fitting._drivers.factor_in_sd_units`, and its mean's at 0.1,
     :func:`vijax.fitting._drivers.loc_steps_scaled`).
 
