@@ -17,6 +17,7 @@ from vijax import _checks
 from vijax._cache import LRU
 from vijax._taylor import check_control, check_family_supports, placeholder
 from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
+from vijax._gaussian import LowRankScale
 from vijax.families._gaussian import LowRankParams
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
@@ -196,8 +197,8 @@ def factor_in_sd_units() -> optax.GradientTransformation:
     def scale(updates, params):
         if params is None:
             raise ValueError("factor_in_sd_units needs `params` in update (the current sds).")
-        sd = jax.nn.softplus(params.raw_scale)
-        marginal = jnp.sqrt(jnp.square(sd) + jnp.sum(jnp.square(params.cov_factor), axis=1))
+        q_scale = LowRankScale(params.cov_factor, jax.nn.softplus(params.raw_scale))
+        marginal = jnp.sqrt(q_scale.cov_diag())
         factor = updates.cov_factor * marginal[:, None].astype(updates.cov_factor.dtype)
         return updates._replace(cov_factor=factor)
 
