@@ -232,7 +232,10 @@ def test_the_window_grows_with_the_run_so_a_slow_tail_is_not_cut_short(x64):
     whole variance in ``W``, their diagonal sds heading to 0 while each step
     gains a little. A fixed window of 10 steps stopped 0.034 nats short here
     (checked by hand); the window of a tenth of the steps taken stops within
-    1e-4 of a run to ``tol=1e-12`` (5e-6 when checked by hand).
+    1e-4 of a run to ``tol=1e-10`` (7e-6 or less when checked by hand). Not to 1e-12:
+    that is float64's rounding of an ELBO of -8,950 nats, and with
+    ``OPENBLAS_NUM_THREADS=1`` (another summation order, another of the
+    near-tied optima) such a run crept on for 5,000 steps.
     """
     rng = np.random.default_rng(0)
     n, d = 300, 3000
@@ -245,7 +248,7 @@ def test_the_window_grows_with_the_run_so_a_slow_tail_is_not_cut_short(x64):
     found = re.search(r"the last (\d+) steps", result.message)
     assert found, result.message
     assert int(found.group(1)) == max(10, result.num_steps // 10) > 10
-    ref = vijax.fit_exact(family, model, family.init(model.latent), tol=1e-12, max_steps=5000)
+    ref = vijax.fit_exact(family, model, family.init(model.latent), tol=1e-10, max_steps=5000)
     assert ref.converged, ref.message
     assert ref.elbo - 1e-4 < result.elbo <= ref.elbo + 1e-9, (result.elbo, ref.elbo)
 
