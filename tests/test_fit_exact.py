@@ -253,17 +253,22 @@ def test_the_window_grows_with_the_run_so_a_slow_tail_is_not_cut_short(x64):
     assert ref.elbo - 1e-4 < result.elbo <= ref.elbo + 1e-9, (result.elbo, ref.elbo)
 
 
-def test_low_rank_start_has_independent_columns_so_the_fit_uses_them():
+def test_low_rank_start_has_independent_columns_so_the_fit_uses_them(x64):
     """A start whose factor had dependent columns kept them (the gradient 2 G W keeps W's null
-    space): BLR at d = 7 with rank 5, where one sign pattern was singular, stopped nats short."""
+    space): BLR at d = 7 with rank 5, where one sign pattern was singular, stopped nats short.
+
+    The optimum is a boundary one (diagonal sds heading to 0, prior sd 10 against noise
+    0.1), so both fits run to ``tol=1e-9`` in float64: in float32, or at the default tol,
+    L-BFGS stalls 0.005 to 1 nats short, and before the capacitance's QR the rounding
+    of its log-determinant decided which start ended higher."""
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(2, 7)), rng.normal(size=2)
     model = models.bayesian_linear_regression(x, y, noise_scale=0.1, prior_scale=10.0)
     family = vijax.low_rank(rank=5)
     init = family.init(model.latent)
     assert np.linalg.matrix_rank(np.asarray(init.cov_factor)) == 5
-    result = vijax.fit_exact(family, model, init)
+    result = vijax.fit_exact(family, model, init, tol=1e-9)
     nudged = init._replace(cov_factor=init.cov_factor + 1e-3 * rng.normal(size=(7, 5)))
-    other = vijax.fit_exact(family, model, nudged)
+    other = vijax.fit_exact(family, model, nudged, tol=1e-9)
     assert result.converged and other.converged
-    assert result.elbo > other.elbo - 1e-3, (result.elbo, other.elbo)
+    assert result.elbo > other.elbo - 1e-4, (result.elbo, other.elbo)

@@ -174,7 +174,10 @@ class LowRankScale(NamedTuple):
     Sampling draws ``k + d`` standard normals (``z = W e1 + diag_scale * e2``), so
     one sample costs O(d k). Solves and determinants use the Woodbury identity
     and the matrix determinant lemma through the (k, k) capacitance matrix
-    ``C = I + W^T diag_scale^{-2} W``.
+    ``C = I + W^T diag_scale^{-2} W``, factored by a QR of
+    ``[diag_scale^{-1} W; I]`` (O(d k^2)) rather than a Cholesky of ``C``, so
+    that the log-determinant stays exact where some diagonal sds head to 0
+    with ``W`` carrying their coordinates (a low-rank fit's boundary optimum).
 
     Attributes:
       cov_factor: W, shape ``(d, k)``.
@@ -197,9 +200,27 @@ class LowRankScale(NamedTuple):
         return self.rank + self.dim
 
     def _capacitance_tril(self):
+        # A lower-triangular L with L L^T = C = I + G^T G, G = D^{-1/2} W, from
+        # the QR of [G; I] rather than the Cholesky of C: forming C squares
+        # the condition number, and where some diagonal sds head to 0 (a
+        # boundary optimum, W carrying those coordinates) C's small
+        # eigenvalues are lost below eps * |C| (garbage log-determinants,
+        # line searches that fail). L's diagonal may be negative; solves
+        # with L and log|L_ii| do not mind.
         a = self.cov_factor / jnp.square(self.diag_scale)[:, None]
-        cap = jnp.eye(self.rank, dtype=a.dtype) + self.cov_factor.T @ a
-        return a, jnp.linalg.cholesky(cap)
+        g = self.cov_factor / self.diag_scale[:, None]
+        # The k largest rows of G first (R does not depend on the rows' order):
+        # Householder QR is then accurate row by row, not only relative to the
+        # largest row. At most k rows can be that large near an optimum (more
+        # collapsed coordinates than k would make cov singular); a full sort
+        # cost 4x the whole log-determinant at d = 10^4.
+        k = min(self.rank, self.dim)
+        norms = jnp.sum(jnp.square(jax.lax.stop_gradient(g)), axis=1)
+        top = jax.lax.top_k(norms, k)[1]
+        rest = g * jnp.ones_like(norms).at[top].set(0.0)[:, None]
+        stacked = jnp.concatenate([g[top], rest, jnp.eye(self.rank, dtype=g.dtype)], axis=0)
+        r = jnp.linalg.qr(stacked, mode="r")
+        return a, r.T
 
     def apply(self, eps):
         k = self.rank
@@ -211,7 +232,7 @@ class LowRankScale(NamedTuple):
         _, lc = self._capacitance_tril()
         return 2.0 * (
             jnp.sum(jnp.log(jnp.abs(self.diag_scale)))
-            + jnp.sum(jnp.log(jnp.diagonal(lc)))
+            + jnp.sum(jnp.log(jnp.abs(jnp.diagonal(lc))))
         )
 
     def mahalanobis(self, r):
