@@ -226,10 +226,11 @@ def q_dense(mean, factor, logdet) -> Q:
 
 def q_low_rank(mean, factor, sd, middle=None, logdet=None) -> Q:
     mean, factor, sd = _f64(mean), _f64(factor), _f64(sd)
-    if logdet is None:
+    if logdet is None and middle is None:
+        logdet = float(_problems.low_rank_logdet(sd, factor))
+    elif logdet is None:
         a = factor / (sd**2)[:, None]
-        m = np.eye(factor.shape[1]) if middle is None else middle
-        cap = np.eye(factor.shape[1]) + m @ (factor.T @ a)
+        cap = np.eye(factor.shape[1]) + middle @ (factor.T @ a)
         logdet = float(2 * np.sum(np.log(sd)) + np.linalg.slogdet(cap)[1])
     return Q(mean, sd**2, factor, None if middle is None else _f64(middle), float(logdet))
 

@@ -135,3 +135,25 @@ def test_blr_variance_noise_matches_the_dense_formula_and_monte_carlo(n, d):
     var = np.mean(centred**2, axis=0)
     se = np.sqrt((np.mean(centred**4, axis=0) - var**2) / eps.shape[0])
     assert np.all(np.abs(var - r) < 5 * se)
+
+
+def test_low_rank_logdet_is_the_dense_logdet_at_a_boundary():
+    """The judge of low-rank fits: where F carries coordinates whose sds head to 0,
+    the covariance stays well conditioned (NumPy's dense slogdet is exact) while the
+    capacitance's LU was 0.13 nats off here (NumPy and jax.numpy, value and gradient)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    d, k = 7, 3
+    f = rng.normal(size=(d, k))
+    sd = rng.uniform(0.5, 1.5, size=d)
+    sd[:2] = [1e-9, 3e-10]
+    cov = f @ f.T + np.diag(sd**2)
+    want = np.linalg.slogdet(cov)[1]
+    assert abs(_problems.low_rank_logdet(sd, f) - want) < 1e-9
+    with jax.enable_x64(True):
+        got, grad = jax.value_and_grad(_problems.low_rank_logdet, argnums=1)(
+            jnp.asarray(sd), jnp.asarray(f), jnp)
+    assert abs(float(got) - want) < 1e-9
+    np.testing.assert_allclose(np.asarray(grad), 2.0 * np.linalg.solve(cov, f), rtol=1e-6,
+                               atol=1e-6)
