@@ -27,6 +27,7 @@ from vijax.models._model import Model
 
 _RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
 _SPAN_FRACTION = 10  # the stopping window spans at least 1/_SPAN_FRACTION of the steps taken
+_MAX_LINESEARCH = 20  # a line search's most evaluations (optax.lbfgs's default)
 _COMPILED = LRU(16)  # (family, model, options) -> (solver, chunk, final value and grad)
 
 
@@ -110,6 +111,11 @@ def fit_exact(
     that difference resolves no better than a few ulps of the ELBO (0.002
     nats at 3e4 nats), too coarse to see the slow gains of a plateau, such as
     a low-rank factor's escape from the saddle at ``W = 0``.
+    A line search that runs out of evaluations (20) restarts L-BFGS from
+    the point it reached, its curvature pairs dropped: near a boundary
+    optimum (a low-rank factor's coordinates whose diagonal sds head to 0)
+    the same direction searched again made no progress, and the rule read
+    that stall as convergence.
     It stops unconverged after ``max_steps`` steps, or when a line search
     meets a non-finite ELBO, gradient or parameters (then with a ``RuntimeWarning``);
     ``result.params`` is always the finite point with the highest ELBO seen.
@@ -236,7 +242,8 @@ def _loss(params, family, model):
 
 def _compile(family, model, tol, window, memory_size, chunk_size):
     """L-BFGS, the compiled chunk and the final ELBO and gradient (cached per configuration)."""
-    solver = optax.lbfgs(memory_size=memory_size)
+    solver = optax.lbfgs(memory_size=memory_size, linesearch=optax.scale_by_zoom_linesearch(
+        max_linesearch_steps=_MAX_LINESEARCH, initial_guess_strategy="one"))
 
     def loss(params):
         return _loss(params, family, model)
@@ -249,11 +256,20 @@ def _compile(family, model, tol, window, memory_size, chunk_size):
             grad, c.opt_state, c.params, value=value, grad=grad, value_fn=loss)
         params = optax.apply_updates(c.params, updates)
         new_value = optax.tree_utils.tree_get(opt_state, "value")
-        evals = c.evals + optax.tree_utils.tree_get(
-            opt_state, "num_linesearch_steps").astype(jnp.int32)
+        searched = optax.tree_utils.tree_get(opt_state, "num_linesearch_steps")
+        evals = c.evals + searched.astype(jnp.int32)
         elbo = -new_value
         # The step's ELBO gain by the trapezoid rule on its gradients (see fit_exact).
         new_grad = optax.tree_utils.tree_get(opt_state, "grad")
+        # A line search that ran out of steps found (next to) no step: the
+        # curvature pairs point badly, e.g. near a boundary optimum. L-BFGS
+        # starts afresh from the new point rather than search the same
+        # direction again until the stopping rule mistakes the stall for
+        # convergence.
+        opt_state = _tree.where(
+            searched >= _MAX_LINESEARCH,
+            optax.tree_utils.tree_set(solver.init(params), value=new_value, grad=new_grad),
+            opt_state)
         step_gain = -0.5 * (optax.tree_utils.tree_vdot(grad, updates)
                             + optax.tree_utils.tree_vdot(new_grad, updates))
         ok = jnp.isfinite(elbo) & _tree.all_finite(params) & jnp.isfinite(step_gain)
