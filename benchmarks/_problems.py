@@ -343,8 +343,8 @@ def low_rank_optimum(model: str, x64: np.ndarray, y64: np.ndarray, rank: int, *,
         colsq = jnp.sum(jnp.square(x), axis=0)
 
         def cov_terms(log_sd, f):
-            var = jnp.exp(2.0 * log_sd)
-            return var, low_rank_logdet(jnp.exp(log_sd), f, jnp)
+            sd = jnp.exp(log_sd)
+            return jnp.square(sd), low_rank_logdet(sd, f, jnp)
 
         if model == "blr":
             logdet_p = float(np.linalg.slogdet(x64.T @ x64 + np.eye(d))[1])

@@ -253,6 +253,19 @@ def test_the_window_grows_with_the_run_so_a_slow_tail_is_not_cut_short(x64):
     assert ref.elbo - 1e-4 < result.elbo <= ref.elbo + 1e-9, (result.elbo, ref.elbo)
 
 
+def _boundary_blr(dtype):
+    """BLR at d = 7 with rank 5, whose optimum is a boundary one: the model, the family,
+    its start and that start nudged (the same draws for every caller)."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(2, 7)), rng.normal(size=2)
+    model = models.bayesian_linear_regression(x.astype(dtype), y.astype(dtype),
+                                              noise_scale=0.1, prior_scale=10.0)
+    family = vijax.low_rank(rank=5)
+    init = family.init(model.latent)
+    nudged = init._replace(cov_factor=init.cov_factor + 1e-3 * rng.normal(size=(7, 5)))
+    return model, family, init, nudged
+
+
 def test_low_rank_start_has_independent_columns_so_the_fit_uses_them(x64):
     """A start whose factor had dependent columns kept them (the gradient 2 G W keeps W's null
     space): BLR at d = 7 with rank 5, where one sign pattern was singular, stopped nats short.
@@ -261,14 +274,9 @@ def test_low_rank_start_has_independent_columns_so_the_fit_uses_them(x64):
     0.1), so both fits run to ``tol=1e-9`` in float64: in float32, or at the default tol,
     L-BFGS stalls 0.005 to 1 nats short, and before the capacitance's QR the rounding
     of its log-determinant decided which start ended higher."""
-    rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(2, 7)), rng.normal(size=2)
-    model = models.bayesian_linear_regression(x, y, noise_scale=0.1, prior_scale=10.0)
-    family = vijax.low_rank(rank=5)
-    init = family.init(model.latent)
+    model, family, init, nudged = _boundary_blr(np.float64)
     assert np.linalg.matrix_rank(np.asarray(init.cov_factor)) == 5
     result = vijax.fit_exact(family, model, init, tol=1e-9)
-    nudged = init._replace(cov_factor=init.cov_factor + 1e-3 * rng.normal(size=(7, 5)))
     other = vijax.fit_exact(family, model, nudged, tol=1e-9)
     assert result.converged and other.converged
     assert result.elbo > other.elbo - 1e-4, (result.elbo, other.elbo)
@@ -280,17 +288,11 @@ def test_a_stalled_line_search_restarts_lbfgs_instead_of_ending_the_fit():
     out of steps along the same L-BFGS direction for 10 steps in a row, and the rule
     read that stall as convergence: 1.07 nats short, gradient norm 9.5. Starting
     L-BFGS afresh after such a search, both starts reach the float64 optimum."""
-    rng = np.random.default_rng(3)
-    x, y = rng.normal(size=(2, 7)), rng.normal(size=2)
-    family = vijax.low_rank(rank=5)
     with jax.enable_x64(True):
-        m64 = models.bayesian_linear_regression(x, y, noise_scale=0.1, prior_scale=10.0)
-        best = vijax.fit_exact(family, m64, family.init(m64.latent), tol=1e-9)
+        m64, family, init64, _ = _boundary_blr(np.float64)
+        best = vijax.fit_exact(family, m64, init64, tol=1e-9)
         assert best.converged and best.grad_norm < 1e-3, best.message
-    m32 = models.bayesian_linear_regression(x.astype(np.float32), y.astype(np.float32),
-                                            noise_scale=0.1, prior_scale=10.0)
-    init = family.init(m32.latent)
-    nudged = init._replace(cov_factor=init.cov_factor + 1e-3 * rng.normal(size=(7, 5)))
+    m32, family, init, nudged = _boundary_blr(np.float32)
     for start in (init, nudged):
         result = vijax.fit_exact(family, m32, start)
         assert result.converged, result.message
