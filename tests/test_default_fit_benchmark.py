@@ -19,6 +19,7 @@ import sys
 import numpy as np
 import pytest
 
+import vijax
 from benchmarks import default_fit as df
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -172,3 +173,30 @@ def test_branch_counts_follow_the_probes():
     with pytest.raises(RuntimeError, match="no probe at step 0"):
         df.branch_counts({50: (0.1, s)}, 60)
 
+
+
+@pytest.mark.slow
+def test_basin_optimum_splits_a_low_rank_gap():
+    """``basin_optimum``: fit_exact from the fit's result; ``short`` + the basin's gap = the gap.
+
+    From the family's start (far from any optimum) the fit is short of its
+    basin by nearly all of its gap; from that basin's optimum it is short by
+    nothing, and the basin is the same.
+    """
+    from benchmarks import head_to_head as h2h
+
+    problem = h2h.glm_problem("blr", 20, 8, budget=100, wall_cap=10.0)
+    family = h2h._family("low_rank")
+    start = family.init(problem.latent)
+    far = df.basin_optimum(problem, family, start)
+    gap_start = problem.family_gap(h2h.q_from_vijax(family, start), "low_rank")
+    assert far["converged"] and far["steps"] > 1
+    assert far["short"] + far["gap"] == pytest.approx(gap_start, abs=1e-9)
+    # (L-BFGS from the start need not find the yardstick's basin: n < d.)
+    assert far["short"] > 1.0 and abs(far["gap"]) < 1.0 < gap_start
+    optimum = vijax.fit_exact(family, df._library_models[problem.name], start).params
+    near = df.basin_optimum(problem, family, optimum)
+    assert abs(near["short"]) < 1e-3 and near["gap"] == pytest.approx(far["gap"], abs=1e-3)
+    row = {"group": "low_rank", "measure": {"value": -1.0, "reached": True},
+           "family_gap": gap_start, "basin": far}
+    assert "short of it" in df._gap_cell({"kind": "blr"}, row)
