@@ -436,12 +436,17 @@ def logistic_gradient_noise(x64: np.ndarray, y64: np.ndarray, mean: np.ndarray,
     draws. At the optimum, an averaged stochastic-gradient fit (Polyak and
     Juditsky 1992) from E such evaluations ends ``tr(H^-1 Sigma) / (2E)`` nats
     below it asymptotically, the least any iterate average of those
-    gradients reaches (``default_fit.noise_floor``). Float64, in blocks of
-    ``block`` pairs; the prior is N(0, I), as :func:`hand_log_joint`'s.
+    gradients reaches (``default_fit.noise_floor``). The block diagonal is an
+    approximation (the cross terms between means and log sds, and between
+    log sds, carry the sigmoid's second and third derivatives and are not 0
+    off a Gaussian target), as is the asymptotic itself: the returned floor
+    is an estimate, not a bound. Float64, in blocks of ``block`` pairs; the
+    prior is N(0, I), as :func:`hand_log_joint`'s.
 
     Returns ``dict(trace, se, mean_part, log_sd_part, num_pairs)``: the
-    trace per evaluation, its standard error over the pairs, and the two
-    blocks' shares.
+    trace per evaluation, its standard error over the pairs (H, estimated
+    from the same draws, is taken as exact there), and the two blocks'
+    shares.
     """
     x = np.asarray(x64, np.float64)
     y = np.asarray(y64, np.float64)

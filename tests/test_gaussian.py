@@ -299,6 +299,7 @@ def test_low_rank_log_prob_stays_exact_where_diagonal_sds_head_to_0(rng, dtype, 
         got = jax.jit(scale.mahalanobis)(rj)
         grad_r = jax.grad(lambda x: scale.mahalanobis(x).sum())(rj)
         grad_w = jax.grad(lambda s: s.mahalanobis(rj).sum())(scale).cov_factor
+        grad_sd = jax.grad(lambda s: s.mahalanobis(rj).sum())(scale).diag_scale
         hess = jax.hessian(scale.mahalanobis)(rj[0])
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol)
     sinv_r = np.linalg.solve(cov, r.T).T
@@ -311,3 +312,29 @@ def test_low_rank_log_prob_stays_exact_where_diagonal_sds_head_to_0(rng, dtype, 
     sinv = np.linalg.inv(cov)  # the reference only
     np.testing.assert_allclose(np.asarray(hess, np.float64), 2.0 * sinv,
                                rtol=10 * tol, atol=10 * tol * np.abs(sinv).max())
+    # d/dsd_i sum_s r_s^T cov^{-1} r_s = -2 sd_i sum_s (cov^{-1} r_s)_i^2: its two terms
+    # cancel at ~1/sd^2 (relative accuracy about eps / sd).
+    want_sd = -2.0 * sd * np.sum(np.square(sinv_r), axis=0)
+    np.testing.assert_allclose(np.asarray(grad_sd, np.float64), want_sd,
+                               rtol=tol / tiny, atol=tol / tiny * np.abs(want_sd).max())
+
+
+def test_low_rank_mahalanobis_second_derivatives_and_rank_above_dim(rng, x64):
+    """The custom JVP's own derivative in W (a Hessian), a batch of 2-d draws, and k > d."""
+    for d, k in ((5, 2), (4, 6)):
+        w = rng.normal(size=(d, k))
+        sd = rng.uniform(0.2, 1.5, size=d)
+        r = rng.normal(size=(3, 2, d))
+
+        def dense(w_):
+            cov = w_ @ w_.T + jnp.diag(jnp.asarray(sd) ** 2)
+            return jnp.sum(r * jnp.linalg.solve(cov, r.reshape(-1, d).T).T.reshape(r.shape), -1)
+
+        def ours(w_):
+            return vijax.LowRankScale(w_, jnp.asarray(sd)).mahalanobis(jnp.asarray(r))
+
+        wj = jnp.asarray(w)
+        np.testing.assert_allclose(ours(wj), dense(wj), rtol=1e-10)
+        np.testing.assert_allclose(jax.hessian(lambda a: ours(a).sum())(wj),
+                                   jax.hessian(lambda a: dense(a).sum())(wj),
+                                   rtol=1e-8, atol=1e-10)
