@@ -85,7 +85,7 @@ as ``VijaxRunner.khat``).
   like BLR's: H is taken block diagonal (means; each log sd).
 * Low-rank BLR / logistic: beside the gap, the optimum of the basin the fit
   ended in (``basin_optimum``: ``vijax.fit_exact`` from the fit's result, on
-  the exact ELBO): where n < d the rank-k family has many local optima,
+  the exact ELBO, in float64): where n < d the rank-k family has many local optima,
   tenths of a nat apart, so a gap above 0.05 is split into the nats the fit
   stopped short of its own basin's optimum and the basin's gap above the
   yardstick. Only a report column: "converged" still means the gap.
@@ -143,6 +143,7 @@ import warnings
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -493,6 +494,9 @@ def kind_is_glm(problem) -> bool:
 
 
 _library_models: dict = {}
+#: ``basin_optimum``'s L-BFGS: float64, to this tolerance, within this many steps.
+BASIN_TOL = 1e-7
+BASIN_MAX_STEPS = 20_000
 
 
 def basin_optimum(problem, family, params) -> dict:
@@ -501,31 +505,40 @@ def basin_optimum(problem, family, params) -> dict:
     The rank-k family's ELBO has many local optima where n < d (which k
     coordinates' diagonal sds collapse while the factor carries them), some
     tenths of a nat apart, and a stochastic fit settles in one of them. L-BFGS
-    on the exact ELBO (``exact_fit.library_model``, float32 as the fit) from
-    the fit's result climbs to the optimum of that basin, which separates the
-    two parts of a low-rank row's gap: ``short``, the nats the fit is below
-    its basin's optimum (the optimization the fit left undone), and ``gap``,
-    the basin's own gap above the yardstick (which basin it chose; it can be
-    negative: the yardstick is L-BFGS's optimum from two starts, not a
-    global one). "The basin" is where L-BFGS goes from the fit's end, a
-    local method's answer: it may cross into a neighbouring basin.
+    on the exact ELBO (``exact_fit.library_model``) from the fit's result
+    climbs to the optimum of that basin, which separates the two parts of a
+    low-rank row's gap: ``short``, the nats the fit is below its basin's
+    optimum (the optimization the fit left undone), and ``gap``, the basin's
+    own gap above the yardstick (which basin it chose; it can be negative:
+    the yardstick is L-BFGS's optimum from two starts, not a global one).
+    "The basin" is where L-BFGS goes from the fit's end, a local method's
+    answer: it may cross into a neighbouring basin. In float64, to
+    ``BASIN_TOL`` (1e-7 nats over the window): a float32 run from a fit's end
+    on BLR at d = 10^4 (an ELBO near -3e4) stopped after its first 10 steps,
+    each gaining too little to resolve, where the boundary's slow tail goes
+    on for hundreds.
     """
-    model = _library_models.get(problem.name)
-    if model is None:  # one model per problem, so that seeds reuse fit_exact's compiled chunk
-        model = _library_models[problem.name] = exact_fit.library_model(problem)
-    t0 = time.perf_counter()
-    try:
-        res = vijax.fit_exact(family, model, params)
-        jax.block_until_ready(res.params)
-    except (ValueError, FloatingPointError) as err:  # a non-finite fit: a column, not a gate
-        return dict(error=f"{type(err).__name__}: {str(err)[:200]}")
-    wall = time.perf_counter() - t0
-    q_fit = h2h.q_from_vijax(family, params)
-    q_basin = h2h.q_from_vijax(family, res.params)
-    gap_fit, gap_basin = problem.family_gap(q_fit, "low_rank"), problem.family_gap(q_basin,
-                                                                                  "low_rank")
+    with jax.enable_x64(True):
+        model = _library_models.get(problem.name)
+        if model is None:  # one model per problem: seeds reuse fit_exact's compiled chunk
+            model = _library_models[problem.name] = exact_fit.library_model(problem,
+                                                                            np.float64)
+        start = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        t0 = time.perf_counter()
+        try:
+            res = vijax.fit_exact(family, model, start, tol=BASIN_TOL,
+                                  max_steps=BASIN_MAX_STEPS)
+            jax.block_until_ready(res.params)
+        except (ValueError, FloatingPointError) as err:  # non-finite: a column, not a gate
+            return dict(error=f"{type(err).__name__}: {str(err)[:200]}")
+        wall = time.perf_counter() - t0
+        q_fit = h2h.q_from_vijax(family, start)
+        q_basin = h2h.q_from_vijax(family, res.params)
+    gap_fit = problem.family_gap(q_fit, "low_rank")
+    gap_basin = problem.family_gap(q_basin, "low_rank")
     return dict(gap=gap_basin, short=gap_fit - gap_basin, steps=int(res.num_steps),
-                converged=bool(res.converged), message=res.message, wall_s=round(wall, 2))
+                converged=bool(res.converged), message=res.message, wall_s=round(wall, 2),
+                dtype="float64", tol=BASIN_TOL)
 
 
 _logistic_noise: dict = {}
