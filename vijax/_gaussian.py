@@ -203,7 +203,10 @@ def _least_norm_parts(u: jax.Array, g: jax.Array):
     # rows of G * mask give way to the top rows; their q rows are rounding).
     q_g = (q[k:k + d] * mask[:, None]).at[top].add(q[:k])
     e = _batched_rows(lambda b: solve_triangular(r, b, lower=False), u @ q_g)
-    return e, u - e @ g.T, q_g, r
+    # G e as k broadcast products, not a dot: XLA fuses them with the subtraction
+    # (and the square-sum that follows) instead of writing G e out.
+    ge = sum(e[..., j, None] * _rows(g[:, j], u) for j in range(g.shape[1]))
+    return e, u - ge, q_g, r
 
 
 @jax.custom_jvp
