@@ -474,10 +474,10 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
         if noise is not None:
             row["noise_floor"] = noise_floor(noise, row["grad_evals"])
         elif problem.kind == "logistic":
-            noise = logistic_noise(problem)
-            row["noise_floor"] = dict(noise_floor(noise["trace"], row["grad_evals"]),
-                                      kind="polyak", trace_se=noise["se"])
-    if group == "low_rank" and kind_is_glm(problem):
+            estimate = logistic_noise(problem)
+            row["noise_floor"] = dict(noise_floor(estimate["trace"], row["grad_evals"]),
+                                      kind="polyak", trace_se=estimate["se"])
+    if group == "low_rank" and problem.kind in ("blr", "logistic"):  # an exact ELBO
         row["basin"] = basin_optimum(problem, family, params)
     try:
         target = problem.model if problem.model is not None else problem.log_joint
@@ -486,11 +486,6 @@ def default_fit(problem, family, group: str, seed: int, *, max_steps: int, wall_
     except Exception as err:  # noqa: BLE001: a report column, not a gate
         row["khat"], row["khat_error"] = None, f"{type(err).__name__}: {str(err)[:100]}"
     return row, params
-
-
-def kind_is_glm(problem) -> bool:
-    """Whether ``problem`` is BLR or logistic regression (an exact ELBO, ``fit_exact``)."""
-    return problem.kind in ("blr", "logistic")
 
 
 _library_models: dict = {}

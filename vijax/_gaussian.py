@@ -227,6 +227,10 @@ def _least_norm_sq(u: jax.Array, g: jax.Array) -> jax.Array:
     (second derivatives are right).
     """
     e, resid, _, _ = _least_norm_parts(u, g)
+    return _sum_of_squares(e, resid)
+
+
+def _sum_of_squares(e: jax.Array, resid: jax.Array) -> jax.Array:
     return jnp.sum(jnp.square(e), axis=-1) + jnp.sum(jnp.square(resid), axis=-1)
 
 
@@ -235,7 +239,7 @@ def _least_norm_sq_jvp(primals, tangents):
     u, g = primals
     du, dg = tangents
     e, resid, q_g, r = _least_norm_parts(u, g)
-    out = jnp.sum(jnp.square(e), axis=-1) + jnp.sum(jnp.square(resid), axis=-1)
+    out = _sum_of_squares(e, resid)
     # The residual (I + G G^T)^{-1} u is accurate to eps |u| only, which is not
     # enough where it is divided by a tiny sd (the gradient in r or W); one
     # step of refinement, resid + Q_G R^{-T} (e - G^T resid), makes it exact
