@@ -62,3 +62,23 @@ def correlated_blr(d, rho, *, seed=0, n=200):
         jnp.asarray(x), jnp.asarray(y), noise_scale=1.0, prior_scale=1.0)
     prec = x.T @ x + np.eye(d)
     return model, x, y, np.linalg.solve(prec, x.T @ y), prec
+
+
+def exact_solve(a, b):
+    """``a^{-1} b`` in exact rational arithmetic (Gauss-Jordan on ``Fraction``s), as floats.
+
+    For small ill-conditioned references, where a float64 solve of a matrix with
+    condition number 1e12 keeps only a few digits.
+    """
+    from fractions import Fraction
+
+    n, m = a.shape[0], b.shape[1]
+    t = [[Fraction(float(x)) for x in a[i]] + [Fraction(float(x)) for x in b[i]] for i in range(n)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda i: abs(t[i][c]))
+        t[c], t[p] = t[p], t[c]
+        for i in range(n):
+            if i != c and t[i][c] != 0:
+                f = t[i][c] / t[c][c]
+                t[i] = [x - f * y for x, y in zip(t[i], t[c])]
+    return np.array([[float(t[i][n + j] / t[i][i]) for j in range(m)] for i in range(n)])

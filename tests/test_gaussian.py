@@ -12,7 +12,7 @@ from scipy import stats
 
 import vijax
 from vijax._gaussian import expected_log_prob
-from references import np_kl
+from references import exact_solve, np_kl
 
 KINDS = ("diagonal", "cholesky", "low_rank", "low_rank_precision", "precision")
 D = 4
@@ -317,6 +317,63 @@ def test_low_rank_log_prob_stays_exact_where_diagonal_sds_head_to_0(rng, dtype, 
     want_sd = -2.0 * sd * np.sum(np.square(sinv_r), axis=0)
     np.testing.assert_allclose(np.asarray(grad_sd, np.float64), want_sd,
                                rtol=tol / tiny, atol=tol / tiny * np.abs(want_sd).max())
+
+
+@pytest.mark.parametrize("dtype,tiny,tol", [(np.float64, 1e-6, 1e-9), (np.float32, 1e-3, 1e-5)])
+def test_trace_against_a_low_rank_scale_stays_exact_where_its_sds_head_to_0(rng, dtype, tiny, tol):
+    """``tr(P^{-1} Q)`` for a low-rank ``P`` near a boundary optimum, each kind of ``Q``.
+
+    Woodbury's ``D^{-1} - A C^{-1} A^T`` is a difference of numbers ~1/sd^2
+    there: in float64, at sds 1e-6 times W's rows, a low-rank ``Q``'s trace
+    of 7.5 came out as -8e5, and in float32 at 1e-3, 10.0 against 6.8. The
+    reference is exact (rational arithmetic on the float inputs), since a
+    float64 solve of this P keeps only a few digits. The gradients in both
+    sides' parameters are checked too (``-2 P^{-1} Q P^{-1} W`` and its kin).
+    """
+    d, k = 7, 3
+    w = rng.normal(size=(d, k))
+    sd = rng.uniform(0.5, 1.5, size=d)
+    sd[:2] = tiny * np.array([1.0, 0.3])
+    wq = w + 0.05 * rng.normal(size=(d, k))  # a q near p: its W carries the same coordinates
+    sdq = sd * rng.uniform(0.8, 1.2, size=d)
+    u = 0.3 * rng.normal(size=(d, 2))
+    tril = np.linalg.cholesky(wq @ wq.T + np.diag(sdq ** 2) + 0.1 * np.eye(d))
+    w, sd, wq, sdq, u, tril = (x.astype(dtype).astype(np.float64) for x in (w, sd, wq, sdq, u, tril))
+    cov = w @ w.T + np.diag(sd ** 2)
+    sinv = exact_solve(cov, np.eye(d))
+    s2 = np.diag(np.square(sdq))
+    others = {
+        "diagonal": (lambda: vijax.DiagonalScale(jnp.asarray(sdq, dtype)), s2),
+        "low_rank": (lambda: vijax.LowRankScale(jnp.asarray(wq, dtype), jnp.asarray(sdq, dtype)),
+                     wq @ wq.T + s2),
+        "low_rank_precision": (
+            lambda: vijax.LowRankPrecisionScale(jnp.asarray(u, dtype), jnp.asarray(sdq, dtype)),
+            exact_solve(u @ u.T + np.diag(sdq ** -2.0), np.eye(d))),
+        "cholesky": (lambda: vijax.CholeskyScale(jnp.asarray(tril, dtype)), tril @ tril.T),
+    }
+    for name, (build, ocov) in others.items():
+        with jax.enable_x64(dtype == np.float64):
+            p = vijax.LowRankScale(jnp.asarray(w, dtype), jnp.asarray(sd, dtype))
+            o = build()
+            got = jax.jit(p.trace_inv_cov)(o)
+            grad_p = jax.grad(lambda s: s.trace_inv_cov(o))(p)
+        sinv_q = exact_solve(cov, ocov)
+        want = np.trace(sinv_q)
+        np.testing.assert_allclose(float(got), want, rtol=tol, err_msg=name)
+        x = exact_solve(cov, sinv_q.T)  # P^{-1} Q P^{-1}
+        np.testing.assert_allclose(np.asarray(grad_p.cov_factor, np.float64), -2.0 * x @ w,
+                                   rtol=tol, atol=tol * np.abs(x @ w).max(), err_msg=name)
+        want_sd = -2.0 * sd * np.diag(x)
+        np.testing.assert_allclose(np.asarray(grad_p.diag_scale, np.float64), want_sd,
+                                   rtol=tol / tiny, atol=tol / tiny * np.abs(want_sd).max(),
+                                   err_msg=name)
+    with jax.enable_x64(dtype == np.float64):
+        p = vijax.LowRankScale(jnp.asarray(w, dtype), jnp.asarray(sd, dtype))
+        grad_q = jax.grad(lambda s: p.trace_inv_cov(s))(others["low_rank"][0]())
+    np.testing.assert_allclose(np.asarray(grad_q.cov_factor, np.float64), 2.0 * sinv @ wq,
+                               rtol=tol, atol=tol * np.abs(sinv @ wq).max())
+    np.testing.assert_allclose(np.asarray(grad_q.diag_scale, np.float64),
+                               2.0 * sdq * np.diag(sinv), rtol=tol)
 
 
 def test_low_rank_mahalanobis_second_derivatives_and_rank_above_dim(rng, x64):

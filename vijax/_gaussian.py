@@ -250,6 +250,41 @@ def _least_norm_sq_jvp(primals, tangents):
     return out, 2.0 * jnp.sum(resid * (du - e @ dg.T), axis=-1)
 
 
+def _low_rank_inv_cov_diag(w: jax.Array, sd: jax.Array) -> jax.Array:
+    """The diagonal of ``(W W^T + diag(sd^2))^{-1}``, exact where some sds head to 0.
+
+    Woodbury's ``1 / sd_i^2 - |L^{-1} W^T|_i^2 / sd_i^4`` is a difference of
+    two numbers ~1/sd_i^2 where ``W`` carries coordinate i and its sd heads to
+    0 (a low-rank fit's boundary optimum). Here each of the k rows of ``G =
+    D^{-1/2} W`` that are largest (``top``, as in :func:`_stacked_qr`) gets the
+    Schur complement of its coordinate, ``1 / (sd_i^2 + w_i^T M_i^{-1} w_i)``
+    with ``M_i = I + G^T G - g_i g_i^T``, from the R of ``[G_top with row i
+    zeroed; R_rest]`` (``R_rest``: the R of the other rows stacked on ``I``):
+    a sum of positive terms, finite even at sd_i = 0. The other rows, which
+    ``W`` does not dominate, keep ``(1 - |R^{-T} g_i|^2) / sd_i^2``. O(d k^2).
+    """
+    g = w / sd[:, None]
+    d, rank = g.shape
+    k = min(rank, d)
+    norms = jnp.sum(jnp.square(jax.lax.stop_gradient(g)), axis=1)
+    top = jax.lax.top_k(norms, k)[1]
+    mask = jnp.ones_like(norms).at[top].set(0.0)
+    r_rest = jnp.linalg.qr(jnp.concatenate([g * mask[:, None], jnp.eye(rank, dtype=g.dtype)]),
+                           mode="reduced")[1]
+    g_top = g[top]
+    r_all = jnp.linalg.qr(jnp.concatenate([g_top, r_rest]), mode="reduced")[1]
+    lever = jnp.sum(jnp.square(solve_triangular(r_all, g.T, lower=False, trans=1)), axis=0)
+    inv = (1.0 - lever) / jnp.square(sd)
+
+    def left_out(j):
+        others = g_top * (jnp.arange(k) != j)[:, None].astype(g.dtype)
+        r_j = jnp.linalg.qr(jnp.concatenate([others, r_rest]), mode="reduced")[1]
+        x = solve_triangular(r_j, w[top[j]], lower=False, trans=1)
+        return 1.0 / (jnp.square(sd[top[j]]) + jnp.sum(jnp.square(x)))
+
+    return inv.at[top].set(jax.vmap(left_out)(jnp.arange(k)))
+
+
 class LowRankScale(NamedTuple):
     """Low rank plus diagonal: ``cov = W W^T + diag(diag_scale**2)``.
 
@@ -321,12 +356,30 @@ class LowRankScale(NamedTuple):
         )
 
     def trace_inv_cov(self, other):
-        # cov^{-1} = D^{-1} - A C^{-1} A^T with A = D^{-1} W (Woodbury).
+        # Where other's covariance is a diagonal plus (or minus) k columns,
+        # tr(cov^{-1} other) = sum_i other_ii (cov^{-1})_ii +- sum_j c_j^T cov^{-1} c_j,
+        # each from a form that stays exact where some of our sds head to 0
+        # (_low_rank_inv_cov_diag, mahalanobis). Woodbury's D^{-1} - A C^{-1} A^T
+        # is a difference of numbers ~1/sd^2 there (in float64, at sds 1e-6
+        # times W's rows, a trace of 7.5 came out as -8e5). A dense `other`
+        # contributes its factor's columns.
+        if isinstance(other, (DiagonalScale, LowRankScale, LowRankPrecisionScale)):
+            diag = other.scale if isinstance(other, DiagonalScale) else other.diag_scale
+            first = jnp.sum(jnp.square(diag)
+                            * _low_rank_inv_cov_diag(self.cov_factor, self.diag_scale))
+            if isinstance(other, DiagonalScale):
+                return first
+            if isinstance(other, LowRankScale):
+                return first + jnp.sum(self.mahalanobis(other.cov_factor.T))
+            a, lc = other._capacitance()  # other's cov = diag(s^2) - b^T b
+            return first - jnp.sum(self.mahalanobis(_solve_lower(lc, a.T)))
+        if isinstance(other, CholeskyScale):
+            return jnp.sum(self.mahalanobis(other.tril.T))
+        # PrecisionScale: its factor is a dense solve; Woodbury through S_other^T A.
         a, lc = self._capacitance_tril()
         first = jnp.sum(other.cov_diag() / jnp.square(self.diag_scale))
-        b = other.factor_t_matmul(a)  # (m, k) = S_other^T A
-        second = jnp.sum(jnp.square(_solve_lower(lc, b.T)))
-        return first - second
+        b = other.factor_t_matmul(a)  # (m, k) = S_other^T A, A = D^{-1} W
+        return first - jnp.sum(jnp.square(_solve_lower(lc, b.T)))
 
     def trace_cov(self, a):
         return jnp.sum((a @ self.cov_factor) * self.cov_factor) + jnp.sum(
