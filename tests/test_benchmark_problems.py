@@ -210,12 +210,12 @@ def test_low_rank_optimum_below_n_finds_the_best_collapsed_coordinates():
     so its KL is the mean-field optimum's less ``0.5 (sum_S log Lambda_ii +
     log det Sigma_SS)``. Brute force over every pair (dense NumPy inverse,
     none of the benchmark's formulas) against ``low_rank_optimum``, whose
-    random-ish starts alone missed the best pair by up to 0.24 nats on these
-    problems; the greedy ``collapsed_start`` wins.
+    two other starts alone missed the best pair by 0.133 and 0.091 nats on
+    these seeds (the code before c214302); the greedy ``collapsed_start`` wins.
     """
     import itertools
 
-    for seed in range(4):
+    for seed in (2, 3):
         x, y = _problems._data("blr", 10, 30, seed)
         d = x.shape[1]
         lam = x.T @ x + np.eye(d)
