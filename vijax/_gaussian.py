@@ -168,6 +168,14 @@ class CholeskyScale(NamedTuple):
         return jnp.sum((a @ self.tril) * self.tril)
 
 
+def _top_rows(g: jax.Array):
+    """``(top, mask)``: the indices of ``g``'s ``min(k, d)`` largest rows, and 0 there, 1 elsewhere."""
+    d, rank = g.shape
+    norms = jnp.sum(jnp.square(jax.lax.stop_gradient(g)), axis=1)
+    top = jax.lax.top_k(norms, min(rank, d))[1]
+    return top, jnp.ones_like(norms).at[top].set(0.0)
+
+
 def _stacked_qr(g: jax.Array):
     """``(top, mask, q, r)``: the QR of ``[G_top; G * mask; I]`` (see ``LowRankScale``).
 
@@ -185,12 +193,9 @@ def _stacked_qr(g: jax.Array):
     whole log-determinant at d = 10^4. Where only ``r`` is used, XLA drops
     ``q``.
     """
-    d, rank = g.shape
-    k = min(rank, d)
-    norms = jnp.sum(jnp.square(jax.lax.stop_gradient(g)), axis=1)
-    top = jax.lax.top_k(norms, k)[1]
-    mask = jnp.ones_like(norms).at[top].set(0.0)
-    stacked = jnp.concatenate([g[top], g * mask[:, None], jnp.eye(rank, dtype=g.dtype)], axis=0)
+    top, mask = _top_rows(g)
+    stacked = jnp.concatenate([g[top], g * mask[:, None], jnp.eye(g.shape[1], dtype=g.dtype)],
+                              axis=0)
     q, r = jnp.linalg.qr(stacked, mode="reduced")
     return top, mask, q, r
 
@@ -264,12 +269,9 @@ def _low_rank_inv_cov_diag(w: jax.Array, sd: jax.Array) -> jax.Array:
     ``W`` does not dominate, keep ``(1 - |R^{-T} g_i|^2) / sd_i^2``. O(d k^2).
     """
     g = w / sd[:, None]
-    d, rank = g.shape
-    k = min(rank, d)
-    norms = jnp.sum(jnp.square(jax.lax.stop_gradient(g)), axis=1)
-    top = jax.lax.top_k(norms, k)[1]
-    mask = jnp.ones_like(norms).at[top].set(0.0)
-    r_rest = jnp.linalg.qr(jnp.concatenate([g * mask[:, None], jnp.eye(rank, dtype=g.dtype)]),
+    top, mask = _top_rows(g)
+    k = top.shape[0]
+    r_rest = jnp.linalg.qr(jnp.concatenate([g * mask[:, None], jnp.eye(g.shape[1], dtype=g.dtype)]),
                            mode="reduced")[1]
     g_top = g[top]
     r_all = jnp.linalg.qr(jnp.concatenate([g_top, r_rest]), mode="reduced")[1]
@@ -371,8 +373,7 @@ class LowRankScale(NamedTuple):
                 return first
             if isinstance(other, LowRankScale):
                 return first + jnp.sum(self.mahalanobis(other.cov_factor.T))
-            a, lc = other._capacitance()  # other's cov = diag(s^2) - b^T b
-            return first - jnp.sum(self.mahalanobis(_solve_lower(lc, a.T)))
+            return first - jnp.sum(self.mahalanobis(other._downdate()))
         if isinstance(other, CholeskyScale):
             return jnp.sum(self.mahalanobis(other.tril.T))
         # PrecisionScale: its factor is a dense solve; Woodbury through S_other^T A.
@@ -461,14 +462,16 @@ class LowRankPrecisionScale(NamedTuple):
             jnp.square(r @ self.prec_factor), axis=-1
         )
 
-    def cov_diag(self):
+    def _downdate(self):
+        """``B`` (k, d) with ``cov = diag(s^2) - B^T B``: ``L^{-1} A^T``."""
         a, lc = self._capacitance()
-        b = _solve_lower(lc, a.T)  # (k, d): cov = diag(s^2) - b^T b
-        return jnp.square(self.diag_scale) - jnp.sum(jnp.square(b), axis=0)
+        return _solve_lower(lc, a.T)
+
+    def cov_diag(self):
+        return jnp.square(self.diag_scale) - jnp.sum(jnp.square(self._downdate()), axis=0)
 
     def cov(self):
-        a, lc = self._capacitance()
-        b = _solve_lower(lc, a.T)
+        b = self._downdate()
         return jnp.diag(jnp.square(self.diag_scale)) - b.T @ b
 
     def _a_cinv(self):
