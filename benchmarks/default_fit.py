@@ -505,7 +505,9 @@ def basin_optimum(problem, family, params) -> dict:
     low-rank row's gap: ``short``, the nats the fit is below its basin's
     optimum (the optimization the fit left undone), and ``gap``, the basin's
     own gap above the yardstick (which basin it chose; it can be negative:
-    the yardstick is L-BFGS's optimum from two starts, not a global one).
+    the yardstick is the best of L-BFGS's optima from a few starts, one of
+    them the greedy choice of collapsed coordinates where n < d,
+    ``_problems.collapsed_start``, not a global search).
     "The basin" is where L-BFGS goes from the fit's end, a local method's
     answer: it may cross into a neighbouring basin. In float64, to
     ``BASIN_TOL`` (1e-7 nats over the window): a float32 run from a fit's end
