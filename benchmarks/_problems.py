@@ -373,7 +373,7 @@ def low_rank_optimum(model: str, x64: np.ndarray, y64: np.ndarray, rank: int, *,
 
     Returns:
       ``{"kl" (BLR) or "elbo" (logistic), "grad_norm", "iterations",
-      "spread", "rank", "collapsed", "mean", "sd"}``: ``mean`` and ``sd``
+      "spread", "rank", "best_start", "collapsed", "mean", "sd"}``: ``mean`` and ``sd``
       (the marginal standard deviations, ``sqrt(sd_diag^2 + rowsum(F^2))``)
       as float64 arrays, to compare a fit's moments with the optimum's;
       ``collapsed``, how many coordinates keep less than 1% of their
