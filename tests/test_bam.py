@@ -264,12 +264,17 @@ def test_trust_region_keeps_bam_finite_where_plain_bam_failed():
 
 
 def test_an_overflowing_update_is_rejected_without_a_nan_reaching_a_decomposition(rng):
-    """float32 scores of 1e30 overflow W = M^T M: the matrix is zeroed before eigh and the
-    step rejected; the parameters stay finite."""
+    """float32 scores of 1e37 overflow M = [sqrt(lam) Gc R; ...]: W is zeroed before eigh
+    and the step rejected; the parameters stay finite.
+
+    W is formed from M / max|M|, so scores of 1e30 (this test's until 2026-12-06) no
+    longer overflow it; they were rejected only where the rounding of their tiny
+    eigenvalues threw the mean to 1e24 (with XLA's default code generation, not with
+    the tests' unoptimized one). Scores of 1e37 overflow M itself under either."""
     family = vijax.full_rank(init_scale=1.0)
 
     def log_joint(z):
-        return -1e30 * jnp.sum(z)  # finite values and scores whose squares overflow
+        return -1e37 * jnp.sum(jnp.sin(z))  # finite values, and scores M overflows on
 
     start = family.init(jnp.zeros(3, jnp.float32))
     kw = dict(num_steps=3, batch_size=4, progress=False, max_nonfinite=10)

@@ -297,4 +297,6 @@ def test_a_stalled_line_search_restarts_lbfgs_instead_of_ending_the_fit():
         result = vijax.fit_exact(family, m32, start)
         assert result.converged, result.message
         assert best.elbo - 0.01 < result.elbo < best.elbo + 1e-3, (result.elbo, best.elbo)
-        assert result.grad_norm < 0.1, result.grad_norm
+        # 0.004 with XLA's default code generation, 0.02 and 0.105 with the tests'
+        # unoptimized one (another rounding, a stop 84 steps in): the stall was 9.5.
+        assert result.grad_norm < 0.5, result.grad_norm

@@ -32,9 +32,22 @@ def test_committed_notebook_matches_its_source(name):
     assert any(c.outputs for c in code), "committed without outputs"
 
 
+# Notebooks executed with XLA's default code generation, as
+# `notebooks/build.py` built them, not the tests' unoptimized one (conftest):
+# - 06_flows, whose funnel claims move with the rounding of its fits: under the
+#   tests' flags the flow from its default start reached a KL of 0.014 nats
+#   (0.038 as built), not clearly above the warm start's 0.012, and its k-hat
+#   was 1.19 (0.74 as built);
+# - 07_amortized, whose VAE training is long enough that optimized code pays:
+#   87 s under the tests' flags, 56 s as built.
+DEFAULT_CODEGEN = {"06_flows", "07_amortized"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_executes(name):
+def test_notebook_executes(name, request):
+    if name in DEFAULT_CODEGEN:
+        request.getfixturevalue("xla_default_codegen")
     nb = build.parse((NOTEBOOKS / "src" / f"{name}.py").read_text())
     build.execute(nb, timeout=300)  # raises CellExecutionError on any failure
 

@@ -15,7 +15,8 @@
 # it is no ranking of the flows: on the banana the three flows' KLs are all under 0.02 nats while
 # their k-hats run from well below the 0.7 threshold to far above it, and the RealNVP flow from its
 # default start gets a k-hat above the threshold on both targets (far above the Gaussian's on the
-# banana, of the Gaussian's size on the funnel), with an ESS over 3000 of its 4000 draws. k-hat reads the few largest importance weights (here at the
+# banana, from about the Gaussian's size to above it on the funnel, depending on the rounding of
+# the fit), with an ESS over 3000 of its 4000 draws. k-hat reads the few largest importance weights (here at the
 # tips of the banana's arms, where the flow's tails are thinner than the target's), not the distance
 # to the posterior. `flow.from_gaussian` starts a flow exactly at a fitted Gaussian (same key, same
 # draws, the same ELBO to rounding) and the fit goes on from there; on the funnel it ends at a lower
@@ -252,10 +253,11 @@ plt.show()
 
 # %% [markdown]
 # The flow's KL is again a small fraction of the Gaussian's. `diagnose` flags the Gaussian fit,
-# and, as on the banana, it flags the affine coupling flow too, with a k-hat of the Gaussian's size.
-# Which of the two is higher is not stable: with one NumPy release the flow's was 0.99, with the
-# next 0.74 (the Gaussian's 0.82 both times), while the flow's PSIS `log Z` agreed to the printed
-# digits; k-hat, an estimate from the few largest weights, moves with an ulp of the fit. The flow's
+# and, as on the banana, it flags the affine coupling flow too. Which of the two k-hats is higher is
+# not stable: with one NumPy release the flow's was 0.99, with the next 0.74, and under the test
+# suite's unoptimized XLA code generation (another rounding of the same program) 1.19, the
+# Gaussian's 0.82 each time, while the flow's PSIS `log Z` stayed within 0.011 of the exact 0;
+# k-hat, an estimate from the few largest weights, moves with an ulp of the fit. The flow's
 # ESS is over 3000 of its 4000 draws (the Gaussian's a small fraction of that) and its PSIS
 # `log Z` is close to the exact 0, while the Gaussian's misses it by a few tenths of a nat.
 
@@ -267,8 +269,7 @@ print(f"funnel: KL Gaussian {g['KL']:.3f} Â± {g['se']:.3f}, flow {f['KL']:.3f} Â
       f"PSIS log Z Gaussian {g['psis_log_z']:.3f}, flow {f['psis_log_z']:.3f} (exact: 0)")
 assert clearly_below(f, g) and f["KL"] < g["KL"] / 10
 assert g["khat"] > g["threshold"]                 # diagnose flags the Gaussian fit ...
-assert f["khat"] > f["threshold"]                 # ... and the flow's, the closer q,
-assert abs(f["khat"] - g["khat"]) < 0.3            # at about the Gaussian's k-hat
+assert f["khat"] > f["threshold"]                 # ... and the flow's, the closer q
 assert f["ess"] > 3000 and g["ess"] < 500
 assert abs(f["psis_log_z"]) < 0.05 and abs(g["psis_log_z"]) > 0.1
 
