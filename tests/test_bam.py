@@ -293,6 +293,32 @@ def test_an_overflowing_update_is_rejected_without_a_nan_reaching_a_decompositio
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
+def test_no_non_finite_matrix_reaches_a_decomposition_in_an_overflowing_update(monkeypatch):
+    """The rejection above would also come from eigh's NaNs; what the guard is for is that
+    LAPACK never sees a non-finite input (one hung a run in a futex wait). Every matrix
+    handed to ``eigh`` and ``qr`` is recorded as the step runs: all finite, and the step's
+    mean non-finite, so the caller rejects it."""
+    finite = []
+
+    def recording(decomposition):
+        def wrapped(a, *args, **kwargs):
+            jax.debug.callback(lambda ok: finite.append(bool(ok)), jnp.all(jnp.isfinite(a)))
+            return decomposition(a, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(jnp.linalg, "eigh", recording(jnp.linalg.eigh))
+    monkeypatch.setattr(jnp.linalg, "qr", recording(jnp.linalg.qr))
+    rng = np.random.default_rng(0)
+    z = jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)
+    scores = -1e37 * jnp.cos(z)  # finite; sqrt(lam) Gc R overflows float32
+    new_mu, new_tril = bam_update(jnp.zeros(3, jnp.float32), jnp.eye(3, dtype=jnp.float32), z,
+                                  scores, jnp.float32(1200.0))
+    jax.effects_barrier()
+    assert len(finite) == 3 and all(finite), finite  # the two QRs and eigh
+    assert not np.all(np.isfinite(np.asarray(new_mu)))
+    assert np.all(np.isfinite(np.asarray(new_tril)))
+
+
 def test_max_kl_is_checked(rng):
     model = _blr(rng, d=3, dtype=np.float32)
     with pytest.raises(ValueError, match="`max_kl` must be positive"):
