@@ -81,6 +81,14 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    # The user's own XLA_FLAGS back, as the cache variable below (a run from
+    # ``pytest.main`` leaves its process as it found it).
+    if not hasattr(config, "workerinput") and _USER_FLAGS_ENV in os.environ:
+        user = os.environ.pop(_USER_FLAGS_ENV)
+        if user:
+            os.environ["XLA_FLAGS"] = user
+        else:
+            os.environ.pop("XLA_FLAGS", None)
     path = getattr(config, "_vijax_xla_cache", None)
     if path is not None:
         os.environ.pop(_CACHE_ENV, None)
