@@ -19,9 +19,11 @@
 # the fit), with an ESS over 3000 of its 4000 draws. k-hat reads the few largest importance weights (here at the
 # tips of the banana's arms, where the flow's tails are thinner than the target's), not the distance
 # to the posterior. `flow.from_gaussian` starts a flow exactly at a fitted Gaussian (same key, same
-# draws, the same ELBO to rounding) and the fit goes on from there; on the funnel it ends at a lower
-# KL than the default start in the same number of steps in this run (not in every rounding of it:
-# see the traces). A flow step costs many times a Gaussian
+# draws, the same ELBO to rounding) and the fit goes on from there, but where a fit *ends* is
+# the run's draws more than its start: over twelve fit keys on the funnel both starts ended
+# anywhere from a few thousandths of a nat to about a tenth, and the warm start ended clearly
+# lower with three keys and clearly higher with three (seven to eight lower in all, under two
+# roundings of the same program). A flow step costs many times a Gaussian
 # step, with thousands of parameters for a handful. The numbers are printed below, and the cells
 # assert the story.
 
@@ -304,12 +306,8 @@ table(funnel_gaps)
 # swing a mean). The dots at step 0 are each start's KL from `diagnose` (4000 draws): the Gaussian
 # from `vijax.full_rank()`'s start (sd 0.1), the flow from its default start, its base `N(0, I)`,
 # and the flow from the Gaussian at the fitted Gaussian's KL. Both flows leave their start within
-# the first hundred steps. Here the warm start also ends lower, at a smaller KL and a smaller k-hat
-# (the table above) than the default start after the same number of steps. That margin is the
-# rounding's as much as the start's: the same program compiled with XLA's unoptimized CPU code
-# generation (the test suite's, another order of rounding) took the default start to a KL of
-# 0.014 nats, not clearly above the warm start's 0.012 there; the warm start's advantage is
-# where it begins, not a guaranteed end.
+# the first hundred steps, and both end far below the Gaussian. Which of the two ends lower in
+# this run (the table above) says little: the next section repeats both fits with other keys.
 
 # %%
 def running_median(x, w=100, stride=10):
@@ -348,9 +346,59 @@ print("−ELBO estimate, median of steps 0-99: "
 print(f"KL after {NUM_STEPS} steps: default start {cold['KL']:.3f} ± {cold['se']:.3f}, "
       f"from the Gaussian {hot['KL']:.3f} ± {hot['se']:.3f}")
 assert clearly_below(hot, g) and hot["KL"] < g["KL"] / 10  # it improves far beyond its start
-assert clearly_below(hot, cold) and hot["khat"] < min(g["khat"], cold["khat"])
 for label in ("flow, default start", "flow, from the Gaussian"):
     assert first_100[label] < kl_at_start[label] / 2  # the flows leave their start early
+
+# %% [markdown]
+# ## One run is one draw: the same fits with twelve keys
+#
+# A fit's key sets its draws of `ε` (the flow's layers start the same way for every key), so
+# one run is one sample of where a fit can end. Both funnel fits again, the default start and the
+# warm start (from the same fitted Gaussian), with keys 0 to 11: the same steps, schedule and
+# draws per step, each pair of fits with the same key.
+
+# %%
+KEYS = range(12)
+sweep = {key: {"default start": gap(flow, fit(flow, model.log_joint, flow.init(model.latent),
+                                              adam_flow, key=key).params, model),
+               "from the Gaussian": gap(flow, fit(flow, model.log_joint, start, adam_flow,
+                                                  key=key).params, model)}
+         for key in KEYS}
+display(Markdown("\n".join(
+    ["| key | default start: KL (nats) | k-hat | from the Gaussian: KL (nats) | k-hat |",
+     "|---:|---:|---:|---:|---:|"]
+    + [f"| {key} | {r['default start']['KL']:.4f} ± {r['default start']['se']:.4f} | "
+       f"{r['default start']['khat']:.2f} | {r['from the Gaussian']['KL']:.4f} ± "
+       f"{r['from the Gaussian']['se']:.4f} | {r['from the Gaussian']['khat']:.2f} |"
+       for key, r in sweep.items()])))
+kl = {start: np.array([sweep[key][start]["KL"] for key in KEYS])
+      for start in ("default start", "from the Gaussian")}
+diff = kl["default start"] - kl["from the Gaussian"]
+se = np.array([np.hypot(sweep[k]["default start"]["se"], sweep[k]["from the Gaussian"]["se"])
+               for k in KEYS])
+warm_wins = int(np.sum(diff > 0))
+clear = (int(np.sum(diff > 4 * se)), int(np.sum(diff < -4 * se)))
+print(f"end KL over {len(KEYS)} keys: default start {kl['default start'].min():.4f} to "
+      f"{kl['default start'].max():.4f} (median {np.median(kl['default start']):.4f}); "
+      f"from the Gaussian {kl['from the Gaussian'].min():.4f} to "
+      f"{kl['from the Gaussian'].max():.4f} (median {np.median(kl['from the Gaussian']):.4f})")
+print(f"the warm start ended lower with {warm_wins} of {len(KEYS)} keys (clearly, by 4 s.e.: "
+      f"{clear[0]}; clearly higher: {clear[1]}); median paired difference {np.median(diff):+.4f} "
+      f"nats; the Gaussian's KL {g['KL']:.3f}")
+# Every fit, from either start, ends far below the Gaussian ...
+assert max(kl["default start"].max(), kl["from the Gaussian"].max()) < g["KL"] / 4
+# ... but where it ends is spread over an order of magnitude by the key alone ...
+assert all(v.max() > 5 * v.min() for v in kl.values())
+# ... and neither start ends clearly lower with every key.
+assert min(clear) >= 1
+
+# %% [markdown]
+# The start decides where a fit begins; the key decides, as much as anything, where it ends. Both
+# starts end anywhere within an order of magnitude, each beating the other clearly with some keys,
+# so one run's ranking of two fits (the table of the previous section) is one draw of it. This is
+# what `diagnose`'s standard error does not cover: it measures the Monte Carlo error of *this*
+# q's ELBO, not how far another run of the same fit would land. To compare two ways of fitting,
+# repeat them over keys, as here.
 
 # %% [markdown]
 # ## When is a flow worth it?
@@ -392,10 +440,11 @@ print(f"a flow step costs {min(ratios):.0f}x to {max(ratios):.0f}x a full-rank s
 #   banana.
 # * **Start the flow at the Gaussian.** `flow.from_gaussian(vijax.full_rank().to_gaussian(...),
 #   latent)` starts exactly at the fit already paid for, so the flow's ELBO can only be compared
-#   against the Gaussian's from a common point. On the funnel the warm start also ended at a
-#   lower KL than the default start in this run (under another rounding the two ended level);
-#   the point of it, though, is that the flow never has to be
-#   worse than the Gaussian.
+#   against the Gaussian's from a common point. It is no promise of a better end: over twelve
+#   keys on the funnel it ended lower about as often as higher, and each start beat the other
+#   clearly with some key.
+# * **Compare fitting choices over several keys.** One run's end KL moved by an order of
+#   magnitude with the key alone; a difference between two single runs is one draw of it.
 # * **Read the flow's diagnosis for what it is.** k-hat is a statement about the largest weights:
 #   a flow far closer to the posterior than the Gaussian can still get a higher k-hat when its tails
 #   are thinner than the target's in a corner (the banana's tips), and flows of nearly the same KL
