@@ -297,6 +297,28 @@ def test_the_default_first_step_shrinks_with_the_parameters_per_dimension(name, 
         assert got == 0.1
 
 
+def test_a_flow_takes_its_first_step_from_its_base_dimension_and_the_default_fit_converges():
+    """A flow's d is its base's (not unknown): its thousands of network weights per
+    dimension give it a small first step. At 0.1 (flows' step before) this fit ended
+    1.7e7 to 3.4e9 nats from the target over three keys; now 0.004 to 0.007."""
+    family = vijax.flows.affine_coupling()
+    latent = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    params = family.init(latent)
+    total = sum(np.size(x) for x in jax.tree_util.tree_leaves(params))
+    lr = _drivers.default_learning_rate(params)
+    assert 0.9 * 0.1 * np.sqrt(2 * 7 / total) <= lr <= 0.1 * np.sqrt(2 * 7 / total) < 0.01
+
+    def log_joint(z):  # normalized: log Z = 0, so KL(q || p) = -ELBO
+        return (jax.scipy.stats.norm.logpdf(z["a"], 1.0, 2.0).sum()
+                + jax.scipy.stats.norm.logpdf(z["b"], z["a"][0], 0.5).sum())
+
+    result = vijax.fit(jax.random.key(1), family, log_joint, params, num_steps=20_000,
+                       progress=False)
+    assert result.stopped_early
+    d = vijax.diagnose(jax.random.key(5), result.params, family, log_joint)
+    assert -d.elbo < 0.05 + 3 * d.elbo_se, (d.elbo, d.elbo_se)
+
+
 @pytest.mark.parametrize("d, want", [(2, 8), (100, 8), (150, 10), (1000, 25), (10_000, 80)])
 def test_the_default_draws_grow_as_the_root_of_d_above_100(d, want):
     for family in (vijax.mean_field(), vijax.low_rank(rank=2)):
