@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import warnings
 
 import chex
 import jax
@@ -215,8 +216,11 @@ def test_nan_region_is_survived():
         return jnp.where(z[0] > 1.2, jnp.nan, lp)
 
     family = vijax.mean_field(init_scale=0.5)
-    res = run(jax.random.key(0), family, log_joint, family.init(jnp.zeros(2)),
-              num_steps=500, optimizer=optax.adam(0.02), max_nonfinite=50)
+    with pytest.warns(RuntimeWarning, match=r"of 500 steps \(\d+%\) were skipped") as caught:
+        res = run(jax.random.key(0), family, log_joint, family.init(jnp.zeros(2)),
+                  num_steps=500, optimizer=optax.adam(0.02), max_nonfinite=50)
+    assert f"{int(res.num_skipped)} of 500 steps" in str(caught[0].message)
+    assert caught[0].filename == __file__  # it points at the caller's line
     assert 20 < res.num_skipped < 500
     assert res.num_skipped == int(np.sum(res.trace.skipped))
     assert np.all(np.isfinite(np.asarray(res.trace.elbo)[~res.trace.skipped]))
@@ -227,6 +231,40 @@ def test_nan_region_is_survived():
         assert np.all(np.isfinite(leaf))
     # The fit still moved toward the region it can see.
     assert float(res.params.loc[1]) > 0.3
+
+
+@pytest.mark.parametrize("optimizer", [None, optax.adam(0.01)])
+def test_a_log_joint_non_finite_where_q_starts_fails_at_once_not_after_every_decrease(optimizer):
+    """Every step skipped: all were taken at the starting parameters, so the default's
+    lowered steps (``adaptive_lr``) cannot help. It used to halve the step 8 times and
+    fail at step 179, or, given fewer steps, return the start silently."""
+    family = vijax.mean_field()
+    init = family.init({"a": jnp.zeros(3), "b": jnp.zeros(2)})
+    with pytest.raises(vijax.FitError, match="starting parameters") as caught:
+        vijax.fit(jax.random.key(0), family, lambda z: jnp.nan, init, num_steps=400,
+                  optimizer=optimizer, progress=False)
+    assert caught.value.step == 19 and caught.value.result.num_skipped == 20
+    # Fewer steps than that: the start comes back, said so.
+    with pytest.warns(RuntimeWarning, match="all 10 steps were skipped"):
+        result = vijax.fit(jax.random.key(0), family, lambda z: jnp.nan, init,
+                           num_steps=10, optimizer=optimizer, progress=False)
+    chex.assert_trees_all_equal(result.params, init)
+
+
+def test_a_run_that_skips_no_step_or_under_one_percent_does_not_warn():
+    family = vijax.mean_field()
+    init = family.init(jnp.zeros(2))
+
+    def log_joint(z):  # non-finite on about one step in a thousand (8 draws a step)
+        return jnp.where(z[0] > 3.4, jnp.nan, -0.5 * jnp.sum(z**2))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=2000,
+                           optimizer=optax.adam(0.01), progress=False)
+        assert 0 < result.num_skipped < 0.01 * 2000
+        vijax.fit(jax.random.key(0), family, lambda z: -0.5 * jnp.sum(z**2), init,
+                  num_steps=200, optimizer=optax.adam(0.01), progress=False)
 
 
 def test_skipped_step_keeps_params_and_optimizer_state():

@@ -20,6 +20,7 @@ are drivers: they check their arguments, build an algorithm and call
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from typing import Any, Callable, Hashable, NamedTuple, Optional
 
@@ -363,7 +364,11 @@ def run(
                 elbo_now = _running_mean(part.elbo, part.skipped, window)
                 bar.set_postfix_str(f"elbo={elbo_now:.4g}", refresh=False)
             recovered = None
-            if np.any(nf >= max_nonfinite) and hasattr(stopper, "recover"):
+            # Lowering the step helps only once some step was finite: where every
+            # step of this call was skipped, they were all taken at the starting
+            # parameters, whatever the step size.
+            moved = any(not np.all(q.skipped) for q in parts)
+            if np.any(nf >= max_nonfinite) and moved and hasattr(stopper, "recover"):
                 recovered = stopper.recover(state)
             if recovered is not None:
                 # The rule lowered the step (vijax.adaptive_lr) and restarts
@@ -377,6 +382,12 @@ def run(
                 fail = int(np.max(steps_now)) - 1
                 save(state)
                 what, hint = failure
+                if not moved:
+                    hint = (f"Every step since the start (step {start_step}) was skipped, "
+                            "so all of them were taken at the starting parameters and a "
+                            "lower step cannot help: log_joint (or q's log density) is "
+                            "not finite at q's draws there. Evaluate log_joint at "
+                            "family.sample(key, params, 8) to see where.")
                 raise FitError(
                     f"{desc} stopped at step {fail}: {max_nonfinite} consecutive steps "
                     f"(steps {fail - max_nonfinite + 1} to {fail}) {what}. The "
@@ -438,4 +449,47 @@ def run(
             bar.close()
     if checkpoint_dir is not None and start_step + done > last_saved:
         save(state)
-    return result(state, interrupted=interrupted, stopped_early=stopped_early)
+    out = result(state, interrupted=interrupted, stopped_early=stopped_early)
+    _warn_skipped(out, desc, failure)
+    return out
+
+
+#: ``run`` warns when at least this share of a run's steps were skipped.
+SKIPPED_WARN_SHARE = 0.01
+
+
+def _warn_skipped(result: FitResult, desc: str, failure) -> None:
+    """A ``RuntimeWarning`` when every step, or ``SKIPPED_WARN_SHARE`` of them, were skipped.
+
+    Skipped steps (a non-finite ELBO estimate, gradient or update) leave
+    the parameters where they were; a run that skips many is fitting only
+    the part of q's draws where the log joint is finite, and one that
+    skipped every step returns its starting parameters.
+    """
+    taken = result.trace.skipped.shape[-1]
+    skipped = int(np.max(result.num_skipped)) if taken else 0
+    if skipped == 0:
+        return
+    if skipped == taken:
+        what = (f"all {taken} steps were skipped, so the parameters returned are the "
+                "starting ones")
+    elif skipped >= SKIPPED_WARN_SHARE * taken:
+        what = (f"{skipped} of {taken} steps ({100 * skipped / taken:.0f}%) were skipped "
+                "(`result.trace.skipped` says which), each leaving the parameters where "
+                "they were")
+    else:
+        return
+    warnings.warn(
+        f"{desc}: {what}. A skipped step {failure[0]}. {failure[1]}",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside vijax, for a warning raised in the caller."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(root):
+        frame, level = frame.f_back, level + 1
+    return level
