@@ -234,6 +234,68 @@ def test_logistic_regression_log_joint(x64, rng):
     np.testing.assert_allclose(g, x.T @ (y - p) - ws[0] / tau**2, rtol=1e-10)
 
 
+# Label data mostly arrive as integers or bools: cast to X's dtype, not rejected.
+LABEL_FORMS = {
+    "int64": lambda y: y.astype(np.int64),
+    "bool": lambda y: y.astype(bool),
+    "int32": lambda y: y.astype(np.int32),
+    "uint8": lambda y: y.astype(np.uint8),
+    "list": lambda y: [int(v) for v in y],
+}
+
+
+@pytest.mark.parametrize("form", list(LABEL_FORMS))
+def test_logistic_regression_takes_integer_and_bool_labels(dtype, rng, form):
+    x = rng.normal(size=(12, 3)).astype(dtype)
+    y = rng.random(12) < 0.5
+    model = models.logistic_regression(x, LABEL_FORMS[form](y), prior_scale=1.5)
+    assert model.latent.dtype == dtype
+    ws = (2.0 * rng.normal(size=(4, 3))).astype(dtype)
+    got = jax.vmap(model.log_joint)(jnp.asarray(ws))
+    assert got.dtype == dtype
+    # The same numbers as float labels, and as an independent NumPy log joint.
+    same = models.logistic_regression(x, y.astype(dtype), prior_scale=1.5)
+    np.testing.assert_array_equal(got, jax.vmap(same.log_joint)(jnp.asarray(ws)))
+    x64_, w64 = x.astype(np.float64), ws.astype(np.float64)
+    logits = w64 @ x64_.T
+    want = (np.sum(y * logits - np.logaddexp(0.0, logits), axis=1)
+            + stats.norm(0.0, 1.5).logpdf(w64).sum(axis=1))
+    np.testing.assert_allclose(got, want, rtol=1e-5 if dtype == np.float32 else 1e-12)
+    q = vijax.Gaussian.diagonal(jnp.asarray(ws[0]), jnp.full(3, 0.5, dtype))
+    np.testing.assert_array_equal(model.expected_log_joint(q), same.expected_log_joint(q))
+
+
+def test_logistic_regression_casts_traced_integer_labels(rng):
+    # A model built under jit: the labels are a tracer, cast without value checks.
+    x = rng.normal(size=(10, 2)).astype(np.float32)
+    y = (rng.random(10) < 0.5).astype(np.int32)
+    w = jnp.asarray([0.3, -1.2], jnp.float32)
+    value = jax.jit(lambda y: models.logistic_regression(x, y).log_joint(w))(y)
+    assert value.dtype == jnp.float32
+    want = models.logistic_regression(x, y.astype(np.float32)).log_joint(w)
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("y, error, fragments", [
+    (np.array([0, 1, 2, 0]), ValueError, ("`y` must hold 0.0 or 1.0", "got 2")),
+    (np.array([0, -1, 1, 0], np.int8), ValueError, ("`y`", "got -1")),
+    (np.array([0, 1, 1, 0], np.complex64), TypeError, ("`y`", "complex64")),
+    (np.array(["0", "1", "1", "0"]), TypeError, ("`y`", "<U1")),
+    (np.array([0, 1, 1], np.int32), ValueError, ("`y` must have shape (4,)", "(3,)")),
+    (np.ones((1, 4), bool), ValueError, ("`y` must have shape (4,)", "(1, 4)")),
+])
+def test_logistic_regression_rejects_bad_labels(y, error, fragments):
+    with pytest.raises(error) as info:
+        models.logistic_regression(np.ones((4, 2), np.float32), y)
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_logistic_regression_still_needs_floating_x():
+    with pytest.raises(TypeError, match="`X` must have a floating-point dtype"):
+        models.logistic_regression(np.ones((4, 2), np.int32), np.array([0, 1, 1, 0]))
+
+
 @pytest.mark.slow
 def test_float64_scales_do_not_promote_float32_data(x64, rng):
     x = rng.normal(size=(8, 3)).astype(np.float32)

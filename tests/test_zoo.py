@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import vijax
 from vijax.models import _zoo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -222,6 +223,157 @@ def test_bad_data_raises_naming_the_argument(call, error, match):
 def test_mixed_dtypes_are_rejected(x64):
     with pytest.raises(TypeError, match="share one floating dtype"):
         _zoo.poisson_glm(x=np.zeros((3, 2), np.float64), y=np.zeros(3, np.float32))
+
+
+# ------------------------------------------------- integer labels and counts
+# (constructor, the label or count array, its kind): integers and bools are cast.
+LABELS = [
+    (_zoo.hierarchical_logistic, "y", "binary"),
+    (_zoo.poisson_glm, "y", "counts"),
+    (_zoo.item_response, "y", "binary"),
+    (_zoo.log_gaussian_cox, "counts", "counts"),
+]
+
+
+def _point(model, seed=5):
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda leaf: jnp.asarray(0.5 * rng.normal(size=leaf.shape), leaf.dtype), model.latent)
+
+
+@pytest.mark.parametrize("whole", [np.int64, np.int32, bool, list])
+@pytest.mark.parametrize("constructor, array, kind", LABELS,
+                         ids=[f"{c.__name__}-{a}" for c, a, _ in LABELS])
+def test_integer_and_bool_labels_and_counts_are_cast(constructor, array, kind, whole):
+    data = _float32_data(constructor)
+    labels = data[array]
+    if whole is bool:
+        if kind == "counts":  # bool counts are counts of 0 and 1
+            labels = np.minimum(labels, 1.0)
+            data[array] = labels
+        given = labels.astype(bool)
+    elif whole is list:
+        given = labels.astype(int).tolist()
+    else:
+        given = labels.astype(whole)
+    model = constructor(**{**data, array: given})
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(model.latent))
+    same = constructor(**data)  # the float32 labels
+    z = _point(same)
+    value = model.log_joint(z)
+    assert value.dtype == jnp.float32
+    np.testing.assert_array_equal(value, same.log_joint(z))
+
+
+def test_integer_counts_follow_the_dtype_of_x_and_of_dtype(x64):
+    data = _float64_data("poisson_glm")
+    ints = data["y"].astype(np.int64)
+    model = _zoo.poisson_glm(x=data["x"], y=ints)  # float64 x: float64 model
+    assert model.latent["w"].dtype == jnp.float64
+    twin = _zoo.poisson_glm(**data)  # checked against NumPyro above
+    np.testing.assert_array_equal(model.log_joint(_point(twin)), twin.log_joint(_point(twin)))
+    lgcp = _zoo.log_gaussian_cox(counts=_zoo.log_gaussian_cox_data()["counts"].astype(np.int64),
+                                 dtype=jnp.float64)
+    assert lgcp.latent["u"].dtype == jnp.float64
+    # Counts past 2^24 are not exact in float32, but are in float64.
+    big = np.array([0, 2**24 + 1, 3])
+    x = np.zeros((3, 2))
+    with pytest.raises(ValueError, match=r"`y` must hold counts of at most 2\^24 = 16777216 "
+                                         r"to be exact in float32; got 16777217"):
+        _zoo.poisson_glm(x=x.astype(np.float32), y=big)
+    assert _zoo.poisson_glm(x=x, y=big).latent["w"].dtype == jnp.float64
+    assert _zoo.poisson_glm(x=x, y=big, dtype=jnp.float64).latent["w"].dtype == jnp.float64
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: _zoo.poisson_glm(x=np.zeros((3, 2), np.float32), y=np.array([0, -2, 1])),
+     ValueError, r"`y` must hold counts \(whole numbers >= 0\); got -2"),
+    (lambda: _zoo.log_gaussian_cox(counts=-np.ones((2, 2), np.int8)),
+     ValueError, "`counts` must hold counts.*got -1"),
+    (lambda: _zoo.poisson_glm(x=np.zeros((3, 2), np.float32), y=np.ones(3, np.complex64)),
+     TypeError, "`y` must be a real array.*got dtype complex64"),
+    (lambda: _zoo.item_response(y=np.array([[0, 1], [2, 0]])),
+     ValueError, "`y` must hold 0.0 or 1.0; got 2"),
+    (lambda: _zoo.item_response(y=np.array([["a", "b"]])), TypeError, "`y`.*<U1"),
+    (lambda: _zoo.hierarchical_logistic(
+        x=np.zeros((4, 2), np.float32), y=np.array([0, 1, 3, 0]), group=np.zeros(4, int)),
+     ValueError, "`y` must hold 0.0 or 1.0; got 3"),
+    (lambda: _zoo.hierarchical_logistic(
+        x=np.zeros((4, 2), np.float32), y=np.zeros(3, int), group=np.zeros(4, int)),
+     ValueError, r"`y` must have shape \(4,\)"),
+    (lambda: _zoo.poisson_glm(x=np.zeros((3, 2), np.int32), y=np.zeros(3, int)),
+     TypeError, "`x` must have a floating-point dtype"),
+])
+def test_bad_integer_labels_and_counts_raise_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ------------------------------------------------------------ dtype keyword
+@pytest.mark.parametrize("name", _zoo.ZOO)
+def test_dtype_float64_gives_the_float64_model(x64, name):
+    def make(**kw):
+        if name.startswith("eight_schools"):
+            return _zoo.eight_schools(centered=name.endswith("_centered"), **kw)
+        return getattr(_zoo, name)(**kw)
+
+    default = make()  # float32 whatever jax_enable_x64 says (documented)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(default.latent))
+    model = make(dtype=jnp.float64)
+    assert all(leaf.dtype == jnp.float64 for leaf in jax.tree_util.tree_leaves(model.latent))
+    rng = np.random.default_rng(7)
+    z32 = jax.tree_util.tree_map(
+        lambda leaf: jnp.asarray(0.5 * rng.normal(size=(3,) + leaf.shape), jnp.float32),
+        default.latent)
+    z64 = jax.tree_util.tree_map(lambda leaf: leaf.astype(jnp.float64), z32)
+    value = jax.vmap(model.log_joint)(z64)
+    assert value.dtype == jnp.float64
+    # The float64 model is the one built from the float64 default data, which
+    # the NumPyro twin test checks ...
+    twin = build(name, _float64_data(name))
+    np.testing.assert_allclose(value, jax.vmap(twin.log_joint)(z64), rtol=1e-12)
+    # ... and the float32 model to float32 precision.
+    np.testing.assert_allclose(jax.vmap(default.log_joint)(z32), value, rtol=2e-5)
+    out = model.constrain(z64)
+    assert all(v.dtype == jnp.float64 for v in out.values())
+    grad = jax.grad(model.log_joint)(jax.tree_util.tree_map(lambda v: v[0], z64))
+    assert all(g.dtype == jnp.float64 for g in jax.tree_util.tree_leaves(grad))
+    if model.expected_log_joint is not None:
+        q = vijax.Gaussian.diagonal(jnp.zeros(DIMENSION[name], jnp.float64),
+                                    jnp.full(DIMENSION[name], 0.1, jnp.float64))
+        assert model.expected_log_joint(q).dtype == jnp.float64
+
+
+def test_dtype_casts_given_data(x64):
+    data = _float64_data("poisson_glm")
+    down = _zoo.poisson_glm(**data, dtype=jnp.float32)
+    assert down.latent["w"].dtype == jnp.float32
+    np.testing.assert_array_equal(
+        down.log_joint(_point(down)),
+        _zoo.poisson_glm(**{k: v.astype(np.float32) for k, v in data.items()}).log_joint(
+            _point(down)))
+    # With a dtype, mixed dtypes are cast rather than rejected.
+    mixed = _zoo.poisson_glm(x=data["x"].astype(np.float32), y=data["y"], dtype=jnp.float64)
+    assert mixed.latent["w"].dtype == jnp.float64
+    returns = _zoo.stochastic_volatility_data()["returns"].astype(np.float32)
+    up = _zoo.stochastic_volatility(returns=returns, dtype=jnp.float64)
+    assert up.latent["h_std"].dtype == jnp.float64
+    assert up.log_joint(up.latent).dtype == jnp.float64
+
+
+ZOO_CONSTRUCTORS = [_zoo.eight_schools, _zoo.hierarchical_logistic, _zoo.stochastic_volatility,
+                    _zoo.neals_funnel, _zoo.poisson_glm, _zoo.item_response,
+                    _zoo.log_gaussian_cox]
+
+
+@pytest.mark.parametrize("constructor", ZOO_CONSTRUCTORS, ids=lambda c: c.__name__)
+def test_bad_dtype_raises_naming_it(constructor):
+    for bad in (jnp.int32, "float16", "nonsense", np.complex64):
+        with pytest.raises(TypeError, match="`dtype` must be .*jnp.float32 or jnp.float64"):
+            constructor(dtype=bad)
+    with jax.enable_x64(False):
+        with pytest.raises(ValueError, match="`dtype` float64 needs 64-bit JAX.*jax_enable_x64"):
+            constructor(dtype=jnp.float64)
 
 
 def test_synthetic_data_follows_the_seed_and_sizes():

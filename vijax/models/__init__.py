@@ -11,6 +11,8 @@ module                          owns
 ``vijax.models._model``         :class:`Model`
 ``vijax.models._conjugate``     ``linear_gaussian``, ``bayesian_linear_regression``, ``normal_mean``
 ``vijax.models._logistic``      ``logistic_regression``
+``vijax.models._labels``        labels and counts: integer and bool arrays checked and cast to the
+                                data's floating dtype (``logistic_regression`` and the zoo)
 ``vijax.models._constrained``   ``constrained``: a natural-space log density plus bijectors
 ``vijax.models._data``          :class:`DataModel`, ``data_model``: prior + sum over data (minibatches,
                                 theta, local latents; see :mod:`vijax.data`)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from vijax import _checks
 from vijax._gaussian import Gaussian
+from vijax.models import _labels
 from vijax.models._glm import expected_softplus
 from vijax.models._glm import predictor_moments
 from vijax.models._model import Model, _Lazy
@@ -30,23 +31,24 @@ def logistic_regression(X, y, *, prior_scale=1.0) -> Model:
 
     Args:
       X: (n, d) design matrix, floating point.
-      y: (n,) labels in {0, 1}, floating point.
+      y: (n,) labels in {0, 1}: integer or bool (cast to ``X``'s dtype), or
+        floating point of ``X``'s dtype.
       prior_scale: the prior standard deviation of each weight (> 0).
 
     Returns:
       A :class:`Model`.
 
     Raises:
-      TypeError: ``X`` or ``y`` is not floating point, or their dtypes differ.
+      TypeError: ``X`` is not floating point, ``y`` is not a real number
+        array (complex, strings), or a floating ``y``'s dtype is not ``X``'s.
       ValueError: shapes disagree, a label is not 0 or 1, or ``prior_scale``
         is not positive.
     """
     x = _checks.as_data("X", X)
-    y = _checks.as_data("y", y)
+    y = _labels.as_labels("y", y, kind=_labels.BINARY, dtype=x.dtype)
     _checks.check_same_dtype({"X": x, "y": y})
     _checks.check_ndim("X", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    _checks.check_binary("y", y)
     tau = _checks.as_float_array("prior_scale", prior_scale)
     if tau.ndim != 0:
         raise ValueError(f"`prior_scale` must be a scalar; got shape {tuple(tau.shape)}.")

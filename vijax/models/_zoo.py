@@ -7,11 +7,15 @@ unconstrained latent (Jacobian included) and ``model.constrain(draws)`` gives
 the natural values plus the model's derived quantities.
 
 Data are keyword arguments; each model documents a synthetic default drawn
-with ``numpy.random.default_rng(seed)``. The computations follow the data's
-dtype: float32 for the synthetic defaults, float64 when float64 data are
-given (with ``jax_enable_x64``). Densities are normalised (every constant kept),
-so ``log_joint`` equals an independent NumPyro twin's unconstrained log joint
-(``benchmarks/_zoo_numpyro.py``; checked in ``tests/test_zoo.py``). Posterior
+with ``numpy.random.default_rng(seed)``. Labels and counts may be integer or
+bool arrays (cast to the floating dtype; :mod:`vijax.models._labels`). The
+computations run in the ``dtype=`` keyword's dtype when given (the data cast
+to it); otherwise they follow the floating data's dtype: float32 for the
+synthetic defaults whatever ``jax_enable_x64`` says (``dtype=jnp.float64``
+gives the float64 model), float64 when float64 data are given. Densities
+are normalised (every constant kept), so ``log_joint`` equals an independent
+NumPyro twin's unconstrained log joint (``benchmarks/_zoo_numpyro.py``;
+checked in ``tests/test_zoo.py``). Posterior
 references from long NUTS runs on those twins (exact moments for Neal's
 funnel) are stored in ``benchmarks/results/references/<model.name>.json``.
 
@@ -39,6 +43,7 @@ from jax.scipy.special import gammaln
 from vijax import _checks
 from vijax import bijectors
 from vijax._gaussian import Gaussian
+from vijax.models import _labels
 from vijax.models._constrained import constrained
 from vijax.models._glm import predictor_moments
 from vijax.models._model import Model, _Lazy
@@ -160,21 +165,60 @@ def data_sha256(data: dict) -> str:
 
 
 # --------------------------------------------------------------- helpers
-def _float_data(given: dict, defaults) -> dict:
+def _zoo_dtype(dtype: Any) -> Optional[np.dtype]:
+    """``None``, or ``dtype`` checked: float32, or float64 with ``jax_enable_x64`` on."""
+    if dtype is None:
+        return None
+    try:
+        checked = jnp.dtype(dtype)
+    except (TypeError, ValueError):
+        checked = None
+    # Not `checked in (...)`: NumPy reads `None == np.dtype("float64")` as True.
+    if checked is None or checked.name not in ("float32", "float64"):
+        raise TypeError(
+            f"`dtype` must be None, jnp.float32 or jnp.float64; got {dtype!r}."
+        )
+    if jax.dtypes.canonicalize_dtype(checked) != checked:
+        # JAX would silently make float32 arrays: refuse rather than half-comply.
+        raise ValueError(
+            "`dtype` float64 needs 64-bit JAX: call "
+            "`jax.config.update(\"jax_enable_x64\", True)` first (or build the model "
+            "inside `with jax.enable_x64(True):`); got dtype=float64 with x64 disabled."
+        )
+    return checked
+
+
+def _float_data(given: dict, defaults, dtype: Any = None, labels: Optional[dict] = None) -> dict:
     """The named arrays as one floating dtype, finite; ``None`` entries from ``defaults()``.
 
-    Given arrays keep their dtype (they must share one); missing ones take the
-    given arrays' dtype, or float32 when none is given.
+    ``labels`` maps the names of label and count arrays to their kind
+    (:mod:`vijax.models._labels`): those may be integer or bool too. With
+    ``dtype`` None, given floating arrays keep their dtype (they must share
+    one) and the rest (integer labels, missing arrays) take it, or float32
+    when no floating array is given; with a ``dtype``, every array is cast to it.
     """
-    out = {}
+    labels = labels or {}
+    target = _zoo_dtype(dtype)
+    out, whole = {}, {}
     for name, value in given.items():
-        if value is not None:
+        if value is None:
+            continue
+        if name in labels and _labels.is_whole(value):
+            whole[name] = value  # cast below, once the dtype is known
+        elif name in labels:
+            out[name] = _labels.as_labels(name, value, kind=labels[name], dtype=jnp.float32)
+        else:
             out[name] = _checks.as_data(name, value)
-    if out:
+    if target is not None:
+        dtype = target
+        out = {name: x.astype(dtype) for name, x in out.items()}
+    elif out:
         _checks.check_same_dtype(out)
         dtype = next(iter(out.values())).dtype
     else:
-        dtype = jnp.float32
+        dtype = jnp.dtype(jnp.float32)
+    for name, value in whole.items():
+        out[name] = _labels.as_labels(name, value, kind=labels[name], dtype=dtype)
     missing = [name for name, value in given.items() if value is None]
     if missing:
         generated = defaults()
@@ -192,15 +236,6 @@ def _all_or_none(names: dict) -> None:
             f"synthetic default); got {', '.join(f'`{k}`' for k in passed)} without "
             f"{', '.join(f'`{k}`' for k in absent)}."
         )
-
-
-def _check_counts(name: str, y: jax.Array) -> None:
-    if _checks.is_concrete(y):
-        a = np.asarray(y)
-        ok = (a >= 0) & (a == np.round(a))
-        if not np.all(ok):
-            bad = a[~ok].ravel()[0].item()
-            raise ValueError(f"`{name}` must hold counts (whole numbers >= 0); got {bad!r}.")
 
 
 def _optional_size(name: str, value: Optional[int], actual: int) -> None:
@@ -227,7 +262,9 @@ def _poisson_log_rate(y, log_rate, log_factorial):
 
 
 # ---------------------------------------------------------------- models
-def eight_schools(*, centered: bool = False, y: Any = None, sigma: Any = None) -> Model:
+def eight_schools(
+    *, centered: bool = False, y: Any = None, sigma: Any = None, dtype: Any = None
+) -> Model:
     """Returns the eight schools hierarchical model, centred or non-centred.
 
     ``mu ~ N(0, 5^2)``, ``tau ~ HalfCauchy(5)``, ``theta_j ~ N(mu, tau^2)``,
@@ -245,14 +282,21 @@ def eight_schools(*, centered: bool = False, y: Any = None, sigma: Any = None) -
         ``[28, 8, -3, 7, -1, 1, 18, 12]``.
       sigma: (J,) their standard errors (> 0); default
         ``[15, 10, 16, 11, 9, 11, 10, 18]``.
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"eight_schools_centered"`` or
       ``"eight_schools_noncentered"``.
 
     Raises:
-      TypeError: data not floating point, or of mixed dtypes.
-      ValueError: non-finite data, shapes that differ, or ``sigma <= 0``.
+      TypeError: data not floating point, of mixed dtypes (with ``dtype``
+        None), or ``dtype`` not None, float32 or float64.
+      ValueError: non-finite data, shapes that differ, ``sigma <= 0``, or
+        ``dtype=float64`` without ``jax_enable_x64``.
 
     References:
       Rubin, D. B. (1981). Estimation in parallel randomized experiments.
@@ -260,7 +304,7 @@ def eight_schools(*, centered: bool = False, y: Any = None, sigma: Any = None) -
     """
     if not isinstance(centered, (bool, np.bool_)):
         raise TypeError(f"`centered` must be a bool; got {centered!r}.")
-    data = _float_data({"y": y, "sigma": sigma}, eight_schools_data)
+    data = _float_data({"y": y, "sigma": sigma}, eight_schools_data, dtype)
     y, sigma = data["y"], data["sigma"]
     _checks.check_ndim("y", y, 1)
     _checks.check_shape("sigma", sigma, y.shape)
@@ -312,6 +356,7 @@ def hierarchical_logistic(
     group: Any = None,
     num_groups: Optional[int] = None,
     seed: int = 0,
+    dtype: Any = None,
 ) -> Model:
     """Returns logistic regression with non-centred group intercepts.
 
@@ -328,21 +373,28 @@ def hierarchical_logistic(
     ``numpy.random.default_rng(seed)``.
 
     Args:
-      x: (n, p) features.
-      y: (n,) labels, 0.0 or 1.0.
+      x: (n, p) features, floating point.
+      y: (n,) labels, 0 or 1: integer or bool (cast to ``x``'s dtype), or
+        floating point of ``x``'s dtype.
       group: (n,) integer group of each observation, in ``[0, num_groups)``.
       num_groups: the number of groups G; default ``max(group) + 1``.
       seed: the seed of the synthetic data.
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"hierarchical_logistic"``.
 
     Raises:
-      TypeError: ``x``/``y`` not floating point (or mixed dtypes), ``group``
-        not an integer array.
+      TypeError: ``x`` not floating point, ``y`` not real numbers, floating
+        ``x`` and ``y`` of mixed dtypes (with ``dtype`` None), ``group`` not
+        an integer array, or ``dtype`` not None, float32 or float64.
       ValueError: non-finite data, only some of ``x``, ``y``, ``group``
         given, shapes that disagree, a label not 0 or 1, a group outside
-        ``[0, num_groups)``.
+        ``[0, num_groups)``, or ``dtype=float64`` without ``jax_enable_x64``.
     """
     _all_or_none({"x": x, "y": y, "group": group})
     if group is None:
@@ -354,13 +406,12 @@ def hierarchical_logistic(
             )
         num_groups = generated["num_groups"]
         group = generated["group"]
-        data = _float_data({"x": None, "y": None}, lambda: generated)
+        data = _float_data({"x": None, "y": None}, lambda: generated, dtype)
     else:
-        data = _float_data({"x": x, "y": y}, None)
+        data = _float_data({"x": x, "y": y}, None, dtype, labels={"y": _labels.BINARY})
     x, y = data["x"], data["y"]
     _checks.check_ndim("x", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    _checks.check_binary("y", y)
     group = _group_index(group, x.shape[0])
     if num_groups is None:
         num_groups = int(np.max(group)) + 1 if group.size else 1
@@ -412,7 +463,11 @@ def _group_index(group: Any, n: int) -> np.ndarray:
 
 
 def stochastic_volatility(
-    *, returns: Any = None, seed: int = 0, num_steps: Optional[int] = None
+    *,
+    returns: Any = None,
+    seed: int = 0,
+    num_steps: Optional[int] = None,
+    dtype: Any = None,
 ) -> Model:
     """Returns the stochastic volatility model of the Stan user guide (non-centred).
 
@@ -434,13 +489,19 @@ def stochastic_volatility(
       seed: the seed of the synthetic data.
       num_steps: the length of the synthetic series (default 100); with
         ``returns`` given, None or ``len(returns)``.
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"stochastic_volatility"``.
 
     Raises:
-      TypeError: ``returns`` not floating point.
-      ValueError: non-finite ``returns``, not 1-d, or ``num_steps`` disagreeing.
+      TypeError: ``returns`` not floating point, or ``dtype`` not None, float32 or float64.
+      ValueError: non-finite ``returns``, not 1-d, ``num_steps`` disagreeing,
+        or ``dtype=float64`` without ``jax_enable_x64``.
 
     References:
       Stan User's Guide, section "Stochastic volatility models";
@@ -448,9 +509,10 @@ def stochastic_volatility(
     """
     if returns is None:
         steps = 100 if num_steps is None else _checks.check_positive_int("num_steps", num_steps)
-        data = _float_data({"returns": None}, lambda: stochastic_volatility_data(seed, steps))
+        data = _float_data(
+            {"returns": None}, lambda: stochastic_volatility_data(seed, steps), dtype)
     else:
-        data = _float_data({"returns": returns}, None)
+        data = _float_data({"returns": returns}, None, dtype)
     y = data["returns"]
     _checks.check_ndim("returns", y, 1)
     _optional_size("num_steps", num_steps, y.shape[0])
@@ -502,17 +564,22 @@ def neals_funnel(*, dim: int = 10, dtype: Any = jnp.float32) -> Model:
 
     Args:
       dim: the total dimension ``d`` (>= 2).
-      dtype: the floating dtype of the latent (there are no data).
+      dtype: the floating dtype of the latent (there are no data):
+        ``jnp.float32`` (the default, even with ``jax_enable_x64``; None
+        means it too) or ``jnp.float64`` (needs ``jax_enable_x64``).
 
     Returns:
       A :class:`Model` named ``"neals_funnel"``.
+
+    Raises:
+      TypeError: ``dim`` not an int, or ``dtype`` not float32 or float64.
+      ValueError: ``dim < 2``, or ``dtype=float64`` without ``jax_enable_x64``.
 
     References:
       Neal, R. M. (2003). Slice sampling. Annals of Statistics 31(3).
     """
     dim = _checks.check_positive_int("dim", dim, minimum=2)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"`dtype` must be a floating dtype; got {dtype!r}.")
+    dtype = _zoo_dtype(jnp.float32 if dtype is None else dtype)
 
     def log_density(v):
         return (stats.norm.logpdf(v["v"], 0.0, 3.0)
@@ -526,7 +593,7 @@ def neals_funnel(*, dim: int = 10, dtype: Any = jnp.float32) -> Model:
     )
 
 
-def poisson_glm(*, x: Any = None, y: Any = None, seed: int = 0) -> Model:
+def poisson_glm(*, x: Any = None, y: Any = None, seed: int = 0, dtype: Any = None) -> Model:
     """Returns Poisson regression with a log link.
 
     ``intercept ~ N(0, 1)``, ``w ~ N(0, I_p)``,
@@ -541,24 +608,33 @@ def poisson_glm(*, x: Any = None, y: Any = None, seed: int = 0) -> Model:
     ``numpy.random.default_rng(seed)``.
 
     Args:
-      x: (n, p) features.
-      y: (n,) counts as floats (whole numbers >= 0).
+      x: (n, p) features, floating point.
+      y: (n,) counts (whole numbers >= 0): integer or bool (cast to ``x``'s
+        dtype; at most ``2^24`` in float32), or floating point of ``x``'s dtype.
       seed: the seed of the synthetic data.
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"poisson_glm"``.
 
     Raises:
-      TypeError: data not floating point, or of mixed dtypes.
+      TypeError: ``x`` not floating point, ``y`` not real numbers, floating
+        ``x`` and ``y`` of mixed dtypes (with ``dtype`` None), or
+        ``dtype`` not None, float32 or float64.
       ValueError: non-finite data, only one of ``x``, ``y`` given, shapes
-        that disagree, or ``y`` not counts.
+        that disagree, ``y`` not counts (or an integer count too large for
+        the dtype), or ``dtype=float64`` without ``jax_enable_x64``.
     """
     _all_or_none({"x": x, "y": y})
-    data = _float_data({"x": x, "y": y}, lambda: poisson_glm_data(seed))
+    data = _float_data({"x": x, "y": y}, lambda: poisson_glm_data(seed), dtype,
+                       labels={"y": _labels.COUNTS})
     x, y = data["x"], data["y"]
     _checks.check_ndim("x", x, 2)
     _checks.check_shape("y", y, (x.shape[0],))
-    _check_counts("y", y)
     log_factorial = jnp.sum(gammaln(y + 1.0))
     dtype = x.dtype
 
@@ -593,6 +669,7 @@ def item_response(
     seed: int = 0,
     num_students: Optional[int] = None,
     num_items: Optional[int] = None,
+    dtype: Any = None,
 ) -> Model:
     """Returns a Rasch (one-parameter logistic) item response model.
 
@@ -611,19 +688,26 @@ def item_response(
     ``numpy.random.default_rng(seed)``.
 
     Args:
-      y: (J, K) answers, 1.0 correct and 0.0 wrong.
+      y: (J, K) answers, 1 correct and 0 wrong: floating point, or integer or
+        bool (cast to ``dtype``, float32 by default).
       seed: the seed of the synthetic data.
       num_students: J for the synthetic data (default 400); with ``y`` given,
         None or ``y.shape[0]``.
       num_items: K likewise (default 100).
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"item_response"``.
 
     Raises:
-      TypeError: ``y`` not floating point.
-      ValueError: non-finite ``y``, not 2-d, an answer not 0 or 1, or sizes
-        that disagree.
+      TypeError: ``y`` not real numbers (complex, strings), or
+        ``dtype`` not None, float32 or float64.
+      ValueError: non-finite ``y``, not 2-d, an answer not 0 or 1, sizes
+        that disagree, or ``dtype=float64`` without ``jax_enable_x64``.
 
     References:
       Rasch, G. (1960). Probabilistic models for some intelligence and
@@ -633,12 +717,11 @@ def item_response(
         j = 400 if num_students is None else _checks.check_positive_int(
             "num_students", num_students)
         k = 100 if num_items is None else _checks.check_positive_int("num_items", num_items)
-        data = _float_data({"y": None}, lambda: item_response_data(seed, j, k))
+        data = _float_data({"y": None}, lambda: item_response_data(seed, j, k), dtype)
     else:
-        data = _float_data({"y": y}, None)
+        data = _float_data({"y": y}, None, dtype, labels={"y": _labels.BINARY})
     y = data["y"]
     _checks.check_ndim("y", y, 2)
-    _checks.check_binary("y", y)
     _optional_size("num_students", num_students, y.shape[0])
     _optional_size("num_items", num_items, y.shape[1])
     dtype = y.dtype
@@ -659,7 +742,9 @@ def item_response(
     )
 
 
-def log_gaussian_cox(*, counts: Any = None, seed: int = 0, grid: Optional[int] = None) -> Model:
+def log_gaussian_cox(
+    *, counts: Any = None, seed: int = 0, grid: Optional[int] = None, dtype: Any = None
+) -> Model:
     """Returns a log-Gaussian Cox process on a square grid, whitened.
 
     The log intensity of cell ``c`` (cell area 1: ``f`` is the log expected
@@ -676,18 +761,27 @@ def log_gaussian_cox(*, counts: Any = None, seed: int = 0, grid: Optional[int] =
     ``mu = 1``, ``sigma = 1`` with ``numpy.random.default_rng(seed)``.
 
     Args:
-      counts: (grid, grid) counts as floats (whole numbers >= 0).
+      counts: (grid, grid) counts (whole numbers >= 0): floating point, or
+        integer or bool (cast to ``dtype``, float32 by default; at most
+        ``2^24`` in float32).
       seed: the seed of the synthetic data.
       grid: the side of the synthetic grid (default 10); with ``counts``
         given, None or ``counts.shape[0]``.
+      dtype: the floating dtype of the data, latent and computations:
+        ``jnp.float32``, or ``jnp.float64`` (needs ``jax_enable_x64``); the
+        data are cast to it. Default None: the dtype of the given floating
+        data, float32 for the synthetic default (even with
+        ``jax_enable_x64``: pass ``dtype=jnp.float64`` for a float64 model).
 
     Returns:
       A :class:`Model` named ``"log_gaussian_cox"``.
 
     Raises:
-      TypeError: ``counts`` not floating point.
-      ValueError: non-finite ``counts``, not square, not counts, or ``grid``
-        disagreeing.
+      TypeError: ``counts`` not real numbers (complex, strings), or
+        ``dtype`` not None, float32 or float64.
+      ValueError: non-finite ``counts``, not square, not counts (or an
+        integer count too large for the dtype), ``grid`` disagreeing, or
+        ``dtype=float64`` without ``jax_enable_x64``.
 
     References:
       Møller, Syversveen and Waagepetersen (1998), Log Gaussian Cox
@@ -696,16 +790,15 @@ def log_gaussian_cox(*, counts: Any = None, seed: int = 0, grid: Optional[int] =
     """
     if counts is None:
         g = 10 if grid is None else _checks.check_positive_int("grid", grid)
-        data = _float_data({"counts": None}, lambda: log_gaussian_cox_data(seed, g))
+        data = _float_data({"counts": None}, lambda: log_gaussian_cox_data(seed, g), dtype)
     else:
-        data = _float_data({"counts": counts}, None)
+        data = _float_data({"counts": counts}, None, dtype, labels={"counts": _labels.COUNTS})
     counts = data["counts"]
     _checks.check_ndim("counts", counts, 2)
     if counts.shape[0] != counts.shape[1]:
         raise ValueError(
             f"`counts` must be a square (grid, grid) array; got shape {tuple(counts.shape)}."
         )
-    _check_counts("counts", counts)
     _optional_size("grid", grid, counts.shape[0])
     g, dtype = counts.shape[0], counts.dtype
     chol = jnp.asarray(lgcp_cholesky(g), dtype)  # factored in float64, then cast
