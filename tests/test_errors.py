@@ -118,7 +118,8 @@ def test_normal_mean_errors(kwargs, exc, fragments):
 @pytest.mark.parametrize(
     "kwargs,exc,fragments",
     [
-        (dict(y=np.array([0, 1, 1, 0, 1, 0], np.int32)), TypeError, ("`y`", "int32")),
+        (dict(y=np.array([0, 1, 1, 0, 1, 0], np.complex64)), TypeError, ("`y`", "complex64")),
+        (dict(y=np.array([0, 1, 2, 0, 1, 0], np.int32)), ValueError, ("`y`", "got 2")),
         (dict(y=np.array([0, 1, 2, 0, 1, 0], F32)), ValueError, ("`y`", "0.0 or 1.0")),
         (dict(y=np.zeros(4, F32)), ValueError, ("`y`", "(6,)", "(4,)")),
         (dict(prior_scale=-1.0), ValueError, ("`prior_scale` must be positive", "-1.0")),
@@ -272,3 +273,163 @@ def test_num_samples_errors():
         family.sample(jax.random.key(0), params, 0)
     with raises(TypeError, "`num_samples`", "2.0"):
         family.sample(jax.random.key(0), params, 2.0)
+
+
+# ------------------------------------------------------- params against the family
+LATENT = {"a": np.zeros(3, F32), "b": np.zeros(2, F32)}
+
+
+def _std_normal(z):
+    return -0.5 * sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(z))
+
+
+def _stacked(params):
+    """Two members on a leading axis, as vijax.fit_batched returns them."""
+    return jax.tree_util.tree_map(lambda a: jnp.stack([a, a + 1]), params)
+
+
+BATCHED = ("`params` carry a leading batch axis of size 2", "fit_batched",
+           "tree_map(lambda a: a[i], params)", "jax.vmap")
+
+
+@pytest.mark.parametrize("name", FAMILY_MAKERS)
+def test_batched_params_are_named_at_every_gaussian_entry_point(dtype, name):
+    family = FAMILY_MAKERS[name]()
+    latent = jax.tree_util.tree_map(lambda a: a.astype(dtype), LATENT)
+    pb = _stacked(family.init(latent))
+    key = jax.random.key(0)
+    calls = {
+        "to_gaussian": lambda: family.to_gaussian(pb),  # used to build an inconsistent Gaussian
+        "sample": lambda: family.sample(key, pb, 3),
+        "log_prob": lambda: family.log_prob(pb, latent),
+        "entropy": lambda: family.entropy(pb),
+        "elbo": lambda: vijax.elbo(key, pb, family, _std_normal, num_samples=4),
+        "fit": lambda: vijax.fit(key, family, _std_normal, pb, num_steps=1, progress=False),
+        "diagnose": lambda: vijax.diagnose(key, pb, family, _std_normal, num_samples=30),
+    }
+    for call in calls.values():
+        with raises(ValueError, *BATCHED):
+            call()
+
+
+def test_batched_params_in_exact_kl_and_elbo():
+    model = models.normal_mean(np.zeros(4, F32), noise_scale=1.0, prior_loc=0.0,
+                               prior_scale=1.0)
+    family = vijax.full_rank()
+    pb = _stacked(family.init(model.latent))
+    for fn in (vijax.exact_kl, vijax.exact_elbo):
+        with raises(ValueError, *BATCHED):
+            fn(pb, family, model)
+
+
+@pytest.mark.parametrize(
+    "name,field,shape,expected",
+    [("mean_field", "raw_scale", (4,), "(5,)"),
+     ("full_rank", "raw_scale", (5, 1), "(5,)"),
+     ("full_rank", "off_diag", (5, 4), "(5, 5)"),
+     ("low_rank", "raw_scale", (6,), "(5,)"),
+     ("low_rank", "cov_factor", (5, 2), "(5, 1)"),
+     ("low_rank", "cov_factor", (4, 1), "(5, 1)")],
+)
+def test_params_of_the_wrong_shape_are_named(name, field, shape, expected):
+    family = FAMILY_MAKERS[name]()
+    params = family.init(LATENT)
+    bad = params._replace(**{field: jnp.zeros(shape, F32)})
+    message = (f"`params.{field}` has shape {shape}", f"expected {expected}", "d = 5")
+    with raises(ValueError, *message):
+        vijax.elbo(jax.random.key(0), bad, family, _std_normal, num_samples=4)
+    with raises(ValueError, *message):
+        family.to_gaussian(bad)
+    # fit names its own argument and keeps the family's words.
+    with raises(ValueError, "`init_params` do not match", *message):
+        vijax.fit(jax.random.key(0), family, _std_normal, bad, num_steps=1, progress=False)
+
+
+def test_param_shape_checks_leave_jit_vmap_and_grad_alone():
+    family = vijax.low_rank(rank=2)
+    params = family.init(LATENT)
+    key = jax.random.key(0)
+
+    def objective(p):
+        return vijax.elbo(key, p, family, _std_normal, num_samples=4)
+
+    expected = objective(params)
+    # vmap over batched params is the way to use them: each member is checked.
+    values = jax.vmap(objective)(_stacked(params))
+    np.testing.assert_allclose(values[0], expected, rtol=1e-6)
+    grads = jax.jit(jax.grad(objective))(params)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(params)
+    with raises(ValueError, *BATCHED):  # raised while tracing, before any work
+        jax.jit(objective)(_stacked(params))
+
+
+# ------------------------------------------------------------ log joint output
+@pytest.mark.parametrize("to_bad", [lambda x: x + 0j, lambda x: x > 0])
+def test_log_joint_must_return_a_real_float(to_bad):
+    family = vijax.mean_field()
+    params = family.init(LATENT)
+    bad = lambda z: to_bad(_std_normal(z))  # noqa: E731
+    got = str(jnp.asarray(bad(LATENT)).dtype)
+    for estimator in ("reparam", "stl", "score"):
+        with raises(TypeError, "`log_joint` must return a real floating-point scalar", got):
+            vijax.elbo(jax.random.key(0), params, family, bad, num_samples=4,
+                       estimator=estimator)
+    with raises(TypeError, "`log_joint` must return a real floating-point scalar", got):
+        vijax.fit(jax.random.key(0), family, bad, params, num_steps=1, progress=False)
+    # diagnose evaluates log joints in blocks of 1024 draws past 1024.
+    for num in (30, 1030):
+        with raises(TypeError, "`log_joint` must return a real floating-point scalar", got):
+            vijax.diagnose(jax.random.key(0), params, family, bad, num_samples=num)
+
+
+# ------------------------------------------------------ data models in diagnostics
+def _regression(**kwargs):
+    from jax.scipy.stats import norm
+
+    x = np.asarray(jax.random.normal(jax.random.key(0), (40, 3)), F32)
+    y = x @ np.array([1.0, -2.0, 0.5], F32)
+    if "theta" in kwargs:
+        lik = lambda w, t, d: norm.logpdf(d["y"], d["x"] @ w, jnp.exp(t))  # noqa: E731
+    else:
+        lik = lambda w, d: norm.logpdf(d["y"], d["x"] @ w, 0.5)  # noqa: E731
+    return models.data_model(lik, {"x": x, "y": y}, latent=np.zeros(3, F32),
+                             log_prior=lambda w, *t: norm.logpdf(w).sum(), **kwargs)
+
+
+def test_diagnose_and_summary_take_a_data_model():
+    model = _regression()
+    family = vijax.mean_field()
+    params = family.init(model.latent)._replace(loc=jnp.array([1.0, -2.0, 0.5]))
+    key = jax.random.key(1)
+    got = vijax.diagnose(key, params, family, model, num_samples=200)
+    want = vijax.diagnose(key, params, family, model.log_joint, num_samples=200)
+    assert got.log_evidence == want.log_evidence and got.khat == want.khat
+    s = vijax.summary(key, params, family, model, num_samples=50)
+    plain = vijax.models.Model(log_joint=model.log_joint, latent=model.latent)
+    np.testing.assert_array_equal(
+        s.stats["mean"], vijax.summary(key, params, family, plain, num_samples=50).stats["mean"])
+
+
+def test_diagnose_reads_theta_from_joint_params():
+    model = _regression(theta=jnp.zeros((), F32))
+    family = vijax.mean_field()
+    q = family.init(model.latent)._replace(loc=jnp.array([1.0, -2.0, 0.5]))
+    theta = jnp.asarray(-1.0, F32)
+    key = jax.random.key(1)
+    got = vijax.diagnose(key, vijax.data.JointParams(q=q, theta=theta), family, model,
+                         num_samples=200)
+    want = vijax.diagnose(key, q, family, lambda z: model.log_joint(z, theta), num_samples=200)
+    assert got.log_evidence == want.log_evidence
+    default = vijax.diagnose(key, q, family, model, num_samples=200)  # model.theta
+    assert default.log_evidence != got.log_evidence
+
+
+def test_diagnostics_refuse_a_data_model_with_local_latents():
+    model = models.data_model(lambda x, zl: -0.5 * jnp.sum(jnp.square(x - zl)),
+                              np.zeros((5, 2), F32), local_latent=np.zeros(2, F32))
+    family = vijax.mean_field()
+    params = family.init(np.zeros(2, F32))
+    with raises(ValueError, "`log_joint` is a vijax.models.DataModel with local latents"):
+        vijax.diagnose(jax.random.key(0), params, family, model, num_samples=30)
+    with raises(ValueError, "`model` is a vijax.models.DataModel with local latents"):
+        vijax.summary(jax.random.key(0), params, family, model, num_samples=30)

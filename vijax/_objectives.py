@@ -137,15 +137,29 @@ def _map_draws(fn: Callable, z: ArrayTree, num_samples: int) -> Any:
     return jax.vmap(fn)(z)
 
 
-def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> jax.Array:
-    """``vmap(log_joint)(z)`` with a check that each call returns a scalar."""
-    out = jnp.asarray(_map_draws(log_joint, z, num_samples))
+def check_log_joint_output(out: jax.Array, num_samples: int) -> jax.Array:
+    """``out``, the log joints of ``num_samples`` draws, if one real float scalar each.
+
+    Static checks (shape and dtype), so they hold under jit, vmap and grad.
+    A complex log joint would otherwise give a complex ELBO, silently.
+    """
     if out.shape != (num_samples,):
         raise ValueError(
             "`log_joint` must return a scalar for one latent; got output shape "
             f"{tuple(out.shape[1:])} per sample."
         )
+    if not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            "`log_joint` must return a real floating-point scalar (float32 or float64); "
+            f"got dtype {out.dtype}."
+        )
     return out
+
+
+def batched_log_joint(log_joint: Callable, z: ArrayTree, num_samples: int) -> jax.Array:
+    """``vmap(log_joint)(z)`` with a check that each call returns a real scalar."""
+    return check_log_joint_output(
+        jnp.asarray(_map_draws(log_joint, z, num_samples)), num_samples)
 
 
 def batched_log_prob(family: VariationalFamily, params, z: ArrayTree) -> jax.Array:
@@ -583,9 +597,12 @@ def elbo(
       A scalar ELBO estimate (a bound: larger is better).
 
     Raises:
-      ValueError: unknown ``estimator`` or ``num_samples < 1``, or
-        ``log_joint`` does not return a scalar.
-      TypeError: ``family`` is not a family or ``log_joint`` not callable.
+      ValueError: unknown ``estimator`` or ``num_samples < 1``,
+        ``log_joint`` does not return a scalar, or ``params`` do not have the
+        family's shapes (a Gaussian family's params from ``fit_batched``,
+        with a leading batch axis, included).
+      TypeError: ``family`` is not a family, ``log_joint`` not callable or
+        not returning a real floating-point value.
 
     References:
       A. Kucukelbir et al., Automatic differentiation variational inference,
@@ -858,18 +875,10 @@ def draws_and_log_weights(
             log_q = batched_log_prob(family, params, z)
         return z, batched_log_joint(log_joint, z, num_samples) - log_q
 
+    log_p = jax.lax.map(lambda zi: jnp.asarray(log_joint(zi)), z, batch_size=block_size)
+    check_log_joint_output(log_p, num_samples)
     if log_q is None:
-        def one(zi):
-            return jnp.asarray(log_joint(zi)) - jnp.asarray(family.log_prob(params, zi))
-
-        lw = jax.lax.map(one, z, batch_size=block_size)
-    else:  # log q came with the draws: only log_joint is blocked
-        lw = jax.lax.map(lambda zi: jnp.asarray(log_joint(zi)), z, batch_size=block_size)
-        if lw.shape == (num_samples,):
-            lw = lw - log_q
-    if lw.shape != (num_samples,):
-        raise ValueError(
-            "`log_joint` and `family.log_prob` must return a scalar for one latent; got "
-            f"output shape {tuple(lw.shape[1:])} per sample."
-        )
-    return z, lw
+        log_q = jax.lax.map(lambda zi: jnp.asarray(family.log_prob(params, zi)), z,
+                            batch_size=block_size)
+        log_q = check_log_prob(family, log_q, num_samples)
+    return z, log_p - log_q

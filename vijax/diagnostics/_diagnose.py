@@ -21,11 +21,10 @@ import numpy as np
 from vijax import _checks
 from vijax._cache import LRU
 from vijax._objectives import draws_and_log_weights
-from vijax.diagnostics._draws import is_batched, named_leaves
+from vijax.diagnostics._draws import as_model, is_batched, named_leaves
 from vijax.diagnostics._psis import MIN_DRAWS, khat_threshold, psis
 from vijax.diagnostics._summary import _decimals, _element_names, _fmt
 from vijax.families import _protocol as _family
-from vijax.fitting._types import FitResult, FitState
 from vijax.models._model import Model
 
 ArrayTree = Any
@@ -197,8 +196,11 @@ def diagnose(
         :func:`vijax.fit_batched` results, diagnose each member).
       family: the :class:`vijax.VariationalFamily` they belong to.
       log_joint: the :class:`vijax.models.Model` fitted (its ``log_joint``,
-        and ``constrain`` for moments on the natural space), or a bare
-        ``log_joint(z) -> scalar`` (moments of the latent itself).
+        and ``constrain`` for moments on the natural space), a
+        :class:`vijax.models.DataModel` with a global latent and no local
+        latents (its full-data ``log_joint``, with ``theta`` from
+        :class:`vijax.data.JointParams` params, else ``model.theta``), or a
+        bare ``log_joint(z) -> scalar`` (moments of the latent itself).
       num_samples: draws from q (>= 21, the fewest the Pareto fit accepts;
         thousands for a trustworthy k-hat).
 
@@ -206,8 +208,10 @@ def diagnose(
       A :class:`Diagnosis`.
 
     Raises:
-      TypeError: a wrong ``family``, ``log_joint`` or ``key``.
-      ValueError: ``num_samples`` below 21, batched ``params``, or a log
+      TypeError: a wrong ``family``, ``log_joint`` or ``key``, or a log joint
+        that does not return a real floating-point scalar.
+      ValueError: ``num_samples`` below 21, batched ``params``, a data model
+        with local latents, or a log
         weight that is NaN or +inf (``log_joint`` or ``family.log_prob``
         returned NaN or +inf at a draw from q; a -inf log joint is fine:
         that draw gets zero weight).
@@ -222,8 +226,7 @@ def diagnose(
     key = _checks.typed_key("key", key)
     family = _family.check_family(family)
     num_samples = _checks.check_positive_int("num_samples", num_samples, minimum=MIN_DRAWS)
-    if isinstance(params, (FitResult, FitState)):
-        params = params.params
+    params, log_joint = as_model(log_joint, params, "log_joint")
     if isinstance(log_joint, Model):
         model = log_joint
         if is_batched(params, family, model):
@@ -239,7 +242,7 @@ def diagnose(
     else:
         raise TypeError(
             "`log_joint` must be a vijax.models.Model or a callable log_joint(z) -> "
-            f"scalar; got {type(log_joint).__name__}."
+            f"scalar (or a vijax.models.DataModel); got {type(log_joint).__name__}."
         )
     lw, theta = _program(family, fn, constrain, num_samples)(key, params)
     lw = np.asarray(lw, np.float64)

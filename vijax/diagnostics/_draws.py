@@ -8,6 +8,7 @@ leaf) give one chain per member.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import jax
@@ -16,7 +17,9 @@ import numpy as np
 
 from vijax import _checks
 from vijax.families import _protocol as _family
+from vijax.data._objective import JointParams
 from vijax.fitting._types import FitResult, FitState
+from vijax.models._data import DataModel
 from vijax.models._model import Model
 
 ArrayTree = Any
@@ -26,6 +29,36 @@ def _unwrap(params: Any) -> Any:
     if isinstance(params, (FitResult, FitState)):
         return params.params
     return params
+
+
+def as_model(model: Any, params: Any, name: str = "model") -> tuple[Any, Any]:
+    """``(params, model)``, with a :class:`vijax.models.DataModel` seen as a ``Model``.
+
+    A data model with a global latent and no local latents has a full-data
+    log joint over that latent, ``model.log_joint`` (one pass over all the
+    data per draw; minibatches would make the weights noisy); its ``theta`` is
+    ``params.theta`` for :class:`vijax.data.JointParams` (what a fit learning
+    theta returns) and ``model.theta`` otherwise. A ``FitResult`` or
+    ``FitState`` gives its params; anything else passes through unchanged.
+    """
+    params = _unwrap(params)
+    if not isinstance(model, DataModel):
+        return params, model
+    if model.latent is None or model.local_latent is not None:
+        raise ValueError(
+            f"`{name}` is a vijax.models.DataModel with local latents (one per datum); "
+            "only one without them (a global `latent` alone) has a q over a fixed latent "
+            "to read. Got latent="
+            f"{'None' if model.latent is None else 'given'}, local_latent="
+            f"{'None' if model.local_latent is None else 'given'}."
+        )
+    theta = model.theta
+    if isinstance(params, JointParams):
+        params, theta = params.q, model.theta if params.theta is None else params.theta
+    log_joint = model.log_joint
+    if theta is not model.theta:
+        log_joint = functools.partial(model.log_joint, theta=theta)
+    return params, Model(log_joint=log_joint, latent=model.latent, name=model.name)
 
 
 def is_batched(params: Any, family, model) -> bool:
@@ -63,13 +96,13 @@ def constrained_draws(
     """
     key = _checks.typed_key("key", key)
     family = _family.check_family(family)
+    params, model = as_model(model, params)
     if not isinstance(model, Model):
         raise TypeError(
-            "`model` must be a vijax.models.Model (for a bare log joint: "
+            "`model` must be a vijax.models.Model or DataModel (for a bare log joint: "
             f"vijax.models.Model(log_joint=..., latent=...)); got {type(model).__name__}."
         )
     num_samples = _checks.check_positive_int("num_samples", num_samples)
-    params = _unwrap(params)
     if batched is None:
         batched = is_batched(params, family, model)
     elif not isinstance(batched, bool):

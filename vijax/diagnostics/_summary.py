@@ -106,7 +106,9 @@ def summary(
         :class:`vijax.FitState` holding them.
       family: the :class:`vijax.VariationalFamily` they belong to.
       model: the :class:`vijax.models.Model` fitted (its ``latent`` and
-        ``constrain``).
+        ``constrain``), or the :class:`vijax.models.DataModel` fitted (with a
+        global latent and no local latents; ``params`` may be the
+        :class:`vijax.data.JointParams` of a fit that learned ``theta``).
       num_samples: draws per member (>= 2).
       batched: whether ``params`` carry a leading member axis (from
         ``fit_batched``); ``None`` (the default) tells from the shapes.

@@ -201,14 +201,58 @@ def _variance_inverse(averaged):
 VARIANCE_SPACE = (_variance_forward, _variance_inverse)
 
 
+def _check_param_shapes(name: str, params, shapes: Callable[[int], dict]) -> None:
+    """Raises ``ValueError`` unless the scale fields have the shapes ``shapes(d)`` gives.
+
+    ``d`` is the size of ``params.loc``. Static shapes only (safe under jit,
+    vmap and grad). Parameters stacked by :func:`vijax.fit_batched` (one
+    leading axis of size B on every leaf) would otherwise look like one
+    member of dimension B d and fail deep inside with a broadcasting error,
+    or, in ``to_gaussian``, build a Gaussian whose mean and scale disagree.
+    """
+    leaves = jax.tree_util.tree_leaves(params)
+    d = sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params.loc))
+    expected = shapes(d)
+    got = {field: tuple(jnp.shape(getattr(params, field))) for field in expected}
+    if got == expected:
+        return
+    leads = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
+    if len(leads) == 1 and None not in leads:
+        (b,) = leads
+        if d % b == 0 and got == {f: (b,) + s for f, s in shapes(d // b).items()}:
+            field = next(iter(got))
+            raise ValueError(
+                f"`params` carry a leading batch axis of size {b} (`params.{field}` has "
+                f"shape {got[field]}; vijax.{name} expects {_expected_text(shapes, field)} "
+                "for one member), as vijax.fit_batched returns. Pass one member, "
+                "`jax.tree_util.tree_map(lambda a: a[i], params)`, or jax.vmap over them."
+            )
+    for field, shape in got.items():
+        if shape != expected[field]:
+            raise ValueError(
+                f"`params.{field}` has shape {shape}; expected {expected[field]} "
+                f"({_expected_text(shapes, field)} with d = {d}, the size of `params.loc`). "
+                f"Build params with vijax.{name}(...).init(latent)."
+            )
+
+
+def _expected_text(shapes: Callable[[int], dict], field: str) -> str:
+    """``"(d,)"``, ``"(d, d)"``, ``"(d, 2)"``: a field's shape in terms of d."""
+    one, two = shapes(1)[field], shapes(2)[field]  # d's entries are those that change
+    dims = ["d" if a != b else str(a) for a, b in zip(one, two)]
+    return f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
+
+
 def _make_family(
     name: str, params_type, init, to_gaussian, from_gaussian, entropy=None,
-    average_space=None,
+    average_space=None, *, shapes: Callable[[int], dict],
 ) -> VariationalFamily:
     """Builds the shared sample/log_prob/entropy around a family's Gaussian.
 
     ``entropy(params)``, when given, replaces the Gaussian view's (a cheaper
     closed form for the same value); ``average_space`` is passed on.
+    ``shapes(d)`` gives ``{field: shape}`` of the scale parameters for a
+    latent of size d; every entry point checks the params against it.
     """
 
     def check_params(params):
@@ -217,6 +261,7 @@ def _make_family(
                 f"`params` must be {params_type.__name__} (from "
                 f"vijax.{name}().init); got {type(params).__name__}."
             )
+        _check_param_shapes(name, params, shapes)
 
     def to_gaussian_checked(params):
         check_params(params)
@@ -302,7 +347,7 @@ def mean_field(*, init_scale: float = 0.1) -> VariationalFamily:
 
     return _make_family(
         "mean_field", MeanFieldParams, init, to_gaussian, from_gaussian, _diagonal_entropy,
-        average_space=VARIANCE_SPACE,
+        average_space=VARIANCE_SPACE, shapes=lambda d: {"raw_scale": (d,)},
     )
 
 
@@ -353,7 +398,8 @@ def full_rank(*, init_scale: float = 0.1) -> VariationalFamily:
         return full_rank_params_from_tril(loc, tril.astype(dtype))
 
     return _make_family(
-        "full_rank", FullRankParams, init, to_gaussian, from_gaussian, _diagonal_entropy
+        "full_rank", FullRankParams, init, to_gaussian, from_gaussian, _diagonal_entropy,
+        shapes=lambda d: {"raw_scale": (d,), "off_diag": (d, d)},
     )
 
 
@@ -489,4 +535,5 @@ def _factor_plus_diagonal(name, rank, params_type, scale_type, initial,
             getattr(gaussian.scale, field).astype(dtype))
 
     return _make_family(name, params_type, init, to_gaussian, from_gaussian,
-                        average_space=average_space)
+                        average_space=average_space,
+                        shapes=lambda d: {"raw_scale": (d,), field: (d, rank)})

@@ -215,7 +215,10 @@ def _check_abstract(name: str, params: Any, family: VariationalFamily) -> bool:
         try:
             z = jax.eval_shape(lambda k, p: family.sample(k, p, num), key, params)
         except Exception as e:  # the family names what it expected
-            raise TypeError(
+            # A ValueError (wrong shapes, a batch axis) stays one; anything
+            # else (wrong type or structure) is a TypeError.
+            error = ValueError if isinstance(e, ValueError) else TypeError
+            raise error(
                 f"`{name}` do not match {describe(family)}: `family.sample` raised on "
                 f"them (build the params with family.init(latent)): {e}"
             ) from e
