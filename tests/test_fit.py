@@ -597,3 +597,10 @@ def test_plain_stl_fails_on_the_item_response_model():
     with pytest.raises(vijax.FitError, match="stopped at step"):
         vijax.fit(jax.random.key(0), family, log_joint, params, optimizer=optax.adam(1e-2),
                   num_steps=400, chunk_size=400, progress=False, estimator="stl")
+
+
+def test_a_fresh_fit_without_a_key_says_when_none_is_a_key():
+    family = vijax.mean_field()
+    with pytest.raises(TypeError, match=r"`key` must be a PRNG key .*got None.*FitState"):
+        vijax.fit(None, family, lambda z: -0.5 * jnp.sum(z**2), family.init(jnp.zeros(2)),
+                  optimizer=optax.adam(0.1), num_steps=10, progress=False)

@@ -240,6 +240,13 @@ def typed_key(name: str, key: Any, batch_ndim: int = 0) -> jax.Array:
     Accepts typed keys (``jax.random.key``) and legacy uint32 keys of shape
     ``(..., 2)``; anything else raises ``TypeError`` naming the argument.
     """
+    if key is None:
+        raise TypeError(
+            f"`{name}` must be a PRNG key (jax.random.key(0), or a legacy uint32 key of "
+            "shape (..., 2)); got None. None is a key only where a run continues from a "
+            "vijax.FitState passed as `init_params` (e.g. result.state), whose own key "
+            "it keeps."
+        )
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         typed = key
