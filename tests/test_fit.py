@@ -604,3 +604,25 @@ def test_a_fresh_fit_without_a_key_says_when_none_is_a_key():
     with pytest.raises(TypeError, match=r"`key` must be a PRNG key .*got None.*FitState"):
         vijax.fit(None, family, lambda z: -0.5 * jnp.sum(z**2), family.init(jnp.zeros(2)),
                   optimizer=optax.adam(0.1), num_steps=10, progress=False)
+
+
+def test_init_fit_state_makes_a_state_for_a_control_variate_step():
+    family = vijax.mean_field()
+    params = family.init(jnp.zeros(3))
+    opt = optax.adam(0.05)
+    log_joint = lambda z: -0.5 * jnp.sum((z - 1.0) ** 2)  # noqa: E731
+    step = jax.jit(vijax.make_step(family, log_joint, opt, num_samples=4,
+                                   control_variate="taylor"))
+    with pytest.raises(ValueError, match=r"vijax.init_fit_state\(.*control_variate='taylor'"):
+        step(vijax.init_fit_state(jax.random.key(0), params, opt))
+    state = vijax.init_fit_state(jax.random.key(0), params, opt, control_variate="taylor")
+    for _ in range(3):
+        state, info = step(state)
+    assert int(state.control.step) == 0 and not bool(info.skipped)
+    # The reference point was taken at the first step, at q's mean then (0).
+    np.testing.assert_allclose(state.control.loc, 0.0, atol=1e-6)
+    with pytest.raises(ValueError, match="control_variate"):
+        vijax.init_fit_state(jax.random.key(0), params, opt, control_variate="taylr")
+    with pytest.raises(ValueError, match="params.loc"):
+        vijax.init_fit_state(jax.random.key(0), {"w": jnp.zeros(2)}, opt,
+                             control_variate="auto")

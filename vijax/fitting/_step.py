@@ -28,28 +28,47 @@ from vijax.fitting._types import FitInfo, FitState
 ArrayTree = Any
 
 
-def init_fit_state(key: jax.Array, params: Any, optimizer: optax.GradientTransformation) -> FitState:
+def init_fit_state(key: jax.Array, params: Any, optimizer: optax.GradientTransformation,
+                   *, control_variate: str | None = None) -> FitState:
     """Returns the :class:`FitState` at step 0 for ``params`` and ``optimizer``.
 
-    Pure (no checks beyond the key's type), so it can be vmapped over keys or
-    parameters; :func:`fit` calls it for you.
+    Pure (no checks beyond the key's type and ``control_variate``), so it
+    can be vmapped over keys or parameters; :func:`fit` calls it for you.
 
     Args:
       key: the run's PRNG key (typed, or a legacy uint32 key).
       params: the family's initial parameters.
       optimizer: an ``optax.GradientTransformation``.
+      control_variate: the :func:`make_step` option the state is for:
+        ``"taylor"`` or ``"auto"`` give it a placeholder reference point
+        (``state.control``) that the first step replaces; None (the
+        default) none.
 
     Returns:
-      ``FitState(params, optimizer.init(params), step=0, key)`` with a typed
-      key and an int32 step.
+      ``FitState(params, optimizer.init(params), step=0, key, control)`` with
+      a typed key and an int32 step.
     """
     if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
+    control = None
+    if control_variate is not None:
+        if control_variate not in _taylor.CONTROL_VARIATES:
+            raise ValueError(
+                f"`control_variate` must be None or one of {_taylor.CONTROL_VARIATES}; got "
+                f"{control_variate!r}."
+            )
+        if getattr(params, "loc", None) is None:
+            raise ValueError(
+                "`control_variate` needs params with a mean, `params.loc` (the mean-field "
+                f"and low-rank families'); got {type(params).__name__}."
+            )
+        control = _taylor.placeholder(params.loc)
     return FitState(
         params=params,
         opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32),
         key=key,
+        control=control,
     )
 
 
@@ -155,8 +174,8 @@ def make_step(
         after ``refresh_every`` steps unless one draw is as good as exact
         there (its steps then take one draw: :func:`vijax._taylor.auto_branch`).
         Both take a point at the first step, when ``state.control`` is a
-        placeholder (see :func:`fit`; a state from :func:`init_fit_state`
-        needs ``state._replace(control=vijax._taylor.placeholder(params.loc))``).
+        placeholder: ``vijax.init_fit_state(key, params, optimizer,
+        control_variate=...)`` makes a state with one (:func:`fit` does it for you).
         Each new point costs ``d`` Hessian-vector products.
       refresh_every: steps between reference points (default
         ``max(50, 10 ceil(d / num_samples))``, about 10% more Hessian-vector
@@ -240,8 +259,8 @@ def _refreshed(state: FitState, key, family, log_joint, num_samples: int, every,
         raise ValueError(
             "A step with `control_variate` needs `state.control` to hold a "
             "vijax.TaylorReference (vijax.fit sets one); got "
-            f"{type(control).__name__}. Use state._replace(control="
-            "vijax._taylor.placeholder(params.loc))."
+            f"{type(control).__name__}. Make the state with vijax.init_fit_state(key, "
+            f"params, optimizer, control_variate={mode!r})."
         )
     params, step = state.params, state.step
     d = control.loc.shape[0]
