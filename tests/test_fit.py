@@ -626,3 +626,20 @@ def test_init_fit_state_makes_a_state_for_a_control_variate_step():
     with pytest.raises(ValueError, match="params.loc"):
         vijax.init_fit_state(jax.random.key(0), {"w": jnp.zeros(2)}, opt,
                              control_variate="auto")
+
+
+def test_a_fit_whose_steps_run_out_before_its_rule_stops_it_says_so():
+    family = vijax.mean_field()
+    init = family.init(jnp.zeros(3))
+    log_joint = lambda z: -0.5 * jnp.sum(z**2)  # noqa: E731
+    with pytest.warns(RuntimeWarning, match=r"num_steps=100 steps before its stopping rule"):
+        result = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=100,
+                           progress=False)
+    assert not result.stopped_early
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        # Stopped by the rule, or no rule (a plain optimizer): nothing to say.
+        assert vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=100_000,
+                         progress=False).stopped_early
+        vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=100,
+                  optimizer=optax.adam(0.01), progress=False)

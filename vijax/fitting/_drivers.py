@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -444,7 +445,8 @@ def fit(
     grow with d above d = 100 (``num_samples=None``; 25 at d = 1000), and
     from d = 1000 on they come in antithetic pairs (``antithetic=None``;
     :func:`vijax.fitting._drivers.default_antithetic`).
-    ``num_steps`` is the most steps;
+    ``num_steps`` is the most steps (a ``RuntimeWarning`` says when they
+    ran out before the rule stopped the fit, here and under ``auto_stop``);
     ``vijax.optim.learning_rate_scale(result)`` is the final step's factor;
     a continued run starts a new stage at the step it had reached.
     For the mean-field and low-rank families the default also uses the
@@ -689,8 +691,18 @@ def fit(
         stopper = AdaptiveStop(family, log_joint, state.key, int(state.step), state.params)
     elif auto_stop:
         stopper = AutoStop(family, log_joint, state.key)
-    return _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
-                stopper, antithetic, control_variate)
+    result = _run(family, log_joint, optimizer, num_samples, estimator, state, options, False,
+                  stopper, antithetic, control_variate)
+    if stopper is not None and not (result.stopped_early or result.interrupted):
+        warnings.warn(
+            f"vijax.fit ran its num_steps={options.num_steps} steps before its stopping rule "
+            "found the fit converged (`result.stopped_early` is False), so q may be short of "
+            "the family's optimum. `num_steps` is a ceiling here: give more, or continue "
+            "with vijax.fit(None, family, log_joint, result.state, num_steps=...).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return result
 
 
 def _with_control(state: FitState, control_variate, family, estimator: str) -> FitState:
