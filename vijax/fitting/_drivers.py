@@ -19,7 +19,7 @@ from vijax._cache import LRU
 from vijax._taylor import check_control, check_family_supports, placeholder
 from vijax._objectives import DEFAULT_ESTIMATOR, antithetic_allowed
 from vijax._gaussian import LowRankScale
-from vijax.families._gaussian import LowRankParams
+from vijax.families._gaussian import LowRankParams, LowRankPrecisionParams
 from vijax.families._protocol import VariationalFamily, check_params
 from vijax.fitting._engine import (
     check_resume_key,
@@ -220,6 +220,35 @@ def factor_in_sd_units() -> optax.GradientTransformation:
     return optax.stateless(scale)
 
 
+def factor_in_precision_units() -> optax.GradientTransformation:
+    """Multiplies the updates of a precision factor ``U`` by the roots of q's marginal precisions, row by row.
+
+    For :class:`vijax.LowRankPrecisionParams` (``precision = U U^T +
+    diag(sd^-2)``), the counterpart of :func:`factor_in_sd_units`: row i of
+    ``U``'s update (after Adam, about its learning rate in every entry) is
+    scaled by ``sqrt(sd_i^-2 + |U_i|^2)``, the root of q's precision's
+    diagonal, so ``U`` moves in the units its entries are of. Unscaled, the
+    default fit's factor stayed near its start, close to a saddle (``U = 0``)
+    and about ``1 / sd`` times smaller than where it ends, and the fit stopped
+    at the mean-field optimum: on the Poisson GLM (rank 2) 0.059 to 0.061
+    nats short over three keys; scaled, 0.0002 to 0.0006 (measured by hand;
+    ``tests/test_adaptive_lr.py`` runs one). The marginal precision, not the
+    diagonal's, for the reason :func:`factor_in_sd_units` gives. Other
+    parameters pass unchanged.
+    """
+
+    def scale(updates, params):
+        if params is None:
+            raise ValueError(
+                "factor_in_precision_units needs `params` in update (the current sds).")
+        diag = jnp.square(jax.nn.softplus(params.raw_scale))
+        marginal = jnp.sqrt(1.0 / diag + jnp.sum(jnp.square(params.prec_factor), axis=1))
+        factor = updates.prec_factor * marginal[:, None].astype(updates.prec_factor.dtype)
+        return updates._replace(prec_factor=factor)
+
+    return optax.stateless(scale)
+
+
 def loc_steps_scaled(ratio: float) -> optax.GradientTransformation:
     """Multiplies the updates of q's mean (``params.loc``) by ``ratio``; other parameters pass unchanged.
 
@@ -251,7 +280,10 @@ def default_optimizer(params: Any = None) -> optax.GradientTransformation:
 
     For the low-rank family (:class:`vijax.LowRankParams`), two scalings
     follow Adam. The factor's updates are multiplied by q's marginal sds
-    (:func:`factor_in_sd_units`). The mean's are multiplied by
+    (:func:`factor_in_sd_units`). For the low-rank precision family
+    (:class:`vijax.LowRankPrecisionParams`), Adam's steps on its factor are
+    multiplied by the roots of q's marginal precisions
+    (:func:`factor_in_precision_units`). The low-rank family's mean's are multiplied by
     ``DEFAULT_LEARNING_RATE / default_learning_rate(params)``
     (:func:`loc_steps_scaled`), so the mean moves at the mean-field family's
     step, 0.1, while the diagonal and the factor move at 0.053: the mean has
@@ -268,6 +300,9 @@ def default_optimizer(params: Any = None) -> optax.GradientTransformation:
         return _defaults.get((lr, "low_rank"), lambda: adaptive_lr(optax.chain(
             optax.adam(lr), factor_in_sd_units(),
             loc_steps_scaled(DEFAULT_LEARNING_RATE / lr))))
+    if isinstance(params, LowRankPrecisionParams):
+        return _defaults.get((lr, "low_rank_precision"), lambda: adaptive_lr(optax.chain(
+            optax.adam(lr), factor_in_precision_units())))
     return _defaults.get(lr, lambda: adaptive_lr(optax.adam(lr)))
 
 
