@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.special import logsumexp
 
@@ -192,3 +193,56 @@ def test_the_printout_shows_every_row_up_to_twenty_then_elides():
     text = str(d)
     assert "z[19]" in text and "z[20]" not in text
     assert "(10 more rows; the fields hold them all)" in text
+
+
+def _advice_of(family, params, model, **kw):
+    d = vijax.diagnose(jax.random.key(0), params, family, model, num_samples=1000, **kw)
+    assert d.verdict.startswith("unreliable"), d.verdict
+    return d.verdict
+
+
+def test_the_advice_for_a_high_khat_never_names_the_family_in_use_or_a_lesser_one(x64):
+    model, mean, cov, prec, _ = _blr(8, 0.9)
+    fr = vijax.full_rank()
+    # A full-rank q far too narrow: k-hat is high, and only a flow or the
+    # model can do better than a full-rank Gaussian.
+    text = _advice_of(fr, _q(fr, mean, 0.2 * cov, model.latent), model)
+    assert "vijax.flows" in text and "reparametrization" in text and "non-centred" in text
+    assert "full_rank" not in text and "low_rank" not in text and "mean_field" not in text
+    # Mean-field: the richer Gaussians, with correlations, are the first step.
+    mf = vijax.mean_field()
+    best = vijax.Gaussian.diagonal(jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec))))
+    text = _advice_of(mf, mf.from_gaussian(best, model.latent), model)
+    assert "vijax.low_rank" in text and "vijax.full_rank" in text and "mean_field" not in text
+    # Low-rank: full rank or a higher rank, never mean-field.
+    lr = vijax.low_rank(rank=2)
+    text = _advice_of(lr, lr.init(model.latent), model)
+    assert "vijax.full_rank" in text and "rank above 2" in text and "mean_field" not in text
+    # A flow: more layers or another flow, never the Gaussians nor itself.
+    flow = vijax.flows.affine_coupling(num_layers=2)
+    text = _advice_of(flow, flow.init(model.latent), model)
+    assert "more layers than its 2" in text and "vijax.flows.spline_coupling" in text
+    assert "affine_coupling" not in text and "full_rank" not in text
+
+
+def test_the_advice_reads_whether_the_fit_given_converged(x64):
+    model, mean, cov, prec, _ = _blr(8, 0.9)
+    mf = vijax.mean_field()
+    best = vijax.Gaussian.diagonal(jnp.asarray(mean), jnp.asarray(1 / np.sqrt(np.diag(prec))))
+    params = mf.from_gaussian(best, model.latent)
+    # Under auto_stop (an adaptive_lr in the optimizer state, as the default
+    # fit has) with the steps used up: continue the fit first.
+    opt_state = vijax.adaptive_lr(optax.adam(1e-2)).init(params)
+    state = vijax.FitState(params, opt_state, jnp.asarray(300, jnp.int32), jax.random.key(0))
+    unconverged = vijax.FitResult(params, state, None, stopped_early=False)
+    text = _advice_of(mf, unconverged, model)
+    assert "result.stopped_early is False): continue it first" in text
+    assert "If k-hat stays high, try a richer family (vijax.low_rank" in text
+    # Stopped by its rule: a longer fit is no remedy.
+    text = _advice_of(mf, unconverged._replace(stopped_early=True), model)
+    assert "continue it" not in text and "a longer fit" not in text
+    assert "Try a richer family (vijax.low_rank" in text
+    # Nothing known of the fit (bare params, or no stopping rule seen): as before.
+    for given in (params, unconverged._replace(state=state._replace(opt_state=()))):
+        text = _advice_of(mf, given, model)
+        assert "a longer fit" in text and "continue it" not in text

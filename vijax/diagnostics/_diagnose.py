@@ -25,7 +25,16 @@ from vijax.diagnostics._draws import as_model, is_batched, named_leaves
 from vijax.diagnostics._psis import MIN_DRAWS, khat_threshold, psis
 from vijax.diagnostics._summary import _decimals, _element_names, _fmt
 from vijax.families import _protocol as _family
+from vijax.families._gaussian import (
+    FullRankParams,
+    LowRankParams,
+    LowRankPrecisionParams,
+    MeanFieldParams,
+)
+from vijax.fitting._types import FitResult, FitState
+from vijax.flows._family import FlowParams
 from vijax.models._model import Model
+from vijax.optim._adaptive import find_adaptive
 
 ArrayTree = Any
 
@@ -59,7 +68,8 @@ class Diagnosis(NamedTuple):
       elbo: the ELBO estimate from the same draws (mean log weight).
       elbo_se: its Monte Carlo standard error.
       num_samples: the number of draws ``S``.
-      verdict: what the numbers mean, in words.
+      verdict: what the numbers mean, in words, and what to try when q is
+        not good enough.
     """
 
     khat: float
@@ -117,26 +127,118 @@ def _rows(d: Diagnosis) -> tuple[list, list]:
     return names, [np.asarray(c) for c in cols]
 
 
-def _verdict(khat: float, threshold: float, ess: float, num: int) -> str:
+#: vijax's flows, for advice: the ones a flow's q does not use yet.
+_FLOWS = ("affine_coupling", "spline_coupling", "autoregressive")
+#: The family of params of each known type, for advice (and of a name, for
+#: families whose params are of a type of their own).
+_KINDS = (
+    (FlowParams, "flow"),
+    (FullRankParams, "full_rank"),
+    (LowRankPrecisionParams, "low_rank_precision"),
+    (LowRankParams, "low_rank"),
+    (MeanFieldParams, "mean_field"),
+)
+_NAMED = {"mean_field": "mean_field", "full_rank": "full_rank", "low_rank": "low_rank",
+          "low_rank_precision": "low_rank_precision", **{f: "flow" for f in _FLOWS}}
+
+
+def _join_or(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " or " + items[-1]
+
+
+def _richer(family, params) -> tuple[str, str]:
+    """``(why, remedy)``: a family more expressive than ``family``'s q, never it or a lesser one.
+
+    Gaussian families rank mean_field < low_rank, low_rank_precision <
+    full_rank < flows. The kind is read from the params' type (a flow on a
+    mean-field base is still a flow), else from ``family.name``.
+    """
+    kind = next((k for t, k in _KINDS if isinstance(params, t)), None)
+    if kind is None:
+        kind = _NAMED.get(getattr(family, "name", None))
+    if kind == "mean_field":
+        return "", "a richer family (vijax.low_rank or vijax.full_rank, which capture correlations)"
+    if kind in ("low_rank", "low_rank_precision"):
+        factor = getattr(params, "cov_factor" if kind == "low_rank" else "prec_factor", None)
+        rank = np.shape(factor)[-1] if np.ndim(factor) == 2 else None
+        higher = f"vijax.{kind} with a rank above {rank}" if rank else "a higher rank"
+        return "", f"a richer family (vijax.full_rank, or {higher})"
+    if kind == "full_rank":
+        return ("q is already a full-rank Gaussian: no Gaussian family does better. ",
+                "a normalizing flow from vijax.flows (e.g. vijax.flows.spline_coupling(), "
+                "started at this fit with its from_gaussian)")
+    if kind == "flow":
+        leaves = jax.tree_util.tree_leaves(getattr(params, "layers", None))
+        layers = f" than its {np.shape(leaves[0])[0]}" if leaves and np.ndim(leaves[0]) else ""
+        others = [f"vijax.flows.{f}" for f in _FLOWS if f != getattr(family, "name", None)]
+        return "", (f"a more expressive flow (more layers{layers}, wider networks, or "
+                    f"another flow: {', '.join(others)})")
+    return "", "a richer family (e.g. vijax.full_rank, or a flow from vijax.flows)"
+
+
+def _fit_status(result: Any) -> str | None:
+    """``"converged"``, ``"unconverged"`` or None (unknown) for what ``diagnose`` was given.
+
+    ``"unconverged"`` only where the fit certainly ran a stopping rule: its
+    optimizer holds a :func:`vijax.adaptive_lr` (as the default one does),
+    which :func:`vijax.fit` runs only under ``auto_stop``.
+    """
+    if not isinstance(result, FitResult) or _flag(result.interrupted) is not False:
+        return None
+    stopped = _flag(result.stopped_early)
+    if stopped:
+        return "converged"
+    if stopped is False and isinstance(result.state, FitState) and find_adaptive(
+        result.state.opt_state
+    ):
+        return "unconverged"
+    return None
+
+
+def _flag(x: Any) -> bool | None:
+    """A FitResult's flag as a bool; None unless it is one bool (not per member)."""
+    return bool(x) if isinstance(x, (bool, np.bool_)) else None
+
+
+_UNCONVERGED = (
+    "The fit ran all its steps without auto_stop finding it converged "
+    "(result.stopped_early is False): continue it first, with vijax.fit(None, family, "
+    "log_joint, result.state, num_steps=...)."
+)
+
+
+def _verdict(khat: float, threshold: float, ess: float, num: int, family=None,
+             params: Any = None, status: str | None = None) -> str:
     if not np.isfinite(khat):
         text = (
             "k-hat could not be estimated (too few distinct weights in the tail); "
             "nothing below can be trusted. Draw more samples."
         )
     elif khat > threshold:
+        why, remedy = _richer(family, params)
+        remedies = [remedy]
+        if status is None:
+            remedies.append("a longer fit")
+        remedies.append("a reparametrization of the model (e.g. a non-centred one of a "
+                        "hierarchical model)")
         text = (
             f"unreliable: k-hat {khat:.2f} > {threshold:.2f}. q misses part of the "
             "posterior (its tails are too light, or it is too narrow or misplaced), "
             "so neither q's moments, the ELBO, nor the PSIS corrections can be "
-            "trusted. Try a richer family (full_rank, low_rank), a longer fit, or a "
-            "reparametrization of the model."
+            "trusted. "
         )
+        if status == "unconverged":
+            text += f"{_UNCONVERGED} {why}If k-hat stays high, try {_join_or(remedies)}."
+        else:
+            text += f"{why}Try {_join_or(remedies)}."
     elif khat > GOOD_KHAT:
         text = (
             f"usable with PSIS: k-hat {khat:.2f} is in ({GOOD_KHAT}, {threshold:.2f}]. "
             "q is not close to the posterior, but the PSIS-corrected means, sds and "
             "log evidence are reliable: prefer them to q's own moments."
         )
+        if status == "unconverged":
+            text += " " + _UNCONVERGED
     else:
         text = (
             f"good: k-hat {khat:.2f} <= {GOOD_KHAT}. q is close to the posterior, and "
@@ -189,6 +291,13 @@ def diagnose(
     mean-field q of a correlated posterior can be fully converged and still
     get k-hat near 1 (Yao et al. 2018).
 
+    When k-hat is high the verdict's advice goes beyond the family in use:
+    ``low_rank`` or ``full_rank`` for ``mean_field``, ``full_rank`` for the
+    low-rank families, a flow (:mod:`vijax.flows`) for ``full_rank``, and more
+    layers or another flow for a flow; a reparametrization of the model
+    always. Given a :class:`vijax.FitResult` of an ``auto_stop`` run that used
+    all its steps (``stopped_early`` False), it says to continue the fit first.
+
     Args:
       key: a PRNG key for the draws.
       params: the family's parameters, or the :class:`vijax.FitResult` /
@@ -226,6 +335,7 @@ def diagnose(
     key = _checks.typed_key("key", key)
     family = _family.check_family(family)
     num_samples = _checks.check_positive_int("num_samples", num_samples, minimum=MIN_DRAWS)
+    status = _fit_status(params)
     params, log_joint = as_model(log_joint, params, "log_joint")
     if isinstance(log_joint, Model):
         model = log_joint
@@ -301,5 +411,5 @@ def diagnose(
         elbo=elbo,
         elbo_se=elbo_se,
         num_samples=num_samples,
-        verdict=_verdict(khat, threshold, ess, num_samples),
+        verdict=_verdict(khat, threshold, ess, num_samples, family, params, status),
     )
