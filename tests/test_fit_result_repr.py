@@ -130,3 +130,14 @@ def test_a_long_parameter_pytree_is_elided():
     text = repr(vijax.FitResult(flow.init(jnp.zeros(4)), None, None))
     assert "params=FlowParams(base: FullRankParams(loc: float32[4]" in text
     assert "layers: {" in text and "float32[2," in text
+
+
+def test_an_exact_fit_result_prints_in_one_line():
+    x = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    model = vijax.models.logistic_regression(x, (x[:, 0] > 0).astype(np.float32))
+    family = vijax.mean_field()
+    result = vijax.fit_exact(family, model, family.init(model.latent))
+    text = repr(result)
+    assert text.startswith(f"ExactFitResult(elbo={result.elbo:.6g}, converged=True, ")
+    assert "params=MeanFieldParams(loc: float32[3], raw_scale: float32[3])" in text
+    assert f"trace=<{result.num_steps} ELBOs>" in text and "\n" not in text

@@ -24,6 +24,7 @@ from vijax._cache import LRU
 from vijax._exact import exact_elbo
 from vijax.families._gaussian import LowRankPrecisionParams
 from vijax.families._protocol import VariationalFamily, check_family, require
+from vijax.fitting._types import describe_tree
 from vijax.models._model import Model
 
 _RUNNING, _CONVERGED, _NONFINITE = 0, 1, 2
@@ -85,6 +86,16 @@ class ExactFitResult(NamedTuple):
     grad_norm: float
     converged: bool
     message: str
+
+    def __repr__(self) -> str:
+        """One line of facts; the params as ``dtype[shape]`` and the trace by its length."""
+        return (f"ExactFitResult(elbo={self.elbo:.6g}, converged={self.converged}, "
+                f"num_steps={self.num_steps}, num_evals={self.num_evals}, "
+                f"grad_norm={self.grad_norm:.3g}, message={self.message!r}, "
+                f"params={describe_tree(self.params)}, trace=<{len(self.trace)} ELBOs>)")
+
+    def _repr_pretty_(self, p, cycle) -> None:  # IPython / Jupyter
+        p.text(repr(self))
 
 
 class _Carry(NamedTuple):
