@@ -16,7 +16,7 @@ class Case(NamedTuple):
     free: Callable  # constrained leaf -> the coordinates the log det is taken on
     in_support: Callable  # numpy y -> bool
     sample: Callable  # rng -> a point of the support (float64, numpy)
-    bad: tuple  # points outside the support (the inverse must raise)
+    bad: tuple  # points outside the support's closure (the inverse must raise)
 
 
 def _gamma(rng, shape=(3,)):
@@ -53,21 +53,22 @@ CASES = {
     "identity": Case(bijectors.identity, 3, _ravel, lambda y: True,
                      lambda r: r.normal(size=3), (np.nan, np.array([0.0, np.inf]))),
     "exp": Case(bijectors.exp, 3, _ravel, lambda y: np.all(y > 0), _gamma,
-                (-1.0, 0.0, np.array([1.0, -2.0]))),
+                (-1.0, -1e-30, np.array([1.0, -2.0]), np.inf)),
     "softplus": Case(bijectors.softplus, 3, _ravel, lambda y: np.all(y > 0), _gamma,
-                     (0.0, np.array([-1.0, 1.0]))),
+                     (-1e-30, np.array([-1.0, 1.0]))),
     "lower_bounded": Case(lambda: bijectors.lower_bounded(-1.5), 3, _ravel,
-                          lambda y: np.all(y > -1.5), lambda r: -1.5 + _gamma(r), (-1.5, -2.0)),
+                          lambda y: np.all(y > -1.5), lambda r: -1.5 + _gamma(r),
+                          (-1.5001, -2.0)),
     "upper_bounded": Case(lambda: bijectors.upper_bounded(2.0), 3, _ravel,
-                          lambda y: np.all(y < 2.0), lambda r: 2.0 - _gamma(r), (2.0, 3.0)),
+                          lambda y: np.all(y < 2.0), lambda r: 2.0 - _gamma(r), (2.0001, 3.0)),
     "interval": Case(lambda: bijectors.interval(-1.0, 3.0), 3, _ravel,
                      lambda y: np.all((y > -1.0) & (y < 3.0)),
-                     lambda r: r.uniform(-1.0, 3.0, size=3), (-1.0, 3.5, np.nan)),
+                     lambda r: r.uniform(-1.0, 3.0, size=3), (-1.0001, 3.5, np.nan)),
     "affine": Case(lambda: bijectors.affine(0.5, _SCALE), 3, _ravel, lambda y: True,
                    lambda r: r.normal(size=3), (np.array([0.0, np.inf, 1.0]),)),
     "ordered": Case(bijectors.ordered, 4, _ravel, lambda y: np.all(np.diff(y) > 0),
                     lambda r: np.sort(r.normal(size=4)),
-                    (np.array([0.0, 2.0, 1.0, 3.0]), np.array([0.0, 0.0]))),
+                    (np.array([0.0, 2.0, 1.0, 3.0]), np.array([0.0, -0.001]))),
     "simplex": Case(bijectors.simplex, 3, lambda y: y[:-1],
                     lambda y: np.all(y >= 0) and np.isclose(np.sum(y), 1.0),
                     lambda r: r.dirichlet(np.ones(4)),
@@ -81,7 +82,7 @@ CASES = {
                            lambda y: np.allclose(y, np.tril(y)) and np.all(np.diag(y) > 0),
                            _cov_factor,
                            (np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]),
-                            np.diag([1.0, 0.0, 1.0]))),
+                            np.diag([1.0, -0.5, 1.0]))),
 }
 NAMES = list(CASES)
 ELEMENTWISE = NAMES[:7]
@@ -212,6 +213,119 @@ def test_float32_finite_at_30(name):
     assert np.all(np.isfinite(b.forward(x))) and np.isfinite(b.forward_log_det_jacobian(x))
 
 
+# ---------------------------------------------------------------- saturation
+def _far_out(n):
+    """``(P, n)`` unconstrained points from moderate magnitudes to saturating ones.
+
+    Every sign pattern at 1 to 40 (float32 saturates from about 16, float64 from
+    about 37), and all entries at -800 (where ``exp`` underflows to 0 in both
+    dtypes; at +800 it overflows, which is not saturation).
+    """
+    signs = [np.ones(n), -np.ones(n), np.where(np.arange(n) % 2, 1.0, -1.0),
+             np.where(np.arange(n) % 2, -1.0, 1.0)]
+    points = [m * s for m in (1.0, 10.0, 17.0, 20.0, 30.0, 40.0) for s in signs]
+    return np.stack(points + [np.full(n, -800.0)])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inverse_of_saturated_forward_is_finite(name, dtype):
+    """Far out ``forward`` rounds onto the support's boundary; ``inverse`` reads it as inside.
+
+    ``inverse(forward(x))`` must neither raise nor be infinite (the old
+    ``interval``, ``lower_bounded``, ``upper_bounded`` and ``ordered`` raised,
+    ``simplex`` and ``corr_cholesky`` returned ``inf``), agree with the jitted
+    inverse, and map back onto ``forward(x)`` up to a float step.
+    """
+    b = CASES[name].make()
+    xs = jnp.asarray(_far_out(CASES[name].n), dtype)  # leading axis: independent copies
+    eps = float(np.finfo(dtype).eps)
+    ys = b.forward(xs)
+    assert np.all(np.isfinite(ys))
+    back = b.inverse(ys)  # concrete: the support check runs, and must pass
+    assert back.dtype == dtype
+    assert np.all(np.isfinite(back)), back
+    np.testing.assert_allclose(jax.jit(b.inverse)(ys), back, rtol=4 * eps, atol=4 * eps)
+    np.testing.assert_allclose(b.forward(back), ys, rtol=64 * eps, atol=4 * eps)
+    assert np.isfinite(b.forward_log_det_jacobian(xs))
+    assert np.isfinite(b.forward_log_det_jacobian(back))
+
+
+def _boundary_cases(dt):
+    """``(bijector, a point on its support's boundary, the inverse expected there)``.
+
+    The expected value is the inverse at the float next to the boundary
+    inside, at least the smallest normal float away, computed in NumPy.
+    """
+    tiny = np.finfo(dt).tiny
+    a = lambda *v: np.array(v, dt)  # noqa: E731
+
+    def above(b):
+        return np.nextafter(dt(b), dt(np.inf)) - dt(b)
+
+    def below(b):
+        return dt(b) - np.nextafter(dt(b), dt(-np.inf))
+
+    return [
+        (bijectors.exp(), a(0.0), a(np.log(tiny))),
+        (bijectors.softplus(), a(0.0), a(np.log(tiny))),
+        (bijectors.lower_bounded(-1.5), a(-1.5, 0.5), a(np.log(above(-1.5)), np.log(2.0))),
+        (bijectors.lower_bounded(0.0), a(0.0), a(np.log(tiny))),
+        (bijectors.upper_bounded(2.0), a(2.0), a(np.log(below(2.0)))),
+        (bijectors.interval(-1.0, 3.0), a(-1.0, 3.0),
+         a(np.log(above(-1.0)) - np.log(4.0), np.log(4.0) - np.log(below(3.0)))),
+        (bijectors.ordered(), a(-30.0, -30.0, -29.0),
+         a(-30.0, np.log(above(-30.0)), np.log(dt(-29.0) - dt(-30.0)))),
+        (bijectors.simplex(), a(1.0, 0.0), a(-np.log(tiny))),
+        (bijectors.corr_cholesky(), a([1.0, 0.0], [1.0, 0.0]), a(np.arcsinh(1.0 / tiny))),
+        (bijectors.lower_cholesky(), a([2.0, 0.0], [0.5, 0.0]), a(np.log(2.0), 0.5, np.log(tiny))),
+    ]
+
+
+def test_inverse_reads_the_boundary_as_the_nearest_float_inside(dtype):
+    eps, tiny = float(np.finfo(dtype).eps), float(np.finfo(dtype).tiny)
+    for b, y, expected in _boundary_cases(dtype):
+        x = b.inverse(jnp.asarray(y))  # concrete: accepted, not an error
+        assert x.dtype == dtype, b.name
+        np.testing.assert_allclose(x, expected, rtol=4 * eps, err_msg=b.name)
+        # The same under jit, where nothing is checked.
+        np.testing.assert_allclose(jax.jit(b.inverse)(y), expected, rtol=4 * eps,
+                                   err_msg=b.name)
+        # forward(inverse(y)) gives y back, or the float next to it inside.
+        np.testing.assert_allclose(b.forward(x), y, rtol=2 * eps, atol=2 * tiny, err_msg=b.name)
+        assert np.isfinite(b.forward_log_det_jacobian(x)), b.name
+
+
+def _one_step_outside(dt):
+    """``(bijector, a point one float step outside its support's closure)``."""
+    tiny = np.finfo(dt).tiny
+    a = lambda *v: np.array(v, dt)  # noqa: E731
+    out_below = lambda b: np.nextafter(dt(b), dt(-np.inf))  # noqa: E731
+    out_above = lambda b: np.nextafter(dt(b), dt(np.inf))  # noqa: E731
+    return [
+        (bijectors.exp(), a(-tiny)),
+        (bijectors.softplus(), a(-tiny)),
+        (bijectors.lower_bounded(-1.5), a(0.5, out_below(-1.5))),
+        (bijectors.upper_bounded(2.0), a(out_above(2.0))),
+        (bijectors.interval(-1.0, 3.0), a(out_below(-1.0))),
+        (bijectors.interval(-1.0, 3.0), a(out_above(3.0))),
+        (bijectors.ordered(), a(-30.0, out_below(-30.0))),
+        (bijectors.simplex(), a(1.0, -tiny)),
+        (bijectors.corr_cholesky(), a([1.0, 0.0], [1.0, -tiny])),
+        (bijectors.lower_cholesky(), a([1.0, 0.0], [0.5, -tiny])),
+    ]
+
+
+def test_inverse_one_float_step_outside_still_raises(dtype):
+    """The closure is exact: the boundary is read as inside, the next float out is an error."""
+    for b, y in _one_step_outside(dtype):
+        with pytest.raises(ValueError, match=f"'{b.name}' bijector's `inverse` needs a value in"):
+            b.inverse(jnp.asarray(y))
+        if b.name != "corr_cholesky":  # it reads |L| inside jit (documented: no check)
+            # Inside jit nothing can raise: the value outside gives NaN, not a
+            # clipped finite number.
+            assert np.any(np.isnan(jax.jit(b.inverse)(y))), b.name
+
+
 # ---------------------------------------------------------------- transformations
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_vmap_grad_and_leading_axes(name, rng):
@@ -223,14 +337,18 @@ def test_jit_vmap_grad_and_leading_axes(name, rng):
     @jax.jit
     def batched(xs):
         ys = jax.vmap(b.forward)(xs)
+        # inverse(forward(x)) = x, so its gradient (through inverse's) is all ones.
+        round_trip_grad = jax.grad(lambda x: jnp.sum(b.inverse(b.forward(x))))
         vmapped = (ys, jax.vmap(b.forward_log_det_jacobian)(xs), jax.vmap(b.inverse)(ys),
-                   jax.vmap(jax.grad(b.forward_log_det_jacobian))(xs))
+                   jax.vmap(jax.grad(b.forward_log_det_jacobian))(xs),
+                   jax.vmap(round_trip_grad)(xs))
         # The same batch as leading axes of one leaf (element-wise bijectors
         # see a (3, n) leaf): independent copies, the log det summed.
         leaf = (b.forward(xs), b.forward_log_det_jacobian(xs), b.inverse(ys))
         return vmapped, leaf
 
-    (ys, lds, back, grads), (ys_leaf, ld_leaf, back_leaf) = batched(xs)
+    (ys, lds, back, grads, rt_grads), (ys_leaf, ld_leaf, back_leaf) = batched(xs)
+    np.testing.assert_allclose(rt_grads, np.ones(xs.shape), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(ys_leaf, ys, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(ld_leaf, jnp.sum(lds), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(back_leaf, back, rtol=1e-5, atol=1e-5)
@@ -259,9 +377,9 @@ def test_inverse_outside_support_raises(name):
 
 
 def test_inverse_message_and_no_check_under_jit():
-    with pytest.raises(ValueError, match=r"'exp'.*\(0, inf\); got -1\.0\.$"):
+    with pytest.raises(ValueError, match=r"'exp'.*\[0, inf\); got -1\.0\.$"):
         bijectors.exp().inverse(-1.0)
-    with pytest.raises(ValueError, match=r"\(-1\.0, 3\.0\); got 3\.5 among an array of shape"):
+    with pytest.raises(ValueError, match=r"\[-1\.0, 3\.0\]; got 3\.5 among an array of shape"):
         bijectors.interval(-1.0, 3.0).inverse(jnp.array([0.0, 3.5]))
     # Inside jit the value is not concrete: no error, a NaN.
     assert np.isnan(jax.jit(bijectors.exp().inverse)(-1.0))

@@ -99,3 +99,32 @@ def test_errors_name_the_argument():
         vijax.models.constrained(**{**ok, "log_density": 3.0})
     with pytest.raises(TypeError, match="`deterministic` needs a dict latent"):
         vijax.models.constrained(lambda a: a, bijectors.exp(), 1.0, deterministic=lambda v: {})
+
+
+@pytest.mark.parametrize("bijector, value", [
+    (bijectors.exp(), 0.0),
+    (bijectors.softplus(), 0.0),
+    (bijectors.lower_bounded(-1.5), -1.5),
+    (bijectors.upper_bounded(2.0), 2.0),
+    (bijectors.interval(-1.0, 3.0), 3.0),
+    (bijectors.ordered(), [0.0, 0.0, 1.0]),
+    (bijectors.simplex(), [0.0, 0.5, 0.5]),
+    (bijectors.corr_cholesky(), [[1.0, 0.0], [1.0, 0.0]]),
+    (bijectors.lower_cholesky(), [[1.0, 0.0], [0.5, 0.0]]),
+])
+def test_an_example_latent_on_its_supports_boundary_is_refused(bijector, value):
+    """``inverse`` reads a boundary value as the nearest float inside (round trips of
+    saturated draws); as the fit's starting mean that is a start far out (a scale of
+    0: log 0 read as about -87), so ``constrained`` refuses it by name."""
+    value = jnp.asarray(value, jnp.float32)
+    assert bool(np.all(np.isfinite(np.asarray(bijector.inverse(value)))))
+    with pytest.raises(ValueError, match=r"`latent\['w'\]` lies on the boundary"):
+        vijax.models.constrained(lambda v: 0.0 * jnp.sum(v["w"]), {"w": bijector},
+                                 {"w": value})
+    # Inside the support: accepted.
+    inside = {"exp": 1.0, "softplus": 1.0, "lower_bounded": 0.0, "upper_bounded": 0.0,
+              "interval": 1.0, "ordered": [0.0, 0.5, 1.0], "simplex": [0.2, 0.3, 0.5],
+              "corr_cholesky": [[1.0, 0.0], [0.6, 0.8]],
+              "lower_cholesky": [[1.0, 0.0], [0.5, 1.0]]}[bijector.name]
+    vijax.models.constrained(lambda v: 0.0 * jnp.sum(v["w"]), {"w": bijector},
+                             {"w": jnp.asarray(inside, jnp.float32)})

@@ -5,7 +5,11 @@ Each factory returns a :class:`Bijector`, a NamedTuple of pure functions
 summed over the leaf) plus a ``name``; see :mod:`vijax.bijectors._protocol`
 for the conventions. They follow the input's dtype, work under ``jit``,
 ``vmap`` and ``grad``, and ``inverse`` raises ``ValueError`` on concrete input
-outside the support (inside ``jit`` it cannot check).
+outside the closure of the support (inside ``jit`` it cannot check). Far
+out, ``forward`` rounds onto the boundary of its support (``interval`` for
+``|x|`` above about 17 in float32); ``inverse`` reads a boundary value as the
+nearest float inside, so ``inverse(forward(x))`` is finite wherever
+``forward(x)`` is (see :mod:`vijax.bijectors._protocol`, "Saturation").
 
 ========================  =================================  ===============================================  =====================
 factory                   ``forward(x)``                     support, shape                                   log det taken on

@@ -6,6 +6,14 @@ leaf. Parameters (``low``, ``high``, ``shift``, ``scale``) are cast to the
 input's dtype when applied, so a Python-float parameter never promotes a
 float32 leaf to float64; an array parameter must broadcast to the leaf's
 shape (the output keeps the leaf's shape).
+
+Saturation (see :mod:`vijax.bijectors._protocol`): ``inverse`` accepts the
+closed support (``[0, inf)``, ``[low, inf)``, ``(-inf, high]``, ``[low,
+high]``) and reads a bound as the nearest float inside it, so a bound that
+``forward`` rounded onto maps back to the finite ``x`` where saturation
+starts, e.g. ``log(1.19e-7) = -15.9`` for ``lower_bounded(-1.5)`` at ``-1.5``
+in float32 (``-36.0`` in float64), ``log(tiny) = -87.3`` for ``exp`` at 0
+(``-708.4``). A value beyond a bound still raises on concrete input.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from vijax import _checks
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
+from vijax.bijectors._protocol import off_boundary
+from vijax.bijectors._protocol import step_inside
 
 
 # ---------------------------------------------------------------- parameters
@@ -99,13 +109,24 @@ def _finite(y) -> np.ndarray:
     return np.isfinite(np.asarray(y))
 
 
+def _nonnegative(y) -> np.ndarray:
+    # The closure of (0, inf): 0 is where `forward` underflows (saturation).
+    y = np.asarray(y)
+    return (y >= 0) & (y < np.inf)
+
+
 def _positive(y) -> np.ndarray:
+    # The support itself, (0, inf): a Bijector's `interior`.
     y = np.asarray(y)
     return (y > 0) & (y < np.inf)
 
 
-def _between(bijector: str, y, low=None, high=None) -> np.ndarray:
-    """``low < y < high`` element-wise; ``low``/``high`` are ``(name, value)`` or ``None``.
+def _between(bijector: str, y, low=None, high=None, strict: bool = False) -> np.ndarray:
+    """``low <= y <= high`` element-wise; ``low``/``high`` are ``(name, value)`` or ``None``.
+
+    The closure of the support: a bound is where ``forward`` saturates, and
+    ``inverse`` reads it as the nearest float inside (see the module docstring).
+    ``strict``: ``low < y < high``, the support itself (a Bijector's ``interior``).
 
     A traced bound (a factory called inside a trace) cannot be compared:
     then only finiteness is checked.
@@ -121,7 +142,10 @@ def _between(bijector: str, y, low=None, high=None) -> np.ndarray:
         # In y's float dtype, as the inverse will compute.
         value = np.asarray(value, y.dtype if np.issubdtype(y.dtype, np.floating) else None)
         _check_broadcast(bijector, name, value.shape, y.shape)
-        ok &= (y > value) if above else (y < value)
+        if strict:
+            ok &= (y > value) if above else (y < value)
+        else:
+            ok &= (y >= value) if above else (y <= value)
     return ok
 
 
@@ -162,9 +186,11 @@ def exp() -> Bijector:
     overflows to ``inf`` and ``x`` below about -103 underflows to 0; prefer
     :func:`softplus` when the optimizer may push the latent far out.
 
-    ``inverse(y) = log(y)``; on a concrete ``y`` outside ``(0, inf)`` it raises
-    ``ValueError``; inside ``jit`` a negative ``y`` gives NaN and ``0`` gives
-    ``-inf``.
+    ``inverse(y) = log(y)``. ``y = 0`` (where ``forward`` underflows) is read
+    as the smallest normal float: ``inverse(0) = -87.3`` in float32 and
+    ``-708.4`` in float64, under ``jit`` too. On a concrete ``y`` outside
+    ``[0, inf)`` it raises ``ValueError``; inside ``jit`` a negative ``y``
+    gives NaN.
 
     Returns:
       A :class:`Bijector` named ``"exp"``.
@@ -180,16 +206,17 @@ def exp() -> Bijector:
         return jnp.exp(as_leaf(x))
 
     def inverse(y):
-        return jnp.log(as_leaf(y))
+        return _exp_inverse(as_leaf(y))
 
     def log_det(x):
         return jnp.sum(as_leaf(x))
 
     return Bijector(
         forward,
-        checked_inverse("exp", inverse, _positive, "(0, inf)"),
+        checked_inverse("exp", inverse, _nonnegative, "[0, inf)"),
         log_det,
         "exp",
+        _positive,
     )
 
 
@@ -200,8 +227,10 @@ def softplus() -> Bijector:
     for very negative ``x``. ``forward_log_det_jacobian(x) =
     sum(log_sigmoid(x))``, finite for any finite ``x``.
 
-    ``inverse(y) = y + log(-expm1(-y))``, accurate for tiny and huge ``y``; on
-    a concrete ``y`` outside ``(0, inf)`` it raises ``ValueError``; inside
+    ``inverse(y) = y + log(-expm1(-y))``, accurate for tiny and huge ``y``.
+    ``y = 0`` (where ``forward`` underflows, ``x`` below about -87 in
+    float32) is read as the smallest normal float, as for :func:`exp`. On a
+    concrete ``y`` outside ``[0, inf)`` it raises ``ValueError``; inside
     ``jit`` a negative ``y`` gives NaN.
 
     Returns:
@@ -219,16 +248,20 @@ def softplus() -> Bijector:
 
     return Bijector(
         forward,
-        checked_inverse("softplus", inverse, _positive, "(0, inf)"),
+        checked_inverse("softplus", inverse, _nonnegative, "[0, inf)"),
         log_det,
         "softplus",
+        _positive,
     )
 
 
 def lower_bounded(low) -> Bijector:
     """Returns ``y = low + exp(x)``, onto ``(low, inf)``.
 
-    ``forward_log_det_jacobian(x) = sum(x)``.
+    ``forward_log_det_jacobian(x) = sum(x)``. ``forward`` rounds onto ``low``
+    once ``exp(x)`` is below half a float step at ``low`` (for ``low = -1.5``:
+    ``x`` below about -17 in float32, -37 in float64); the log-determinant
+    stays exact.
 
     Args:
       low: the lower bound, a finite number or an array that broadcasts to
@@ -236,8 +269,10 @@ def lower_bounded(low) -> Bijector:
 
     Returns:
       A :class:`Bijector` named ``"lower_bounded"``. Its ``inverse(y) =
-      log(y - low)`` raises ``ValueError`` on a concrete ``y <= low``; inside
-      ``jit`` such a ``y`` gives NaN or ``-inf``.
+      log(y - low)`` reads ``y = low`` as the next float above ``low`` (a
+      finite ``x``, where ``forward`` starts to saturate), under ``jit`` too;
+      it raises ``ValueError`` on a concrete ``y < low``; inside ``jit`` such
+      a ``y`` gives NaN.
 
     Raises:
       ValueError: ``low`` is not finite.
@@ -251,7 +286,7 @@ def lower_bounded(low) -> Bijector:
 
     def inverse(y):
         y = as_leaf(y)
-        return jnp.log(y - _apply("lower_bounded", "low", low, y))
+        return _lower_inverse(y, _apply("lower_bounded", "low", low, y))
 
     def in_support(y):
         return _between("lower_bounded", y, low=("low", low))
@@ -261,16 +296,19 @@ def lower_bounded(low) -> Bijector:
 
     return Bijector(
         forward,
-        checked_inverse("lower_bounded", inverse, in_support, f"({_fmt('low', low)}, inf)"),
+        checked_inverse("lower_bounded", inverse, in_support, f"[{_fmt('low', low)}, inf)"),
         log_det,
         "lower_bounded",
+        lambda y: _between("lower_bounded", y, low=("low", low), strict=True),
     )
 
 
 def upper_bounded(high) -> Bijector:
     """Returns ``y = high - exp(x)``, onto ``(-inf, high)``.
 
-    ``forward_log_det_jacobian(x) = sum(x)``.
+    ``forward_log_det_jacobian(x) = sum(x)``. ``forward`` rounds onto
+    ``high`` once ``exp(x)`` is below half a float step at ``high``; the
+    log-determinant stays exact.
 
     Args:
       high: the upper bound, a finite number or an array that broadcasts to
@@ -278,8 +316,10 @@ def upper_bounded(high) -> Bijector:
 
     Returns:
       A :class:`Bijector` named ``"upper_bounded"``. Its ``inverse(y) =
-      log(high - y)`` raises ``ValueError`` on a concrete ``y >= high``;
-      inside ``jit`` such a ``y`` gives NaN or ``-inf``.
+      log(high - y)`` reads ``y = high`` as the next float below ``high`` (a
+      finite ``x``, where ``forward`` starts to saturate), under ``jit`` too;
+      it raises ``ValueError`` on a concrete ``y > high``; inside ``jit`` such
+      a ``y`` gives NaN.
 
     Raises:
       ValueError: ``high`` is not finite.
@@ -293,7 +333,7 @@ def upper_bounded(high) -> Bijector:
 
     def inverse(y):
         y = as_leaf(y)
-        return jnp.log(_apply("upper_bounded", "high", high, y) - y)
+        return _upper_inverse(y, _apply("upper_bounded", "high", high, y))
 
     def in_support(y):
         return _between("upper_bounded", y, high=("high", high))
@@ -303,9 +343,10 @@ def upper_bounded(high) -> Bijector:
 
     return Bijector(
         forward,
-        checked_inverse("upper_bounded", inverse, in_support, f"(-inf, {_fmt('high', high)})"),
+        checked_inverse("upper_bounded", inverse, in_support, f"(-inf, {_fmt('high', high)}]"),
         log_det,
         "upper_bounded",
+        lambda y: _between("upper_bounded", y, high=("high", high), strict=True),
     )
 
 
@@ -314,8 +355,11 @@ def interval(low, high) -> Bijector:
 
     The forward map is evaluated from the nearer bound (``high - (high - low)
     * sigmoid(-x)`` for ``x > 0``), so values near either end keep their
-    relative precision. ``forward_log_det_jacobian(x) = sum(log(high - low) +
-    log_sigmoid(x) + log_sigmoid(-x))``, finite for any finite ``x``.
+    relative precision; still, a bound away from 0 is reached once
+    ``(high - low) * sigmoid(-|x|)`` is below half a float step there (for
+    ``interval(-1, 3)``: ``|x|`` above about 17 in float32, 37 in float64).
+    ``forward_log_det_jacobian(x) = sum(log(high - low) + log_sigmoid(x) +
+    log_sigmoid(-x))``, finite for any finite ``x``.
 
     Args:
       low: the lower bound, finite, a number or an array that broadcasts to
@@ -324,8 +368,11 @@ def interval(low, high) -> Bijector:
 
     Returns:
       A :class:`Bijector` named ``"interval"``. Its ``inverse(y) = log(y -
-      low) - log(high - y)`` raises ``ValueError`` on a concrete ``y`` outside
-      ``(low, high)``; inside ``jit`` such a ``y`` gives NaN or ``+-inf``.
+      low) - log(high - y)`` reads a bound as the nearest float inside (a
+      finite ``x``, where ``forward`` starts to saturate: ``inverse(3.0) =
+      16.6`` for ``interval(-1, 3)`` in float32), under ``jit`` too; it
+      raises ``ValueError`` on a concrete ``y`` outside ``[low, high]``;
+      inside ``jit`` such a ``y`` gives NaN.
 
     Raises:
       ValueError: a bound is not finite, or ``low >= high`` somewhere.
@@ -374,9 +421,11 @@ def interval(low, high) -> Bijector:
         x = as_leaf(x)
         return _interval_log_det(x, *bounds(x))
 
-    support = f"({_fmt('low', low)}, {_fmt('high', high)})"
+    support = f"[{_fmt('low', low)}, {_fmt('high', high)}]"
     return Bijector(forward, checked_inverse("interval", inverse, in_support, support), log_det,
-                    "interval")
+                    "interval",
+                    lambda y: _between("interval", y, low=("low", low), high=("high", high),
+                                       strict=True))
 
 
 def affine(shift=0.0, scale=1.0) -> Bijector:
@@ -437,10 +486,26 @@ def affine(shift=0.0, scale=1.0) -> Bijector:
 # Jitted once per shape and dtype: run eagerly, each small op would dispatch
 # (and compile) on its own. They compose with the caller's jit, vmap and grad.
 @jax.jit
+def _exp_inverse(y):
+    return jnp.log(off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1)))
+
+
+@jax.jit
 def _softplus_inverse(y):
+    y = off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1))
     # log(exp(y) - 1) rewritten so exp(y) never overflows and y -> 0 keeps its
     # precision.
     return y + jnp.log(-jnp.expm1(-y))
+
+
+@jax.jit
+def _lower_inverse(y, lo):
+    return jnp.log(off_boundary(y - lo, step_inside(lo, jnp.inf)))
+
+
+@jax.jit
+def _upper_inverse(y, hi):
+    return jnp.log(off_boundary(hi - y, step_inside(hi, -jnp.inf)))
 
 
 @jax.jit
@@ -453,8 +518,10 @@ def _interval_forward(x, lo, hi):
 @jax.jit
 def _interval_inverse(y, lo, hi):
     # logit((y - low) / (high - low)) without forming the ratio, which would
-    # lose the digits of y near either bound.
-    return jnp.log(y - lo) - jnp.log(hi - y)
+    # lose the digits of y near either bound; a bound is read as the float
+    # next to it inside (saturation, see the module docstring).
+    return (jnp.log(off_boundary(y - lo, step_inside(lo, jnp.inf)))
+            - jnp.log(off_boundary(hi - y, step_inside(hi, -jnp.inf))))
 
 
 @jax.jit

@@ -5,6 +5,11 @@ Both take a vector (the free entries, in the row-major order of
 from the vector's length in ``forward`` and from the matrix's shape in
 ``inverse``. Leading axes are independent copies (``(..., n) -> (..., d,
 d)``) and ``forward_log_det_jacobian`` sums over them.
+
+Saturation (see :mod:`vijax.bijectors._protocol`): far out, ``forward``
+returns a diagonal entry that underflows to 0, the boundary of the support.
+``inverse`` accepts a nonnegative diagonal and reads a zero diagonal entry as
+the smallest normal float, so the result is finite, under ``jit`` too.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
+from vijax.bijectors._protocol import off_boundary
+from vijax.bijectors._protocol import step_inside
 from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
 
@@ -54,12 +61,20 @@ def _log1m_tanh_sq(x: jax.Array) -> jax.Array:
 
 
 def _lower_mask(y: np.ndarray, tol: float) -> np.ndarray:
-    """Per entry: finite, and ``|entry| <= tol`` above the diagonal, ``> 0`` on it."""
+    """Per entry: finite, and ``|entry| <= tol`` above the diagonal, ``>= 0`` on it.
+
+    ``>= 0``: a zero diagonal entry is where ``forward`` underflows (saturation).
+    """
     d = y.shape[-1]
     upper = np.triu(np.ones((d, d), bool), 1)
     diag = np.eye(d, dtype=bool)
     return (np.isfinite(y) & np.where(upper, np.abs(y) <= tol, True)
-            & np.where(diag, y > 0, True))
+            & np.where(diag, y >= 0, True))
+
+
+def _positive_diagonal(y) -> np.ndarray:
+    """Per matrix: a diagonal of positive entries (a Bijector's ``interior``; 0 is the boundary)."""
+    return np.all(np.diagonal(np.asarray(y), axis1=-2, axis2=-1) > 0, axis=-1)
 
 
 # ---------------------------------------------------------------- corr_cholesky
@@ -88,11 +103,16 @@ def corr_cholesky() -> Bijector:
 
     ``inverse(L)`` reads ``x_ij = asinh(L_ij / sqrt(sum_{k>j} L_ik^2))`` (equal
     to ``atanh`` of the partial correlation for a unit-norm row, and accurate
-    when it is near +-1); only the lower triangle is read. On a concrete
-    ``L`` it raises ``ValueError`` unless ``L`` is lower-triangular with a
-    positive diagonal and rows of unit norm, within ``sqrt(eps)`` of its
-    dtype; inside ``jit`` it does not check: a row that is not unit-norm is
-    read as if it were normalized, and a zero diagonal gives ``+-inf``.
+    when it is near +-1; the tail norms are scaled sums, ``hypot``, so they do
+    not underflow where their squares would); only the lower triangle is
+    read. Far out (``x = 30 * ones(6)`` in float32) ``forward`` returns a
+    diagonal entry that underflows to 0, on the boundary of the support:
+    ``inverse`` reads it as the smallest normal float, so ``x`` stays finite
+    (at most about ``+-88`` in float32, ``+-709`` in float64), under ``jit``
+    too. On a concrete ``L`` it raises ``ValueError`` unless ``L`` is
+    lower-triangular with a nonnegative diagonal and rows of unit norm,
+    within ``sqrt(eps)`` of its dtype; inside ``jit`` it does not check: a
+    row that is not unit-norm is read as if it were normalized.
 
     Returns:
       A :class:`Bijector` named ``"corr_cholesky"``.
@@ -134,9 +154,10 @@ def corr_cholesky() -> Bijector:
         forward,
         checked_inverse(name, inverse, in_support,
                         "Cholesky factors of correlation matrices (lower-triangular, "
-                        "positive diagonal, unit-norm rows)"),
+                        "nonnegative diagonal, unit-norm rows)"),
         log_det,
         name,
+        _positive_diagonal,
     )
 
 
@@ -161,11 +182,13 @@ def lower_cholesky() -> Bijector:
     diagonal entries of ``x``.
 
     ``inverse(L)`` reads the lower triangle and takes ``log`` of the diagonal.
-    On a concrete ``L`` it raises ``ValueError`` unless ``L`` is finite,
-    lower-triangular (above-diagonal entries within ``sqrt(eps) * max(1,
-    max|L|)`` of 0) and has a positive diagonal; inside ``jit`` it does not
-    check: the upper triangle is ignored and a nonpositive diagonal entry
-    gives NaN or ``-inf``.
+    A zero diagonal entry (where ``exp`` underflows, ``x`` below about -87 in
+    float32) is read as the smallest normal float: ``log`` gives ``-87.3``
+    in float32 and ``-708.4`` in float64, under ``jit`` too. On a concrete
+    ``L`` it raises ``ValueError`` unless ``L`` is finite, lower-triangular
+    (above-diagonal entries within ``sqrt(eps) * max(1, max|L|)`` of 0) and
+    has a nonnegative diagonal; inside ``jit`` it does not check: the upper
+    triangle is ignored and a negative diagonal entry gives NaN.
 
     Returns:
       A :class:`Bijector` named ``"lower_cholesky"``.
@@ -201,9 +224,10 @@ def lower_cholesky() -> Bijector:
     return Bijector(
         forward,
         checked_inverse(name, inverse, in_support,
-                        "lower-triangular matrices with a positive diagonal"),
+                        "lower-triangular matrices with a nonnegative diagonal"),
         log_det,
         name,
+        _positive_diagonal,
     )
 
 
@@ -242,13 +266,18 @@ def _corr_log_det_one(x):
 def _corr_inverse_one(y):
     d = y.shape[0]
     rows, cols = np.tril_indices(d, -1)
+    on_diag = np.eye(d, dtype=bool)
     lower = jnp.tril(y)
-    sq = lower * lower
-    # sum_{k>j} L_ik^2 (it holds L_ii^2 > 0 for j < i): a tail sum, not
-    # 1 - sum_{k<=j}, which cancels when a partial correlation is near +-1.
-    after = jnp.concatenate(
-        [jnp.cumsum(sq[:, ::-1], axis=-1)[:, ::-1][:, 1:], jnp.zeros((d, 1), y.dtype)], axis=-1)
-    return jnp.arcsinh(lower[rows, cols] / jnp.sqrt(after[rows, cols]))
+    # A zero diagonal entry (saturation) read as the smallest normal float.
+    lower = jnp.where(on_diag, off_boundary(lower, step_inside(jnp.zeros((), y.dtype), 1)),
+                      lower)
+    # sqrt(sum_{k>j} L_ik^2) (it holds L_ii > 0 for j < i): a tail norm, not
+    # 1 - sum_{k<=j}, which cancels when a partial correlation is near +-1;
+    # taken by hypot, which scales, where the squares of a row far out
+    # (L_ik ~ 1e-26 in float32) would underflow to 0 and the ratio be inf.
+    norms = jax.lax.associative_scan(jnp.hypot, lower, reverse=True, axis=1)
+    after = jnp.concatenate([norms[:, 1:], jnp.zeros((d, 1), y.dtype)], axis=-1)
+    return jnp.arcsinh(lower[rows, cols] / after[rows, cols])
 
 
 _corr_forward = jax.jit(jnp.vectorize(_corr_forward_one, signature="(n)->(d,d)"))
@@ -281,7 +310,9 @@ def _lower_inverse_one(y):
     rows, cols = np.tril_indices(d)
     on_diag = _diag_positions(d)
     v = y[rows, cols]
-    return v.at[on_diag].set(jnp.log(v[on_diag]))
+    # A zero diagonal entry (saturation) read as the smallest normal float.
+    diag = off_boundary(v[on_diag], step_inside(jnp.zeros((), y.dtype), 1))
+    return v.at[on_diag].set(jnp.log(diag))
 
 
 _lower_forward = jax.jit(jnp.vectorize(_lower_forward_one, signature="(n)->(d,d)"))

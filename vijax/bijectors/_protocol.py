@@ -18,6 +18,30 @@ Conventions:
   ``ValueError`` naming the bijector and the first offending value; inside a
   ``jit`` trace it cannot look, and out-of-support input gives NaN or an
   out-of-range result (never an error).
+
+Saturation. In floating point ``forward`` rounds onto the boundary of its
+support once ``x`` is far enough out: ``lower_bounded(-1.5)`` returns exactly
+``-1.5`` for ``x`` below about -17 in float32 (``exp(x)`` is below half a
+float step at 1.5), ``interval(-1, 3)`` returns a bound for ``|x|`` above
+about 17, ``ordered`` repeats an entry (``x = -30 * ones``), and ``simplex``
+and ``corr_cholesky`` return an entry (a diagonal entry) that underflows to
+0 (``x = 30 * ones``). Every ``inverse`` therefore accepts the *closure* of
+its support and reads a value on the boundary as the nearest float inside it
+(one float step from the bound, and at least the smallest normal float, as
+XLA flushes subnormal numbers to zero). The result is the finite,
+large-magnitude ``x`` where ``forward`` starts to saturate, the same under
+``jit`` as outside it, and ``forward(inverse(y))`` gives back ``y`` or the
+float next to it inside. So ``inverse(forward(x))`` neither raises nor
+returns an infinity where ``forward(x)`` is finite, and draws mapped by
+``forward`` (a model's ``constrain``) can always be mapped back. A boundary
+value given by hand (a scale of exactly 0) is read the same way by
+``inverse``; ``Bijector.interior`` tells it from an inner one, and
+:func:`vijax.models.constrained` refuses one as its example latent. Values
+strictly outside the closure (a negative value for ``exp``, a decreasing
+pair for ``ordered``) and non-finite values still raise the ``ValueError``
+on concrete input. An overflow of ``forward`` to ``+-inf`` (``exp(x)`` for
+``x`` above about 88 in float32) is not a point of the support, and
+``inverse`` rejects it.
 """
 
 from __future__ import annotations
@@ -46,16 +70,27 @@ class Bijector(NamedTuple):
       forward_log_det_jacobian: ``forward_log_det_jacobian(x) -> scalar``,
         ``log |det J|`` of ``forward`` at ``x``, summed over the leaf.
       name: optional; a label for messages and tables.
+      interior: optional; ``interior(y) -> booleans`` on concrete values:
+        whether ``y`` is strictly inside the support, not on its boundary
+        (which ``inverse`` reads as the nearest float inside: see
+        "Saturation"). :func:`vijax.models.constrained` uses it to refuse an
+        example latent on the boundary (a scale of exactly 0), whose
+        unconstrained value would be a start far out.
     """
 
     forward: Callable[[jax.Array], jax.Array]
     inverse: Callable[[jax.Array], jax.Array]
     forward_log_det_jacobian: Callable[[jax.Array], jax.Array]
     name: Optional[str] = None
+    interior: Optional[Callable[[Any], Any]] = None
 
 
 def checked_inverse(name: str, inverse: Callable, in_support: Callable, support: str) -> Callable:
-    """``inverse`` that raises on concrete input outside the support.
+    """``inverse`` that raises on concrete input outside the support's closure.
+
+    The closure, not the support: a boundary value is where ``forward``
+    saturates, and ``inverse`` reads it as the nearest float inside (see
+    "Saturation" in the module docstring); ``in_support`` decides.
 
     ``in_support(y)`` runs on concrete values only (NumPy is fine, and fast)
     and returns booleans: one per element of ``y`` (the message names the
@@ -83,6 +118,32 @@ def checked_inverse(name: str, inverse: Callable, in_support: Callable, support:
         return inverse(y)
 
     return checked
+
+
+def step_inside(bound, toward) -> jax.Array:
+    """The distance from ``bound`` to the nearest float on its ``toward`` side.
+
+    At least the smallest normal float of ``bound``'s dtype: XLA flushes
+    subnormal numbers to zero on CPU and GPU, so a subnormal distance would
+    read as 0 again (and its ``log`` as ``-inf``). A constant for autodiff
+    (``nextafter`` has no derivative, and the step is piecewise constant).
+    """
+    bound = jax.lax.stop_gradient(jnp.asarray(bound))
+    step = jnp.abs(jnp.nextafter(bound, jnp.asarray(toward, bound.dtype)) - bound)
+    return jnp.maximum(step, jnp.finfo(bound.dtype).tiny)
+
+
+def off_boundary(distance: jax.Array, step) -> jax.Array:
+    """``distance`` from a bound of the support, a value on the bound read as ``step`` inside.
+
+    The saturation rule of every ``inverse`` (see the module docstring):
+    ``distance`` in ``[0, step)`` (0 is a value on the bound, where
+    ``forward`` saturates; less than ``step`` can only be a flushed subnormal)
+    becomes ``step``, from :func:`step_inside`. A negative distance (a value
+    outside the support) and NaN are left as they are, so inside ``jit`` they
+    still give NaN, as documented. The gradient there is 0 (a clip).
+    """
+    return jnp.where((distance >= 0) & (distance < step), step, distance)
 
 
 def as_leaf(x: Any) -> jax.Array:

@@ -3,6 +3,12 @@
 Both act on the last axis of a leaf with at least one dimension; leading
 axes are independent copies (a ``(n, K)`` leaf is ``n`` ordered vectors), and
 ``forward_log_det_jacobian`` sums over them.
+
+Saturation (see :mod:`vijax.bijectors._protocol`): ``inverse`` accepts the
+closure of the support, the boundary ``forward`` rounds onto far out, and
+reads it as the nearest floats inside: equal neighbours of an ordered vector
+as one float step apart, a zero entry of a simplex as the smallest normal
+float. The result is finite, under ``jit`` too.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import numpy as np
 
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import checked_inverse
+from vijax.bijectors._protocol import off_boundary
+from vijax.bijectors._protocol import step_inside
 from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
 
@@ -36,11 +44,15 @@ def ordered() -> Bijector:
     triangular with diagonal ``(1, exp(x_1), ...)``, so
     ``forward_log_det_jacobian(x) = sum(x[..., 1:])``. In float32 a gap
     ``exp(x_i)`` far below ``y``'s resolution rounds away and two entries come
-    out equal.
+    out equal (for ``x = -30 * ones`` in float32: ``exp(-30)`` is below half
+    a float step at 30).
 
-    ``inverse(y) = (y_0, log(y_1 - y_0), ...)``; on a concrete ``y`` that is
-    not strictly increasing it raises ``ValueError``; inside ``jit`` it gives
-    NaN or ``-inf`` there.
+    ``inverse(y) = (y_0, log(y_1 - y_0), ...)``. Equal neighbours (the
+    saturated case) are read as one float step apart: ``y_i = y_{i-1}``
+    gives the finite ``x_i = log(nextafter(y_{i-1}) - y_{i-1})``, e.g.
+    ``-13.2`` at ``y = -30`` in float32, under ``jit`` too. On a concrete
+    ``y`` with a decreasing pair (or a non-finite entry) it raises
+    ``ValueError``; inside ``jit`` a decreasing pair gives NaN there.
 
     Returns:
       A :class:`Bijector` named ``"ordered"``.
@@ -63,7 +75,8 @@ def ordered() -> Bijector:
         # One flag per entry (the first is free) so the message names the
         # first entry that is not above its predecessor.
         first = np.isfinite(y[..., :1])
-        return np.concatenate([first, (np.diff(y, axis=-1) > 0) & np.isfinite(y[..., 1:])],
+        # `>= 0`: equal neighbours are where `forward` saturates.
+        return np.concatenate([first, (np.diff(y, axis=-1) >= 0) & np.isfinite(y[..., 1:])],
                               axis=-1)
 
     def log_det(x):
@@ -72,9 +85,10 @@ def ordered() -> Bijector:
     return Bijector(
         forward,
         checked_inverse("ordered", inverse, in_support,
-                        "strictly increasing vectors (along the last axis)"),
+                        "non-decreasing vectors (along the last axis)"),
         log_det,
         "ordered",
+        lambda y: np.all(np.diff(np.asarray(y), axis=-1) > 0, axis=-1),  # increasing
     )
 
 
@@ -100,7 +114,11 @@ def simplex() -> Bijector:
     concrete ``y`` it raises ``ValueError`` unless every entry is ``>= 0`` and
     each vector sums to 1 within ``sqrt(eps)`` of its dtype; inside ``jit``
     it does not check: a negative entry gives NaN, and a vector that does not
-    sum to 1 is read as its normalization ``y / sum(y)``.
+    sum to 1 is read as its normalization ``y / sum(y)``. A zero entry (on the
+    boundary, where ``forward`` underflows: ``x = 30 * ones(3)`` in float32
+    gives ``y_3 = 0``) is read as the smallest normal float, so ``x`` stays
+    finite (about ``+-87`` at most in float32, ``+-708`` in float64), under
+    ``jit`` too.
 
     Returns:
       A :class:`Bijector` named ``"simplex"``.
@@ -135,6 +153,7 @@ def simplex() -> Bijector:
                         "the probability simplex (entries >= 0 summing to 1 along the last axis)"),
         log_det,
         "simplex",
+        lambda y: np.all(np.asarray(y) > 0, axis=-1),  # no entry on the boundary, 0
     )
 
 
@@ -147,7 +166,9 @@ def _ordered_forward_one(x):
 
 
 def _ordered_inverse_one(y):
-    return jnp.concatenate([y[:1], jnp.log(jnp.diff(y))])
+    # Equal neighbours (saturation) read as one float step apart.
+    gap = off_boundary(jnp.diff(y), step_inside(y[:-1], jnp.inf))
+    return jnp.concatenate([y[:1], jnp.log(gap)])
 
 
 _ordered_forward = jax.jit(jnp.vectorize(_ordered_forward_one, signature="(k)->(k)"))
@@ -179,6 +200,8 @@ def _simplex_log_det_one(x):
 
 
 def _simplex_inverse_one(y):
+    # A zero entry (saturation) read as the smallest normal float.
+    y = off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1))
     tail = _reverse_cumsum(y)[1:]  # sum_{j>i} y_j, i < K-1
     return jnp.log(y[:-1]) - jnp.log(tail) + _stick_offsets(y.shape[0] - 1, y.dtype)
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vijax import _checks
 from vijax.bijectors import _protocol as _bij
@@ -61,7 +62,9 @@ def constrained(
         bijector leaf is not a Bijector or None, or latent leaves are not
         floating point.
       ValueError: the bijector tree does not match the latent, or a latent
-        value lies outside its bijector's support.
+        value lies outside its bijector's support or on its boundary (the
+        example is the fit's starting mean; see :class:`vijax.bijectors.Bijector`'s
+        ``interior``).
 
     Example:
       Eight schools, non-centred, with a half-Cauchy scale:
@@ -103,6 +106,15 @@ def constrained(
             x = b.inverse(y)
         except ValueError as e:
             raise ValueError(f"`latent{path}` lies outside its bijector's support: {e}") from e
+        interior = getattr(b, "interior", None)
+        if interior is not None and _checks.is_concrete(y) and not np.all(interior(y)):
+            # inverse reads a boundary value as the nearest float inside: a start
+            # far out in the unconstrained space (a scale of 0 -> log 0 ~ -87).
+            raise ValueError(
+                f"`latent{path}` lies on the boundary of its bijector's support "
+                f"({b.name or 'bijector'}): the example latent is the fit's starting "
+                "mean, so give a value inside it (a scale of 1.0, not 0.0)."
+            )
         free.append(jnp.asarray(x, y.dtype))
     unconstrained = jax.tree_util.tree_unflatten(treedef, free)
 
