@@ -96,8 +96,8 @@ def default_learning_rate(params: Any) -> float:
     default fit ended 0.28 to 3e9 nats from the target (KL, where
     ``log Z = 0``) on a banana and on a Gaussian target of a pytree latent
     (d = 7), all 18 fits; at the scaled step all 18 stopped on their own
-    within 0.002 to 0.065 nats (checked by hand; ``tests/test_adaptive_lr.py``
-    runs one).
+    within 0.0022 to 0.065 nats (``benchmarks/results/cpu/flows_default_fit.md``;
+    ``tests/test_adaptive_lr.py`` runs one).
     """
     total, d = _sizes(params)
     d = d or total / 2
