@@ -175,3 +175,22 @@ def test_errors(rng):
         run(start, max_kl=-1.0)
     with pytest.raises(ValueError, match="`batch_size` must be an int >= 2"):
         vijax.make_slang_step(model.log_joint, batch_size=1)
+
+
+def test_a_rank_sweep_with_one_log_joint_verifies_each_rank_with_its_own_family():
+    """The trust region's final check (a cached, compiled verifier) was keyed without
+    the family: the second rank reused the first rank's and failed after its run."""
+    x = jax.random.normal(jax.random.key(0), (3, 20))
+    model = vijax.models.bayesian_linear_regression(x, x @ jnp.ones(20), noise_scale=1.0,
+                                                    prior_scale=1.0)
+    for rank in (2, 3):
+        family = vijax.low_rank_precision(rank=rank)
+        result = vijax.slang(jax.random.key(1), model.log_joint, family.init(model.latent),
+                             num_steps=20, batch_size=16, progress=False)
+        assert result.params.prec_factor.shape == (20, rank)
+    for rank in (2, 3):
+        family = vijax.low_rank(rank=rank)
+        result = vijax.patched_batch_and_match(
+            jax.random.key(1), model.log_joint, family.init(model.latent), num_steps=20,
+            batch_size=16, progress=False)
+        assert result.params.cov_factor.shape == (20, rank)

@@ -435,8 +435,11 @@ def run_score_algorithm(name, cache_key, algorithm: Algorithm, key, init_params,
     )
     if max_kl is not None and log_joint is not None and isinstance(
             result.state.opt_state, TrustState):
+        # Keyed on the family and batch too: the verifier closes over them (a
+        # rank sweep with one log joint reused the first rank's family, and
+        # failed only after the run).
         verify = _verifiers.get(
-            (cache_key, "verify"),
+            (cache_key, "verify", family, batch_size),
             lambda: jax.jit(make_verify(log_joint, batch_size=batch_size, family=family)))
         result = result._replace(params=verify(result.state))
     return result
