@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import vijax
-from vijax.fitting import _checkpoint
+from vijax.fitting import _checkpoint, _engine
 
 
 def log_joint(z):
@@ -211,3 +211,54 @@ def test_a_namedtuple_class_is_never_imported_by_load(tmp_path):
     back = vijax.load_checkpoint(path)
     assert type(back.opt_state).__name__ == "Evil" and back.opt_state == ()
     assert "a_module_never_imported" not in __import__("sys").modules
+
+
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_step(tmp_path):
+    """It was checked at the first save: without `checkpoint_every`, the run's end."""
+    params = FAMILY.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    calls = []
+
+    def counted(z):
+        jax.debug.callback(lambda: calls.append(1))
+        return log_joint(z)
+
+    for bad, match in ((a_file, "an existing file"), (a_file / "sub", "can write")):
+        with pytest.raises(ValueError, match=rf"`checkpoint_dir` must be a directory.*{match}"):
+            vijax.fit(jax.random.key(0), FAMILY, counted, params, optimizer=OPTIMIZER,
+                      num_steps=10, progress=False, checkpoint_dir=bad)
+    assert not calls
+    # A missing directory is made, before the run.
+    _fit(jax.random.key(0), params, OPTIMIZER, num_steps=3,
+         checkpoint_dir=tmp_path / "new" / "dir")
+    assert os.path.exists(tmp_path / "new" / "dir" / _engine.CHECKPOINT_NAME)
+
+
+def test_an_error_mid_run_keeps_the_last_chunk_on_disk_and_a_failed_last_save_warns(
+        tmp_path, monkeypatch):
+    params = FAMILY.init({"w": jnp.zeros(3), "b": jnp.zeros(())})
+
+    class Boom(Exception):
+        pass
+
+    def hook(step):  # between chunks, on the host: fail after the second chunk
+        if step >= 100:
+            raise Boom("the host failed")
+
+    monkeypatch.setattr(_engine, "_host_hook", hook)
+    with pytest.raises(Boom):
+        _fit(jax.random.key(0), params, OPTIMIZER, num_steps=1000, checkpoint_dir=tmp_path)
+    saved = vijax.load_checkpoint(tmp_path / _engine.CHECKPOINT_NAME)
+    assert int(saved.step) == 100
+
+    monkeypatch.setattr(_engine, "_host_hook", lambda step: None)
+
+    def cannot(path, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_engine, "save_checkpoint", cannot)
+    with pytest.warns(RuntimeWarning, match="could not write its final checkpoint"):
+        result = _fit(jax.random.key(0), params, OPTIMIZER, num_steps=60,
+                      checkpoint_dir=tmp_path / "full")
+    assert int(result.state.step) == 60

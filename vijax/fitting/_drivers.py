@@ -580,8 +580,10 @@ def fit(
       patience: consecutive stalled checks that stop the fit.
       checkpoint_dir: a directory to save the state in
         (``checkpoint_dir/fit_state.npz``, data only, written atomically) at the end of
-        the fit, on interruption or failure, and every ``checkpoint_every``
-        steps.
+        the fit, on interruption or any error (the last finished chunk), and
+        every ``checkpoint_every`` steps. Made if missing and checked writable
+        before the first step; a final save that fails warns and the result
+        is still returned.
       checkpoint_every: save at the first chunk boundary at least this many
         steps after the previous save (needs ``checkpoint_dir``).
       auto_stop: stop automatically when converged (see above); not

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import warnings
 from typing import Any, Callable, Hashable, NamedTuple, Optional
 
@@ -98,11 +99,37 @@ def check_run_options(
                 "`checkpoint_every` needs `checkpoint_dir`; got checkpoint_dir=None."
             )
     if checkpoint_dir is not None:
-        checkpoint_dir = os.fspath(checkpoint_dir)
+        checkpoint_dir = _writable_dir("checkpoint_dir", checkpoint_dir)
     return RunOptions(
         num_steps, chunk_size, max_nonfinite, progress, tol, window, patience,
         checkpoint_dir, checkpoint_every,
     )
+
+
+def _writable_dir(name: str, path: Any) -> str:
+    """``path`` as a string, created if missing and checked writable now, not at the first save.
+
+    A run without ``checkpoint_every`` saves only at its end: a directory that
+    cannot be written would otherwise lose the whole run there.
+    """
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be a path (str or os.PathLike); got {type(path).__name__}."
+        ) from None
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"`{name}` must be a directory; got {path!r}, an existing file.")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"`{name}` must be a directory this process can write; {path!r} is not "
+            f"({type(err).__name__}: {err.strerror or err})."
+        ) from err
+    return path
 
 
 def check_resume_key(name: str, value: Any) -> None:
@@ -434,6 +461,17 @@ def run(
             if ahead is None:
                 break
             pending = ahead
+    except FitError:
+        raise  # saved where it was raised
+    except Exception:
+        # Anything else (a host callback's error, a device error): keep the last
+        # finished chunk on disk before the error goes on.
+        if checkpoint_dir is not None:
+            try:
+                save(state)
+            except OSError:
+                pass
+        raise
     except KeyboardInterrupt:
         interrupted = True
         warnings.warn(
@@ -448,7 +486,16 @@ def run(
         if bar is not None:
             bar.close()
     if checkpoint_dir is not None and start_step + done > last_saved:
-        save(state)
+        try:
+            save(state)
+        except OSError as err:  # the run is done: return it, and say what was not saved
+            warnings.warn(
+                f"{desc} could not write its final checkpoint to {checkpoint_dir!r} "
+                f"({type(err).__name__}: {err}); the result is returned, and "
+                "`result.state` continues the run.",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
     out = result(state, interrupted=interrupted, stopped_early=stopped_early)
     _warn_skipped(out, desc, failure)
     return out
