@@ -788,7 +788,7 @@ _groups = LRU(32)
 
 
 def group_optimizer(optimizer: Any, params: Any) -> optax.GradientTransformation:
-    """One optax transformation, or a dict of one per JointParams group (multi_transform)."""
+    """One optax transformation, or a dict of one per JointParams group (:func:`_by_group`)."""
     from vijax.data._objective import GROUPS, JointParams
 
     if not isinstance(optimizer, dict):
@@ -806,8 +806,31 @@ def group_optimizer(optimizer: Any, params: Any) -> optax.GradientTransformation
         )
     items = tuple((g, _checks.check_optimizer(optimizer[g], f"optimizer[{g!r}]"))
                   for g in present)
-    labels = JointParams(*(g if g in present else None for g in GROUPS))
-    return _groups.get(items, lambda: optax.multi_transform(dict(items), labels))
+    return _groups.get(items, lambda: _by_group(items))
+
+
+def _by_group(items: tuple) -> optax.GradientTransformation:
+    """Each group's transformation on its own field of :class:`vijax.JointParams`.
+
+    Its params, updates and state are that field's alone (not the whole tree
+    with the other groups masked, as ``optax.multi_transform`` passes them), so
+    a transformation that reads its parameters' type sees q's own:
+    ``{"q": vijax.natural_gradient(family, ...), "theta": optax.adam(...)}``
+    (natural gradient on q, Adam on the model's parameters) failed with
+    multi_transform on a JointParams it did not expect.
+    """
+
+    def init(params):
+        return {g: opt.init(getattr(params, g)) for g, opt in items}
+
+    def update(updates, state, params=None):
+        new_updates, new_state = {}, {}
+        for g, opt in items:
+            new_updates[g], new_state[g] = opt.update(
+                getattr(updates, g), state[g], None if params is None else getattr(params, g))
+        return updates._replace(**new_updates), new_state
+
+    return optax.GradientTransformation(init, update)
 
 
 def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estimator,

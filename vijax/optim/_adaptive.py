@@ -92,7 +92,8 @@ def adaptive_lr(
       :class:`AdaptiveLRState`.
 
     Raises:
-      TypeError: ``optimizer`` is not an ``optax.GradientTransformation``.
+      TypeError: ``optimizer`` is not an ``optax.GradientTransformation``
+        (or, at ``init``, it holds a ``vijax.natural_gradient``).
       ValueError: ``factor`` is not in (0, 1).
 
     Example:
@@ -108,8 +109,19 @@ def adaptive_lr(
         raise ValueError(f"`factor` must be a float in (0, 1); got {factor!r}.")
 
     def init(params):
+        inner_state = optimizer.init(params)
+        from vijax.optim._natural import NaturalGradientState
+
+        if any(isinstance(node, NaturalGradientState) for node in jax.tree_util.tree_leaves(
+                inner_state, is_leaf=lambda n: isinstance(n, NaturalGradientState))):
+            raise TypeError(
+                "vijax.adaptive_lr cannot wrap vijax.natural_gradient: its step size "
+                "enters the precision update, and scaling its updates would break the "
+                "positive-definite guarantee. Give natural_gradient a decaying step "
+                "(e.g. lambda t: 0.3 / (1 + t / 50)) instead."
+            )
         return AdaptiveLRState(
-            inner_state=optimizer.init(params),
+            inner_state=inner_state,
             scale=jnp.ones((), jnp.float32),
             num_decreases=jnp.zeros((), jnp.int32),
             factor=jnp.asarray(factor, jnp.float32),

@@ -486,6 +486,15 @@ def natural_gradient(
         max_backtracks = 0  # K >= I / 2 always: nothing to halve for
 
     def init(params):
+        from vijax.data._objective import JointParams
+
+        if isinstance(params, JointParams):
+            raise TypeError(
+                "vijax.natural_gradient updates q's parameters alone; got JointParams "
+                "(q with model parameters or an encoder). Give one optimizer per group: "
+                "optimizer={'q': vijax.natural_gradient(family, ...), 'theta': "
+                "optax.adam(...)}."
+            )
         q = family.to_gaussian(params)
         _structure(family, q)
         return NaturalGradientState(
