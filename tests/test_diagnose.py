@@ -246,3 +246,16 @@ def test_the_advice_reads_whether_the_fit_given_converged(x64):
     for given in (params, unconverged._replace(state=state._replace(opt_state=()))):
         text = _advice_of(mf, given, model)
         assert "a longer fit" in text and "continue it" not in text
+
+
+@pytest.mark.parametrize("name", ["diagnose", "summary", "to_arviz"])
+def test_a_data_model_with_local_latents_is_named_before_the_missing_family(name):
+    """Its fit takes family=None; the message was about the family, not the model."""
+    from jax.scipy.stats import norm
+
+    model = vijax.models.data_model(
+        lambda row, zi: norm.logpdf(zi) + norm.logpdf(row["x"], zi, 1.0),
+        {"x": np.zeros(8, np.float32)}, local_latent=jnp.zeros(()))
+    params = vijax.JointParams(encoder={"a": jnp.zeros(())})
+    with pytest.raises(ValueError, match="DataModel with local latents"):
+        getattr(vijax, name)(jax.random.key(0), params, None, model)

@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import vijax
@@ -433,3 +434,15 @@ def test_diagnostics_refuse_a_data_model_with_local_latents():
         vijax.diagnose(jax.random.key(0), params, family, model, num_samples=30)
     with raises(ValueError, "`model` is a vijax.models.DataModel with local latents"):
         vijax.summary(jax.random.key(0), params, family, model, num_samples=30)
+
+
+def test_sampling_with_replacement_without_a_batch_size_is_refused():
+    from jax.scipy.stats import norm
+
+    model = vijax.models.data_model(lambda w, r: norm.logpdf(r["y"], w[0], 1.0),
+                                    {"y": np.zeros(10, np.float32)}, latent=jnp.zeros(1))
+    family = vijax.mean_field()
+    with pytest.raises(ValueError, match=r"`batching='with_replacement'` .* need `batch_size`"):
+        vijax.fit(jax.random.key(0), family, model, family.init(model.latent),
+                  optimizer=optax.adam(0.1), num_steps=5, batching="with_replacement",
+                  progress=False)

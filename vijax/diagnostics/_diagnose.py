@@ -333,10 +333,12 @@ def diagnose(
       >>> d.khat, d.reliable, d.mean  # doctest: +SKIP
     """
     key = _checks.typed_key("key", key)
-    family = _family.check_family(family)
     num_samples = _checks.check_positive_int("num_samples", num_samples, minimum=MIN_DRAWS)
     status = _fit_status(params)
+    # The model first: a data model with local latents (family=None in its fit)
+    # is named as such, not as a missing family.
     params, log_joint = as_model(log_joint, params, "log_joint")
+    family = _family.check_family(family)
     if isinstance(log_joint, Model):
         model = log_joint
         if is_batched(params, family, model):

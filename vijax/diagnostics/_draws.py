@@ -95,8 +95,8 @@ def constrained_draws(
     latents, ``"z"`` for a single-array latent).
     """
     key = _checks.typed_key("key", key)
+    params, model = as_model(model, params)  # before the family: see diagnose
     family = _family.check_family(family)
-    params, model = as_model(model, params)
     if not isinstance(model, Model):
         raise TypeError(
             "`model` must be a vijax.models.Model or DataModel (for a bare log joint: "

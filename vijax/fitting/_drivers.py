@@ -878,6 +878,11 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     batch_size = check_batch_size(batch_size, model.num_data)
     batching = check_batching(batching)
+    if batch_size is None and batching != "epoch":
+        raise ValueError(
+            f"`batching={batching!r}` draws minibatches, which need `batch_size`; got "
+            "batch_size=None (every step uses the full data)."
+        )
     options = check_run_options(**run_options)
     key_name = "keys" if batched else "key"
     if resuming:
