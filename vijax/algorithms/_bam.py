@@ -64,6 +64,7 @@ from vijax.algorithms._score import (
     algorithm_of,
     check_common,
     check_max_kl,
+    check_schedule,
     finite_or_zero,
     run_score_algorithm,
     weighted_batch,
@@ -144,8 +145,10 @@ def bam_update(mu, tril, z, scores, lam, weights=None):
 
 
 def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
-    if learning_rate is None or callable(learning_rate):
+    if learning_rate is None:
         return learning_rate
+    if callable(learning_rate):
+        return check_schedule(learning_rate)
     return _checks.check_positive_float(
         "learning_rate", learning_rate,
         also=", None or a schedule (a callable of the step)",

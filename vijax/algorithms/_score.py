@@ -18,6 +18,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from vijax import _checks
@@ -49,6 +50,21 @@ DEFAULT_MAX_KL = 1.0
 def rank_family(make: Callable, rank: int):
     """``make(rank=rank)``, one object per (maker, rank), so that checks cached per family hit."""
     return make(rank=rank)
+
+
+def check_schedule(schedule: Callable) -> Callable:
+    """``schedule``, its value at step 0 checked now (positive and finite).
+
+    A schedule <= 0 made every step a no-op that the run then blamed on
+    non-finite scores; one that turns non-positive later is not caught here.
+    """
+    first = np.asarray(schedule(jnp.asarray(0, jnp.int32)))
+    if first.shape != () or not (np.isfinite(first) and first > 0):
+        raise ValueError(
+            "`learning_rate` as a schedule must return a positive finite scalar; "
+            f"at step 0 it returned {first.tolist()!r}."
+        )
+    return schedule
 
 
 def finite_or_zero(a: jax.Array) -> jax.Array:

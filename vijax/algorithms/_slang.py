@@ -75,6 +75,7 @@ from vijax.algorithms._score import (
     rank_family,
     check_common,
     check_max_kl,
+    check_schedule,
     run_score_algorithm,
     score_step,
     weighted_batch,
@@ -137,8 +138,10 @@ def slang_update(mu, prec_factor, diag_scale, z, scores, rho, weights=None):
 
 
 def _check_learning_rate(learning_rate) -> Union[None, float, Schedule]:
-    if learning_rate is None or callable(learning_rate):
+    if learning_rate is None:
         return learning_rate
+    if callable(learning_rate):
+        return check_schedule(learning_rate)
     rho = _checks.check_positive_float(
         "learning_rate", learning_rate, also=" (at most 1), None or a schedule (a callable of the step)")
     if rho > 1.0:

@@ -10,8 +10,14 @@ only, so a resumed fit draws the same batches as an uninterrupted one:
   ``>= n`` are mapped again until they land in range): no ``n``-sized array
   is ever built or sorted, so the cost is flat in ``n``. Each epoch has its
   own permutation; the ``n mod B`` rows at its end are left out of that
-  epoch (different rows each epoch). Every row is in a step's batch with
-  probability ``B / n``, so ``n / B`` times the batch sum is unbiased.
+  epoch (different rows each epoch). The permutation's output is shifted by
+  a keyed offset drawn uniformly from ``range(n)`` per epoch (``(pi(p) + c)
+  mod n``, still a permutation): a Feistel network with a few rounds is not
+  exactly uniform over keys on a small domain (n = 7, B = 3: inclusion
+  frequencies 0.422 to 0.435 against 3/7 = 0.4286 over 200,000 keys), and
+  with the shift every position holds each row with probability exactly
+  ``1 / n``. So every row is in a step's batch with probability exactly
+  ``B / n``, and ``n / B`` times the batch sum is unbiased.
 * ``"with_replacement"``: ``B`` indices drawn uniformly and independently.
 """
 
@@ -94,4 +100,7 @@ def batch_indices(key: jax.Array, step: jax.Array, n: int, batch_size: int,
     per_epoch = n // batch_size
     epoch, slot = step // per_epoch, step % per_epoch
     positions = slot * batch_size + jnp.arange(batch_size)
-    return permute(jax.random.fold_in(key, epoch), positions, n)
+    permutation_key, shift_key = jax.random.split(jax.random.fold_in(key, epoch))
+    # A uniform offset makes each position's row exactly uniform (see the module docstring).
+    shift = jax.random.randint(shift_key, (), 0, n, jnp.int32)
+    return (permute(permutation_key, positions, n) + shift) % n

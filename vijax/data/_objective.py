@@ -6,12 +6,24 @@ For a batch ``b`` of ``B`` rows drawn with inclusion probability ``B / n``
 ``ELBO_b = E_q[log_prior(z) + s sum_{i in b} (log_lik(z, x_i, z_i) - log q(z_i | x_i))] + H[q(z)]``
 
 is unbiased for the full-data ELBO, and so is its gradient with every
-estimator of :func:`vijax.elbo`. It is computed by handing :func:`vijax.elbo`
-one family over ``(z, z_b)`` whose log density is ``log q(z) + s sum_i log
-q(z_i | x_i)`` and one log joint ``log_prior(z) + s sum_i log_lik(...)``: the
-scaled terms cancel the same way the unscaled ones do, so every estimator
-(``reparam``, ``stl``, ``adaptive_stl``, ``closed_entropy``, ``score``)
-keeps its meaning and its unbiasedness.
+estimator of :func:`vijax.elbo`. The pathwise estimators (``reparam``,
+``stl``, ``adaptive_stl``, ``closed_entropy``) get it from :func:`vijax.elbo`
+with one family over ``(z, z_b)`` whose log density is ``log q(z) + s sum_i
+log q(z_i | x_i)`` and one log joint ``log_prior(z) + s sum_i log_lik(...)``:
+the draws are reparameterized, so differentiating this integrand is unbiased,
+and what STL leaves out, ``s grad log q(z_i | x_i)`` at fixed ``z_i``, has
+expectation zero under the draws.
+
+``score`` (``E[f grad log q_draw]``) must instead use the log density the
+draws come from, ``log q_draw = log q(z) + sum_i log q(z_i | x_i)``,
+unscaled: the scaled one weights the local scores by ``s`` and inflates the
+encoder's gradient about ``s``-fold. So it is handed ``q_draw`` as its
+family and the rest of the integrand, ``-(s - 1) sum_i log q(z_i | x_i)``
+with the encoder's parameters stopped, inside its log joint. ``f = log p -
+log q_draw`` is then the scaled integrand above, and the only gradient left
+out is that of its ``log q`` terms at fixed draws, whose expectation under
+the draws is zero (as :func:`vijax.elbo`'s ``score`` leaves out ``-grad log
+q``): ``mean((f_s - b_s) grad log q_draw(z_s))``, unbiased.
 """
 
 from __future__ import annotations
@@ -64,15 +76,25 @@ def as_joint(params: Any) -> JointParams:
     return params if isinstance(params, JointParams) else JointParams(q=params)
 
 
+def _local_log_prob(local: AmortizedFamily, batch: Any):
+    """``(phi, z_b) -> sum_i log q(z_i | x_i)`` over the batch, for one draw ``z_b``."""
+    def local_log_prob(phi, zl):
+        lp = jax.vmap(local.encoder, in_axes=(None, 0))(phi, batch)
+        return jnp.sum(jax.vmap(local.family.log_prob)(lp, zl))
+
+    return local_log_prob
+
+
 def _scaled_family(family: Optional[VariationalFamily], local: AmortizedFamily, batch: Any,
-                   scale: jax.Array) -> VariationalFamily:
+                   scale: Any) -> VariationalFamily:
     """The family over ``(z, z_b)`` with log density ``log q(z) + scale sum_i log q(z_i | x_i)``.
 
     Its parameters are ``(q_params, phi)``; ``z_b`` has the batch axis after
-    the sample axis.
+    the sample axis. With ``scale = 1`` it is the density of its draws.
     """
     enc, lf = local.encoder, local.family
     size = jax.tree_util.tree_leaves(batch)[0].shape[0]
+    local_log_prob = _local_log_prob(local, batch)
 
     def local_params(phi):
         return jax.vmap(enc, in_axes=(None, 0))(phi, batch)
@@ -87,8 +109,7 @@ def _scaled_family(family: Optional[VariationalFamily], local: AmortizedFamily, 
 
     def log_prob(params, z):
         zg, zl = z
-        lp = local_params(params[1])
-        out = scale * jnp.sum(jax.vmap(lf.log_prob)(lp, zl))
+        out = scale * local_log_prob(params[1], zl)
         if family is not None:
             out = out + family.log_prob(params[0], zg)
         return out
@@ -126,6 +147,20 @@ def batch_elbo(key, params: JointParams, family, local_family, model: DataModel,
     def log_joint(z):
         zg, zl = z
         return model.batch_log_joint(zg, theta, batch, zl, scale)
+
+    if estimator == "score":
+        # The score term needs the density the draws come from (unscaled);
+        # the rest of the scaled integrand moves into the log joint (module
+        # docstring), with phi stopped: its own gradient has expectation 0.
+        draws = _scaled_family(family, local_family, batch, 1.0)
+        local_log_q = _local_log_prob(local_family, batch)
+        phi = jax.lax.stop_gradient(params.encoder)
+
+        def score_log_joint(z):
+            return log_joint(z) - (scale - 1) * local_log_q(phi, z[1])
+
+        return elbo(key, (params.q, params.encoder), draws, score_log_joint,
+                    num_samples=num_samples, estimator=estimator)
 
     product = _scaled_family(family, local_family, batch, scale)
     return elbo(key, (params.q, params.encoder), product, log_joint,
