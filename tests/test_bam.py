@@ -473,3 +473,13 @@ def test_fits_item_response_with_a_batch_of_d(seed):
     # undone); damped, every key of bam_trust_region.md settles near -22,080.
     elbo = _final_elbo_of_bam("item_response", seed, num_steps=39, num_draws=2000)
     assert elbo > -22200.0, elbo
+
+
+@pytest.mark.parametrize("algorithm", ["batch_and_match", "slang"])
+def test_a_schedule_that_starts_at_zero_is_refused_before_the_run(algorithm):
+    """It made every step a no-op, and the run blamed non-finite scores."""
+    family = vijax.low_rank_precision(rank=1) if algorithm == "slang" else vijax.full_rank()
+    with pytest.raises(ValueError, match="at step 0 it returned 0.0"):
+        getattr(vijax, algorithm)(jax.random.key(0), lambda z: -0.5 * jnp.sum(z**2),
+                                  family.init(jnp.zeros(3)), num_steps=5, batch_size=4,
+                                  learning_rate=lambda t: 0.0 * t, progress=False)
