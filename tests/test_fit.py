@@ -643,3 +643,21 @@ def test_a_fit_whose_steps_run_out_before_its_rule_stops_it_says_so():
                          progress=False).stopped_early
         vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=100,
                   optimizer=optax.adam(0.01), progress=False)
+
+
+def test_a_rule_that_stops_the_fit_at_its_last_step_counts_as_stopped():
+    """The verdict at the last step was dropped: stopped_early False, and a warning that
+    the steps ran out before the rule stopped the fit."""
+    family = vijax.mean_field()
+    init = family.init(jnp.zeros(3))
+    log_joint = lambda z: -0.5 * jnp.sum(z**2)  # noqa: E731
+    free = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=100_000,
+                     progress=False)
+    assert free.stopped_early
+    last = int(free.state.step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        capped = vijax.fit(jax.random.key(0), family, log_joint, init, num_steps=last,
+                           progress=False)
+    assert capped.stopped_early and int(capped.state.step) == last
+    chex.assert_trees_all_equal(capped.params, free.params)

@@ -31,10 +31,16 @@ BATCHING = ("epoch", "with_replacement")
 _ROUNDS = 6
 
 
-def check_batching(batching) -> str:
+def check_batching(batching, batch_size) -> str:
+    """``batching``, checked; ``"with_replacement"`` needs a ``batch_size`` (it was ignored)."""
     if not isinstance(batching, str) or batching not in BATCHING:
         raise ValueError(
             f"`batching` must be one of {', '.join(map(repr, BATCHING))}; got {batching!r}."
+        )
+    if batch_size is None and batching != "epoch":
+        raise ValueError(
+            f"`batching={batching!r}` draws minibatches, which need `batch_size`; got "
+            "batch_size=None (every step uses the full data)."
         )
     return batching
 

@@ -314,7 +314,7 @@ def data_elbo(
     num_samples = _checks.check_positive_int("num_samples", num_samples)
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     batch_size = check_batch_size(batch_size, model.num_data)
-    batching = check_batching(batching)
+    batching = check_batching(batching, batch_size)
     key = _checks.typed_key("key", key)
     mc_key, batch_key = step_keys(key, step)
     batch, scale = select(batch_key, step, model, batch_size, batching)

@@ -360,6 +360,9 @@ def _compile(family, model, tol, window, memory_size, chunk_size, scaled):
 
         return jax.lax.while_loop(cond, body, (c, trace))
 
-    return (solver, chunk, jax.jit(jax.value_and_grad(loss)),
+    searched = jax.jit(jax.value_and_grad(loss))
+    if not scaled:  # the same function: compile it once
+        return solver, chunk, searched, searched
+    return (solver, chunk, searched,
             jax.jit(jax.value_and_grad(lambda p: _loss(p, family, model))))
 

@@ -877,12 +877,7 @@ def _fit_data(key, family, model, init_params, *, optimizer, num_samples, estima
     num_samples = _checks.check_positive_int("num_samples", num_samples)
     check_estimator(estimator, ELBO_ESTIMATORS + ADAPTIVE_ESTIMATORS)
     batch_size = check_batch_size(batch_size, model.num_data)
-    batching = check_batching(batching)
-    if batch_size is None and batching != "epoch":
-        raise ValueError(
-            f"`batching={batching!r}` draws minibatches, which need `batch_size`; got "
-            "batch_size=None (every step uses the full data)."
-        )
+    batching = check_batching(batching, batch_size)
     options = check_run_options(**run_options)
     key_name = "keys" if batched else "key"
     if resuming:

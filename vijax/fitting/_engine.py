@@ -316,6 +316,7 @@ def run(
     best, stalls = -np.inf, 0
     last_saved = start_step
     stopped_early = interrupted = False
+    moved = False  # whether any step of this call was finite
 
     def result(st, **flags):
         params = st.params if stopper is None else stopper.select(st)
@@ -394,7 +395,7 @@ def run(
             # Lowering the step helps only once some step was finite: where every
             # step of this call was skipped, they were all taken at the starting
             # parameters, whatever the step size.
-            moved = any(not np.all(q.skipped) for q in parts)
+            moved = moved or not np.all(part.skipped)
             if np.any(nf >= max_nonfinite) and moved and hasattr(stopper, "recover"):
                 recovered = stopper.recover(state)
             if recovered is not None:
@@ -407,7 +408,11 @@ def run(
                     ahead = compiled(state, new_nonfinite, size(done), *args)
             elif np.any(nf >= max_nonfinite):
                 fail = int(np.max(steps_now)) - 1
-                save(state)
+                try:
+                    save(state)
+                except OSError as err:  # the FitError, not the disk, is the news here
+                    warnings.warn(f"{desc} could not save its checkpoint: {err}",
+                                  RuntimeWarning, stacklevel=_caller_level())
                 what, hint = failure
                 if not moved:
                     hint = (f"Every step since the start (step {start_step}) was skipped, "
@@ -444,7 +449,8 @@ def run(
                     state = verdict
                     if done < num_steps:
                         ahead = compiled(state, new_nonfinite, size(done), *args)
-                elif verdict and done < num_steps:
+                elif verdict:
+                    # At the last step too: the rule found the fit converged there.
                     stopped_early = True
                     break
             if tol is not None:
@@ -479,7 +485,7 @@ def run(
             f"{start_step + done} (the last completed chunk), with "
             "`result.interrupted = True`.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
     finally:
         blas.__exit__(None, None, None)

@@ -92,7 +92,8 @@ class FitResult(NamedTuple):
       interrupted: True when a ``KeyboardInterrupt`` stopped the fit; the
         result then holds the last completed chunk.
       stopped_early: True when a stopping rule (``tol`` or ``auto_stop``)
-        ended the fit before ``num_steps``.
+        ended the fit: it said stop before ``num_steps`` ran out, or at the
+        last of them.
     """
 
     params: Any
