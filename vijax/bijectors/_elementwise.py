@@ -29,6 +29,7 @@ from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
 from vijax.bijectors._protocol import off_boundary
+from vijax.bijectors._protocol import off_zero
 from vijax.bijectors._protocol import step_inside
 
 
@@ -487,12 +488,12 @@ def affine(shift=0.0, scale=1.0) -> Bijector:
 # (and compile) on its own. They compose with the caller's jit, vmap and grad.
 @jax.jit
 def _exp_inverse(y):
-    return jnp.log(off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1)))
+    return jnp.log(off_zero(y))
 
 
 @jax.jit
 def _softplus_inverse(y):
-    y = off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1))
+    y = off_zero(y)
     # log(exp(y) - 1) rewritten so exp(y) never overflows and y -> 0 keeps its
     # precision.
     return y + jnp.log(-jnp.expm1(-y))

@@ -23,8 +23,7 @@ import numpy as np
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import as_leaf
 from vijax.bijectors._protocol import checked_inverse
-from vijax.bijectors._protocol import off_boundary
-from vijax.bijectors._protocol import step_inside
+from vijax.bijectors._protocol import off_zero
 from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
 
@@ -269,7 +268,7 @@ def _corr_inverse_one(y):
     on_diag = np.eye(d, dtype=bool)
     lower = jnp.tril(y)
     # A zero diagonal entry (saturation) read as the smallest normal float.
-    lower = jnp.where(on_diag, off_boundary(lower, step_inside(jnp.zeros((), y.dtype), 1)),
+    lower = jnp.where(on_diag, off_zero(lower),
                       lower)
     # sqrt(sum_{k>j} L_ik^2) (it holds L_ii > 0 for j < i): a tail norm, not
     # 1 - sum_{k<=j}, which cancels when a partial correlation is near +-1;
@@ -311,7 +310,7 @@ def _lower_inverse_one(y):
     on_diag = _diag_positions(d)
     v = y[rows, cols]
     # A zero diagonal entry (saturation) read as the smallest normal float.
-    diag = off_boundary(v[on_diag], step_inside(jnp.zeros((), y.dtype), 1))
+    diag = off_zero(v[on_diag])
     return v.at[on_diag].set(jnp.log(diag))
 
 

@@ -133,6 +133,15 @@ def step_inside(bound, toward) -> jax.Array:
     return jnp.maximum(step, jnp.finfo(bound.dtype).tiny)
 
 
+def off_zero(y: jax.Array) -> jax.Array:
+    """``y >= 0`` with 0 read as the smallest normal float: :func:`off_boundary` at a bound of 0.
+
+    The distance from 0 to the nearest float above it, as XLA reads it
+    (subnormals flushed), is ``finfo(dtype).tiny``: :func:`step_inside` of 0.
+    """
+    return off_boundary(y, jnp.finfo(y.dtype).tiny)
+
+
 def off_boundary(distance: jax.Array, step) -> jax.Array:
     """``distance`` from a bound of the support, a value on the bound read as ``step`` inside.
 

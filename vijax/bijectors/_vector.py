@@ -20,6 +20,7 @@ import numpy as np
 from vijax.bijectors._protocol import Bijector
 from vijax.bijectors._protocol import checked_inverse
 from vijax.bijectors._protocol import off_boundary
+from vijax.bijectors._protocol import off_zero
 from vijax.bijectors._protocol import step_inside
 from vijax.bijectors._protocol import vector_leaf
 from vijax.bijectors._protocol import support_tolerance
@@ -201,7 +202,7 @@ def _simplex_log_det_one(x):
 
 def _simplex_inverse_one(y):
     # A zero entry (saturation) read as the smallest normal float.
-    y = off_boundary(y, step_inside(jnp.zeros((), y.dtype), 1))
+    y = off_zero(y)
     tail = _reverse_cumsum(y)[1:]  # sum_{j>i} y_j, i < K-1
     return jnp.log(y[:-1]) - jnp.log(tail) + _stick_offsets(y.shape[0] - 1, y.dtype)
 
