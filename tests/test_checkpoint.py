@@ -229,6 +229,11 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_any_step(tmp_
             vijax.fit(jax.random.key(0), FAMILY, counted, params, optimizer=OPTIMIZER,
                       num_steps=10, progress=False, checkpoint_dir=bad)
     assert not calls
+    # A call refused for another argument leaves no directory behind.
+    with pytest.raises(ValueError, match="num_samples"):
+        vijax.fit(jax.random.key(0), FAMILY, log_joint, params, optimizer=OPTIMIZER,
+                  num_steps=3, num_samples=0, checkpoint_dir=tmp_path / "never")
+    assert not os.path.exists(tmp_path / "never")
     # A missing directory is made, before the run.
     _fit(jax.random.key(0), params, OPTIMIZER, num_steps=3,
          checkpoint_dir=tmp_path / "new" / "dir")

@@ -99,19 +99,15 @@ def check_run_options(
                 "`checkpoint_every` needs `checkpoint_dir`; got checkpoint_dir=None."
             )
     if checkpoint_dir is not None:
-        checkpoint_dir = _writable_dir("checkpoint_dir", checkpoint_dir)
+        checkpoint_dir = _directory_path("checkpoint_dir", checkpoint_dir)
     return RunOptions(
         num_steps, chunk_size, max_nonfinite, progress, tol, window, patience,
         checkpoint_dir, checkpoint_every,
     )
 
 
-def _writable_dir(name: str, path: Any) -> str:
-    """``path`` as a string, created if missing and checked writable now, not at the first save.
-
-    A run without ``checkpoint_every`` saves only at its end: a directory that
-    cannot be written would otherwise lose the whole run there.
-    """
+def _directory_path(name: str, path: Any) -> str:
+    """``path`` as a string, not an existing file (checked with the other arguments)."""
     try:
         path = os.fspath(path)
     except TypeError:
@@ -120,6 +116,17 @@ def _writable_dir(name: str, path: Any) -> str:
         ) from None
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"`{name}` must be a directory; got {path!r}, an existing file.")
+    return path
+
+
+def _writable_dir(name: str, path: str) -> str:
+    """``path``, created if missing and checked writable before a run's first step.
+
+    Not at the first save: a run without ``checkpoint_every`` saves only at
+    its end, and a directory that cannot be written would lose the whole run
+    there. Not with the other arguments either: a call that then fails on
+    another argument leaves no directory behind.
+    """
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -338,7 +345,7 @@ def run(
 
     def save(st):
         if checkpoint_dir is not None:
-            os.makedirs(checkpoint_dir, exist_ok=True)
+            os.makedirs(checkpoint_dir, exist_ok=True)  # in case it went away mid-run
             save_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME), st)
 
     # Chunks are dispatched one ahead: while chunk k+1 runs, the host reads
@@ -364,6 +371,8 @@ def run(
             n = min(n, upcoming(here) - here)
         return n
 
+    if checkpoint_dir is not None:
+        _writable_dir("checkpoint_dir", checkpoint_dir)
     # One BLAS thread while the chunks run (vijax/_blas.py): OpenBLAS's own
     # threading collapses under load on the small LAPACK calls of a step.
     blas = _blas.limited()
