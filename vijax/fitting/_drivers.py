@@ -134,7 +134,7 @@ ANTITHETIC_MIN_DIM = 1000
 def default_antithetic(params: Any, family: Any, estimator: str) -> bool:
     """The default fit's draws: antithetic pairs from d = ``ANTITHETIC_MIN_DIM`` (1000) on.
 
-    ``d`` is the size of ``params.loc``. Pairs only where they are allowed:
+    ``d`` is the size of ``params.loc`` (or of a flow's base's). Pairs only where they are allowed:
     a family with a Gaussian view (``to_gaussian``) and a pathwise estimator
     (:data:`vijax._objectives.ANTITHETIC_ESTIMATORS`); otherwise independent
     draws, without an error. Used by ``fit`` when no ``optimizer`` is given
