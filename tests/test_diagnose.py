@@ -259,3 +259,25 @@ def test_a_data_model_with_local_latents_is_named_before_the_missing_family(name
     params = vijax.JointParams(encoder={"a": jnp.zeros(())})
     with pytest.raises(ValueError, match="DataModel with local latents"):
         getattr(vijax, name)(jax.random.key(0), params, None, model)
+
+
+def test_diagnosing_one_joint_fit_twice_compiles_once():
+    """A data model's learned theta was wrapped in a new partial per call, so the
+    diagnostics' compiled program was never found in its cache."""
+    from jax.scipy.stats import norm
+
+    rng = np.random.default_rng(0)
+    model = vijax.models.data_model(
+        lambda w, th, r: norm.logpdf(r["y"], w[0], jnp.exp(th["ln"])),
+        {"y": rng.normal(size=20).astype(np.float32)}, latent=jnp.zeros(1),
+        theta={"ln": jnp.asarray(0.0)})
+    family = vijax.mean_field()
+    params = vijax.JointParams(q=family.init(model.latent), theta={"ln": jnp.asarray(-0.1)})
+    from vijax.diagnostics import _diagnose
+
+    first = vijax.diagnose(jax.random.key(0), params, family, model)
+    programs = dict(_diagnose._programs._items)
+    second = vijax.diagnose(jax.random.key(0), params, family, model)
+    # The second call found its compiled program: no new entry in the cache.
+    assert dict(_diagnose._programs._items).keys() == programs.keys()
+    assert second.elbo == first.elbo

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vijax import _checks
+from vijax._cache import LRU
 from vijax.families import _protocol as _family
 from vijax.data._objective import JointParams
 from vijax.fitting._types import FitResult, FitState
@@ -57,8 +58,23 @@ def as_model(model: Any, params: Any, name: str = "model") -> tuple[Any, Any]:
         params, theta = params.q, model.theta if params.theta is None else params.theta
     log_joint = model.log_joint
     if theta is not model.theta:
-        log_joint = functools.partial(model.log_joint, theta=theta)
+        log_joint = _with_theta(model.log_joint, theta)
     return params, Model(log_joint=log_joint, latent=model.latent, name=model.name)
+
+
+_thetas = LRU(8)
+
+
+def _with_theta(log_joint, theta):
+    """``partial(log_joint, theta=theta)``, the same object for the same ``theta`` object.
+
+    The diagnostics' compiled programs are cached per log joint: a new partial
+    per call (``diagnose(key, result, ...)`` twice on one result) compiled
+    again each time. Keyed on ``theta``'s identity; the entry holds ``theta``,
+    so its id cannot be another object's while the entry lives.
+    """
+    return _thetas.get((log_joint, id(theta)),
+                       lambda: (theta, functools.partial(log_joint, theta=theta)))[1]
 
 
 def is_batched(params: Any, family, model) -> bool:
