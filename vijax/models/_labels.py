@@ -102,6 +102,4 @@ def as_labels(name: str, y: Any, *, kind: str, dtype: Any) -> jax.Array:
                 f"{exact} to be exact in {dtype}; got {a.max().item()}. Compute in "
                 "float64 (with jax_enable_x64)."
             )
-    if _checks.is_concrete(y):
-        return jnp.asarray(np.asarray(y), dtype)
-    return jnp.asarray(y).astype(dtype)
+    return jnp.asarray(y, dtype)

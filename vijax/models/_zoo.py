@@ -206,7 +206,8 @@ def _float_data(given: dict, defaults, dtype: Any = None, labels: Optional[dict]
         if name in labels and _labels.is_whole(value):
             whole[name] = value  # cast below, once the dtype is known
         elif name in labels:
-            out[name] = _labels.as_labels(name, value, kind=labels[name], dtype=jnp.float32)
+            # Floating labels keep their own dtype (checked against the rest below).
+            out[name] = _labels.as_labels(name, value, kind=labels[name], dtype=None)
         else:
             out[name] = _checks.as_data(name, value)
     if target is not None:
