@@ -875,10 +875,13 @@ def draws_and_log_weights(
             log_q = batched_log_prob(family, params, z)
         return z, batched_log_joint(log_joint, z, num_samples) - log_q
 
-    log_p = jax.lax.map(lambda zi: jnp.asarray(log_joint(zi)), z, batch_size=block_size)
-    check_log_joint_output(log_p, num_samples)
-    if log_q is None:
-        log_q = jax.lax.map(lambda zi: jnp.asarray(family.log_prob(params, zi)), z,
-                            batch_size=block_size)
+    if log_q is None:  # both in one pass over the blocks
+        log_p, log_q = jax.lax.map(
+            lambda zi: (jnp.asarray(log_joint(zi)), jnp.asarray(family.log_prob(params, zi))),
+            z, batch_size=block_size)
+        check_log_joint_output(log_p, num_samples)
         log_q = check_log_prob(family, log_q, num_samples)
+    else:
+        log_p = jax.lax.map(lambda zi: jnp.asarray(log_joint(zi)), z, batch_size=block_size)
+        check_log_joint_output(log_p, num_samples)
     return z, log_p - log_q
