@@ -348,6 +348,18 @@ def run(
             os.makedirs(checkpoint_dir, exist_ok=True)  # in case it went away mid-run
             save_checkpoint(os.path.join(checkpoint_dir, CHECKPOINT_NAME), st)
 
+    def save_or_warn(st, after: str, which: str = ""):
+        """``save``, where a disk error is not the news: it warns and the run goes on."""
+        try:
+            save(st)
+        except OSError as err:
+            warnings.warn(
+                f"{desc} could not write its {which}checkpoint to {checkpoint_dir!r} "
+                f"({type(err).__name__}: {err}); {after}",
+                RuntimeWarning,
+                stacklevel=_caller_level(),
+            )
+
     # Chunks are dispatched one ahead: while chunk k+1 runs, the host reads
     # chunk k's trace, updates the bar, tests the rules and writes checkpoints.
     # The stopper's checks fall at c, next_check(c), next_check(next_check(c)),
@@ -417,11 +429,7 @@ def run(
                     ahead = compiled(state, new_nonfinite, size(done), *args)
             elif np.any(nf >= max_nonfinite):
                 fail = int(np.max(steps_now)) - 1
-                try:
-                    save(state)
-                except OSError as err:  # the FitError, not the disk, is the news here
-                    warnings.warn(f"{desc} could not save its checkpoint: {err}",
-                                  RuntimeWarning, stacklevel=_caller_level())
+                save_or_warn(state, "the FitError below says why the run stopped.")
                 what, hint = failure
                 if not moved:
                     hint = (f"Every step since the start (step {start_step}) was skipped, "
@@ -482,10 +490,7 @@ def run(
         # Anything else (a host callback's error, a device error): keep the last
         # finished chunk on disk before the error goes on.
         if checkpoint_dir is not None:
-            try:
-                save(state)
-            except OSError:
-                pass
+            save_or_warn(state, "the error below says why the run stopped.")
         raise
     except KeyboardInterrupt:
         interrupted = True
@@ -501,16 +506,8 @@ def run(
         if bar is not None:
             bar.close()
     if checkpoint_dir is not None and start_step + done > last_saved:
-        try:
-            save(state)
-        except OSError as err:  # the run is done: return it, and say what was not saved
-            warnings.warn(
-                f"{desc} could not write its final checkpoint to {checkpoint_dir!r} "
-                f"({type(err).__name__}: {err}); the result is returned, and "
-                "`result.state` continues the run.",
-                RuntimeWarning,
-                stacklevel=_caller_level(),
-            )
+        save_or_warn(state, "the result is returned, and `result.state` continues the run.",
+                     which="final ")
     out = result(state, interrupted=interrupted, stopped_early=stopped_early)
     _warn_skipped(out, desc, failure)
     return out
